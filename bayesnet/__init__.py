@@ -1,0 +1,71 @@
+"""bayesnet: the core library of the chest X-ray service.
+
+A Bayesian EfficientNet (MC dropout with a frozen BatchNorm), Monte-Carlo prediction that runs the trunk
+once, Grad-CAM, content-sniffing radiograph decoding and spec-driven preprocessing, and safe checkpoints.
+Pure library: no HTTP, no settings, no datasets. Importing it loads torch and timm, nothing more: no
+model, no weights, no global state.
+"""
+
+from bayesnet.checkpoint import load_checkpoint, load_spec, save_checkpoint
+from bayesnet.decision import Decision, decide
+from bayesnet.errors import (
+    BayesnetError,
+    CheckpointError,
+    CorruptImageError,
+    DicomNoPixelDataError,
+    EmptyImageError,
+    ImageError,
+    ModelModeError,
+    MultiFrameDicomError,
+    NotAnImageError,
+    NotRadiographError,
+    PretrainedWeightsError,
+    SpecError,
+    TooManyPixelsError,
+    TruncatedImageError,
+    UnsupportedFormatError,
+)
+from bayesnet.gradcam import gradcam
+from bayesnet.imaging import DecodedImage, decode_image, sniff_format
+from bayesnet.labels import CHEXPERT_LABELS
+from bayesnet.mc import MCPrediction, mc_predict
+from bayesnet.model import BayesianEfficientNet, DropoutMasks, build_model
+from bayesnet.preprocess import preprocess
+from bayesnet.pretrained import init_pretrained
+from bayesnet.spec import ModelSpec
+
+__all__ = [
+    "CHEXPERT_LABELS",
+    "BayesianEfficientNet",
+    "BayesnetError",
+    "CheckpointError",
+    "CorruptImageError",
+    "Decision",
+    "DecodedImage",
+    "DicomNoPixelDataError",
+    "DropoutMasks",
+    "EmptyImageError",
+    "ImageError",
+    "MCPrediction",
+    "ModelModeError",
+    "ModelSpec",
+    "MultiFrameDicomError",
+    "NotAnImageError",
+    "NotRadiographError",
+    "PretrainedWeightsError",
+    "SpecError",
+    "TooManyPixelsError",
+    "TruncatedImageError",
+    "UnsupportedFormatError",
+    "build_model",
+    "decide",
+    "decode_image",
+    "gradcam",
+    "init_pretrained",
+    "load_checkpoint",
+    "load_spec",
+    "mc_predict",
+    "preprocess",
+    "save_checkpoint",
+    "sniff_format",
+]

@@ -1,0 +1,137 @@
+"""Monte-Carlo dropout prediction: trunk once, the stochastic part once for B x T stacked rows.
+
+The T samples of a batch of B images are rows ``t * B + b`` of one batched call of
+:meth:`BayesianEfficientNet.forward_stochastic`. With head-only dropout that call is a (B*T, F) x (F, K)
+matrix product, so 20 samples cost little more than one deterministic forward pass.
+
+Uncertainty summaries, per image and label, over the T per-sample probabilities ``p_t``:
+
+- ``mean`` = E[p_t] (the reported confidence), ``variance`` = Var[p_t] (population variance, divisor T),
+  ``std`` = its square root;
+- ``entropy`` = H(E[p_t]) (predictive/total uncertainty, binary entropy in nats),
+  ``expected_entropy`` = E[H(p_t)] (aleatoric), ``mutual_information`` = their difference (epistemic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bayesnet.errors import ModelModeError
+from bayesnet.model import BayesianEfficientNet, DropoutMasks
+
+_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class MCPrediction:
+    """Summaries of T stochastic samples; every field is ``(B, K)`` float32 except ``samples`` ``(T, B, K)``."""
+
+    mean: Tensor
+    variance: Tensor
+    std: Tensor
+    entropy: Tensor
+    expected_entropy: Tensor
+    mutual_information: Tensor
+    samples: Tensor | None = None
+
+    @property
+    def n_samples(self) -> int:
+        return 0 if self.samples is None else int(self.samples.shape[0])
+
+
+def binary_entropy(p: Tensor) -> Tensor:
+    """Entropy in nats of Bernoulli(p), elementwise, finite at p = 0 and 1."""
+    p = p.clamp(_EPS, 1.0 - _EPS)
+    return -(p * p.log() + (1.0 - p) * (1.0 - p).log())
+
+
+def summarise(probs: Tensor, *, keep_samples: bool = False) -> MCPrediction:
+    """Summaries of per-sample probabilities ``(T, B, K)`` (computed in float32)."""
+    probs = probs.float()
+    mean = probs.mean(dim=0)
+    variance = probs.var(dim=0, correction=0)
+    entropy = binary_entropy(mean)
+    expected_entropy = binary_entropy(probs).mean(dim=0)
+    return MCPrediction(
+        mean=mean,
+        variance=variance,
+        std=variance.sqrt(),
+        entropy=entropy,
+        expected_entropy=expected_entropy,
+        # Jensen makes this >= 0 mathematically; clamp the float round-off.
+        mutual_information=(entropy - expected_entropy).clamp_min(0.0),
+        samples=probs if keep_samples else None,
+    )
+
+
+def _check_eval(model: BayesianEfficientNet) -> None:
+    if model.training:
+        raise ModelModeError(
+            "MC prediction needs a model in eval mode: in training mode BatchNorm would use and update "
+            "batch statistics. Call model.eval() once after training; dropout stays samplable in eval."
+        )
+
+
+def _temperature(model: BayesianEfficientNet, like: Tensor) -> Tensor:
+    return torch.tensor(model.spec.temperature, device=like.device, dtype=torch.float32)
+
+
+def mc_from_trunk(
+    model: BayesianEfficientNet,
+    z: Tensor,
+    n_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    masks: DropoutMasks | None = None,
+    return_samples: bool = False,
+    calibrated: bool = True,
+) -> MCPrediction:
+    """MC sampling from a trunk output ``z`` (see :meth:`BayesianEfficientNet.forward_trunk`).
+
+    Lets a caller that already ran the trunk (e.g. to share it with Grad-CAM) skip running it again.
+    """
+    _check_eval(model)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    batch = z.shape[0]
+    rows = z.repeat(n_samples, *([1] * (z.dim() - 1)))  # (T*B, ...), sample-major
+    logits = model.forward_stochastic(rows, masks if masks is not None else DropoutMasks(generator))
+    logits = logits.float().reshape(n_samples, batch, -1)
+    if calibrated:
+        logits = logits / _temperature(model, logits)
+    return summarise(torch.sigmoid(logits), keep_samples=return_samples)
+
+
+def mc_predict(
+    model: BayesianEfficientNet,
+    x: Tensor,
+    n_samples: int = 20,
+    generator: torch.Generator | None = None,
+    *,
+    masks: DropoutMasks | None = None,
+    return_samples: bool = False,
+    calibrated: bool = True,
+) -> MCPrediction:
+    """Monte-Carlo dropout prediction for a batch ``x`` ``(B, C, H, W)``.
+
+    Runs the deterministic trunk once and the stochastic part once for all ``B * n_samples`` rows.
+    Never changes the model's mode or BatchNorm statistics; raises :class:`ModelModeError` if the model
+    is in training mode. ``generator`` makes the draw reproducible; ``masks`` injects a mask source
+    (e.g. one that records its masks). ``calibrated`` applies the spec's per-label temperature to the
+    logits before the sigmoid.
+    """
+    _check_eval(model)
+    with torch.inference_mode():
+        z = model.forward_trunk(x)
+        return mc_from_trunk(
+            model,
+            z,
+            n_samples,
+            generator=generator,
+            masks=masks,
+            return_samples=return_samples,
+            calibrated=calibrated,
+        )

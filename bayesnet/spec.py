@@ -1,0 +1,190 @@
+"""`ModelSpec`: everything needed to rebuild, feed and interpret a set of weights.
+
+The spec is saved beside the weights (``model.json``) and is the only source of preprocessing, label
+order, calibration and decision rules. Nothing downstream reads timm's pretrained config: for a
+1-channel model timm still reports RGB mean/std, which would silently mis-normalise radiographs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from bayesnet.errors import SpecError
+from bayesnet.labels import CHEXPERT_LABELS
+
+SPEC_FORMAT: Final = "bayesnet.ModelSpec/1"
+
+ResizeMode = Literal["squash", "letterbox"]
+
+# ImageNet RGB statistics averaged over channels: a grayscale radiograph replicated to RGB and
+# normalised per channel is, for a stem whose RGB kernels were summed, the same as this single value.
+_GRAY_IMAGENET_MEAN: Final = (0.449,)
+_GRAY_IMAGENET_STD: Final = (0.226,)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A frozen description of one model: architecture, labels, preprocessing, MC dropout and calibration.
+
+    Per-label tuples (``temperature``, ``threshold``, ``uncertainty_threshold``) may be left empty, in
+    which case they are filled with their neutral value for every label. ``trained_labels`` empty means
+    "all labels were trained".
+
+    Stochastic layers: dropout with rate ``dropout`` always sits before the classifier (the "head");
+    ``mc_dropout_blocks`` > 0 also places dropout after each of the last that-many blocks of the
+    network, which makes the deterministic trunk shorter and MC sampling more expensive.
+    """
+
+    arch: str = "efficientnet_b0"
+    labels: tuple[str, ...] = CHEXPERT_LABELS
+    in_chans: int = 1
+    image_size: int = 224
+    mean: tuple[float, ...] = _GRAY_IMAGENET_MEAN
+    std: tuple[float, ...] = _GRAY_IMAGENET_STD
+    resize: ResizeMode = "squash"
+    dropout: float = 0.2
+    mc_dropout_blocks: int = 0
+    mc_samples: int = 20
+    temperature: tuple[float, ...] = ()
+    threshold: tuple[float, ...] = ()
+    uncertainty_threshold: tuple[float, ...] = ()
+    trained_labels: tuple[str, ...] = ()
+    name: str = "bayesnet-efficientnet"
+    version: str = "0.0.0"
+    provenance: str = "untrained: random initialisation"
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        for name in ("labels", "mean", "std", "temperature", "threshold", "uncertainty_threshold", "trained_labels"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if n == 0:
+            raise SpecError("ModelSpec.labels is empty: a model needs at least one label")
+        if len(set(self.labels)) != n:
+            raise SpecError(f"ModelSpec.labels has duplicates: {list(self.labels)}")
+        for name, neutral in (("temperature", 1.0), ("threshold", 0.5), ("uncertainty_threshold", 0.2)):
+            values = getattr(self, name)
+            if not values:
+                values = (neutral,) * n
+            values = tuple(float(v) for v in values)
+            if len(values) != n:
+                raise SpecError(f"ModelSpec.{name} has {len(values)} values for {n} labels")
+            object.__setattr__(self, name, values)
+        if not self.trained_labels:
+            object.__setattr__(self, "trained_labels", self.labels)
+        unknown = set(self.trained_labels) - set(self.labels)
+        if unknown:
+            raise SpecError(f"ModelSpec.trained_labels names labels the model does not have: {sorted(unknown)}")
+        # Keep trained labels in the model's label order: that order is the contract.
+        object.__setattr__(self, "trained_labels", tuple(lb for lb in self.labels if lb in self.trained_labels))
+        if self.in_chans not in (1, 3):
+            raise SpecError(f"ModelSpec.in_chans must be 1 (grayscale) or 3, got {self.in_chans}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise SpecError(
+                f"ModelSpec.mean/std need one value per input channel ({self.in_chans}), "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise SpecError(f"ModelSpec.std must be positive, got {self.std}")
+        if not 32 <= self.image_size <= 4096:
+            raise SpecError(f"ModelSpec.image_size must be within 32..4096, got {self.image_size}")
+        if self.resize not in ("squash", "letterbox"):
+            raise SpecError(f"ModelSpec.resize must be 'squash' or 'letterbox', got {self.resize!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SpecError(f"ModelSpec.dropout must be in [0, 1), got {self.dropout}")
+        if self.mc_dropout_blocks < 0:
+            raise SpecError(f"ModelSpec.mc_dropout_blocks must be >= 0, got {self.mc_dropout_blocks}")
+        if self.mc_samples < 1:
+            raise SpecError(f"ModelSpec.mc_samples must be >= 1, got {self.mc_samples}")
+        if any(t <= 0 for t in self.temperature):
+            raise SpecError(f"ModelSpec.temperature must be positive, got {self.temperature}")
+        if any(not 0.0 < t < 1.0 for t in self.threshold):
+            raise SpecError(f"ModelSpec.threshold must be in (0, 1), got {self.threshold}")
+        if any(not 0.0 < u <= 0.5 for u in self.uncertainty_threshold):
+            raise SpecError(f"ModelSpec.uncertainty_threshold must be in (0, 0.5], got {self.uncertainty_threshold}")
+        object.__setattr__(self, "extra", dict(self.extra))
+
+    # --- derived views --------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def untrained_labels(self) -> tuple[str, ...]:
+        """Labels the model has an output for but never saw annotated: their outputs mean nothing."""
+        return tuple(lb for lb in self.labels if lb not in self.trained_labels)
+
+    def label_index(self, label: str | int) -> int:
+        """Index of a label given by name or index, with an error listing the valid names."""
+        if isinstance(label, int):
+            if not 0 <= label < self.num_classes:
+                raise SpecError(f"label index {label} out of range 0..{self.num_classes - 1}")
+            return label
+        try:
+            return self.labels.index(label)
+        except ValueError as err:
+            raise SpecError(f"unknown label {label!r}; this model's labels are {list(self.labels)}") from err
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # --- serialisation --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"format": SPEC_FORMAT}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = list(value) if isinstance(value, tuple) else value
+        data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        fmt = data.get("format")
+        if fmt != SPEC_FORMAT:
+            raise SpecError(f"unsupported spec format {fmt!r}; expected {SPEC_FORMAT!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known - {"format"}
+        if unknown:
+            raise SpecError(f"spec has unknown fields {sorted(unknown)} (written by a newer version?)")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "format":
+                continue
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise SpecError(f"invalid spec: {err}") from err
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"spec is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise SpecError("spec JSON must be an object")
+        return cls.from_dict(data)
+
+
+def per_label(spec: ModelSpec, values: Mapping[str, float] | Sequence[float], default: float) -> tuple[float, ...]:
+    """Per-label values in the spec's label order from a mapping (missing -> default) or a sequence."""
+    if isinstance(values, Mapping):
+        unknown = set(values) - set(spec.labels)
+        if unknown:
+            raise SpecError(f"values given for unknown labels {sorted(unknown)}")
+        return tuple(float(values.get(lb, default)) for lb in spec.labels)
+    out = tuple(float(v) for v in values)
+    if len(out) != spec.num_classes:
+        raise SpecError(f"{len(out)} values given for {spec.num_classes} labels")
+    return out

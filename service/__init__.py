@@ -1,0 +1,1 @@
+"""The inference service (FastAPI gateway + micro-batching worker); see the service issue."""
