@@ -1,0 +1,131 @@
+"""``create_app(settings)``: the FastAPI application, its lifespan and its middleware.
+
+The lifespan owns the heavy resources: load the checkpoint, build the predictor, warm up with one real
+batch, start the batcher, then report ready. On shutdown (SIGTERM) it stops being ready, lets the batcher
+finish every request already accepted, and releases the thread pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from service.batcher import MicroBatcher
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, ObservabilityMiddleware
+from service.model_loading import load_model
+from service.pipeline import Job, JobResult, PredictionPipeline, batch_processor
+from service.predictor import Predictor, resolve_device
+from service.routes import STATIC_DIR, router
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger("service.app")
+
+# Multipart framing around one file: boundaries, part headers, the query-free form fields.
+MULTIPART_SLACK_BYTES = 64 * 1024
+
+
+def swagger_assets_dir() -> Path:
+    """Swagger UI 5 assets from the PyPI package fastapi-swagger, served locally (no CDN)."""
+    return Path(str(resources.files("fastapi_swagger") / "resources"))
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the application for ``settings``; heavy work happens in the lifespan, not here."""
+    metrics = Metrics.create()
+    state = ServiceState(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
+        loaded = await asyncio.to_thread(load_model, settings)
+        state.loaded = loaded
+        metrics.model_info.labels(name=loaded.spec.name, version=loaded.spec.version).set(1)
+        predictor = Predictor(
+            loaded.model, loaded.spec, device=resolve_device(settings.device), autocast=settings.autocast
+        )
+        if settings.warmup:
+            state.detail = "warming up"
+            await asyncio.to_thread(predictor.warmup)
+        batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
+            batch_processor(predictor),
+            max_batch_size=settings.max_batch_images,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            name="inference",
+            on_batch=metrics.observe_batch,
+        )
+        decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        await batcher.start()
+        state.batcher = batcher
+        state.predictor = predictor
+        model_ref = state.model_ref
+        assert model_ref is not None
+        state.pipeline = PredictionPipeline(
+            spec=loaded.spec,
+            model_ref=model_ref,
+            batcher=batcher,
+            decode_pool=decode_pool,
+            max_pixels=settings.max_pixels,
+            default_samples=settings.mc_samples or loaded.spec.mc_samples,
+            timeout_s=settings.request_timeout_s,
+        )
+        state.ready, state.detail = True, "ready"
+        log.info("ready: model %s %s on %s", loaded.spec.name, loaded.spec.version, predictor.device)
+        try:
+            yield
+        finally:
+            state.ready, state.detail = False, "shutting down"
+            await batcher.stop(drain=True)
+            decode_pool.shutdown(wait=True)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="bayesnet-cxr",
+        version="0.1.0",
+        summary="Chest X-ray findings with Monte-Carlo-dropout uncertainty and Grad-CAM",
+        description=(
+            "POST a chest radiograph (PNG, JPEG or DICOM) and get, for each CheXpert finding, the MC-dropout "
+            "mean probability and variance, a decision (positive / negative / uncertain), a referral flag "
+            "and Grad-CAM heatmaps. Research and demonstration only: not a medical device."
+        ),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    app.mount("/swagger-assets", StaticFiles(directory=swagger_assets_dir()), name="swagger-assets")
+
+    batch_limit = settings.max_upload_bytes * settings.max_files_per_request + MULTIPART_SLACK_BYTES
+    single_limit = settings.max_upload_bytes + MULTIPART_SLACK_BYTES
+
+    def limit_for(path: str) -> int:
+        return batch_limit if path.rstrip("/").endswith("/batch") else single_limit
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: sees every response
+    return app

@@ -1,0 +1,181 @@
+"""The model work of one batch, run in the batcher's worker thread: trunk once, B x T rows, Grad-CAM.
+
+For the default head-only MC layout a batch costs one trunk pass: the final feature map feeds both the
+stochastic head (pooled, repeated T times in one call) and the closed-form Grad-CAM. Other layouts use
+``mc_predict`` and the autograd Grad-CAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bayesnet import BayesianEfficientNet, ModelSpec, gradcam, mc_predict
+from bayesnet.decision import Decision, decide
+from bayesnet.gradcam import cams_from_features
+from bayesnet.mc import MCPrediction, mc_from_trunk
+
+log = logging.getLogger("service.predictor")
+
+#: Classes Grad-CAM is drawn for with ``cams=auto``: positive or uncertain findings, most probable first.
+AUTO_CAM_LIMIT = 4
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One preprocessed image and what to compute for it."""
+
+    tensor: Tensor  # (C, S, S) float32, CPU
+    n_samples: int
+    cams: str | tuple[int, ...]  # AUTO, or label indices (possibly empty)
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """Per-image numbers, label-indexed like the spec (numpy, CPU)."""
+
+    mean: np.ndarray  # (K,)
+    variance: np.ndarray
+    std: np.ndarray
+    interval: np.ndarray  # (K, 2): 5th and 95th percentile of the sample probabilities
+    mutual_information: np.ndarray
+    decisions: tuple[Decision, ...]
+    cams: dict[int, np.ndarray]  # label index -> (S, S) float32 in [0, 1]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Predictor:
+    """Owns the model on its device; ``run`` is called from exactly one thread (the batcher's)."""
+
+    def __init__(
+        self,
+        model: BayesianEfficientNet,
+        spec: ModelSpec,
+        *,
+        device: torch.device,
+        autocast: str = "auto",
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.model = model.to(device).eval()
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._autocast_dtype = self._pick_autocast(autocast)
+        self._trained = [spec.label_index(label) for label in spec.trained_labels]
+
+    def _pick_autocast(self, mode: str) -> torch.dtype | None:
+        if self.device.type != "cuda" or mode == "off":
+            return None  # on CPU, fp32 is both the fastest and the exact path for 2-core machines
+        if mode == "fp16":
+            return torch.float16
+        if mode == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        if self._autocast_dtype is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                yield
+
+    def warmup(self) -> None:
+        """One real batch through every code path (trunk, stacked head, Grad-CAM)."""
+        size = self.spec.image_size
+        dummy = torch.zeros(self.spec.in_chans, size, size)
+        self.run([InferenceRequest(dummy, self.spec.mc_samples, AUTO), InferenceRequest(dummy, 2, (0,))])
+
+    def run(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
+        """Process one batch; returns one result per request, in order."""
+        x = torch.stack([r.tensor for r in requests]).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        per_item_pred: list[tuple[MCPrediction, int]] = [None] * len(requests)  # type: ignore[list-item]
+        features: Tensor | None = None
+        with torch.inference_mode(), self._precision():
+            if self.model.head_only:
+                features = self.model.forward_features(x)
+                pooled = self.model.pool(features)
+                for n_samples, idx in _group_by_samples(requests):
+                    pred = mc_from_trunk(self.model, pooled[idx], n_samples, return_samples=True)
+                    for row, i in enumerate(idx):
+                        per_item_pred[i] = (pred, row)
+        if features is None:
+            for n_samples, idx in _group_by_samples(requests):
+                pred = mc_predict(self.model, x[idx], n_samples, return_samples=True)
+                for row, i in enumerate(idx):
+                    per_item_pred[i] = (pred, row)
+
+        results = []
+        cam_requests: list[tuple[int, list[int]]] = []
+        for i, request in enumerate(requests):
+            pred, row = per_item_pred[i]
+            assert pred.samples is not None
+            samples = pred.samples[:, row].float()  # (T, K)
+            decisions = decide(samples.unsqueeze(1), self.spec)[0]
+            chosen = self._cam_classes(request.cams, pred.mean[row], decisions)
+            cam_requests.append((i, chosen))
+            quantiles = torch.quantile(samples, torch.tensor([0.05, 0.95], device=samples.device), dim=0)
+            results.append(
+                InferenceResult(
+                    mean=pred.mean[row].cpu().numpy(),
+                    variance=pred.variance[row].cpu().numpy(),
+                    std=pred.std[row].cpu().numpy(),
+                    interval=quantiles.T.cpu().numpy(),
+                    mutual_information=pred.mutual_information[row].cpu().numpy(),
+                    decisions=tuple(decisions),
+                    cams={},
+                )
+            )
+        self._add_cams(x, features, cam_requests, results)
+        return results
+
+    def _cam_classes(self, cams: str | tuple[int, ...], mean: Tensor, decisions: list[Decision]) -> list[int]:
+        if not isinstance(cams, str):
+            return list(cams)
+        flagged = [k for k in self._trained if decisions[k] in (Decision.POSITIVE, Decision.UNCERTAIN)]
+        flagged.sort(key=lambda k: float(mean[k]), reverse=True)
+        return flagged[:AUTO_CAM_LIMIT]
+
+    def _add_cams(
+        self,
+        x: Tensor,
+        features: Tensor | None,
+        cam_requests: list[tuple[int, list[int]]],
+        results: list[InferenceResult],
+    ) -> None:
+        wanted = sorted({k for _, ks in cam_requests for k in ks})
+        rows = [i for i, ks in cam_requests if ks]
+        if not wanted or not rows:
+            return
+        size = (x.shape[-2], x.shape[-1])
+        with self._precision():
+            if features is not None:
+                with torch.inference_mode():
+                    maps = cams_from_features(self.model, features[rows].float(), wanted, size)
+            else:
+                maps = gradcam(self.model, x[rows], wanted)
+        maps_np = maps.float().cpu().numpy()
+        for row, i in enumerate(rows):
+            for k in dict(cam_requests)[i]:
+                results[i].cams[k] = maps_np[row, wanted.index(k)]
+
+
+def _group_by_samples(requests: Sequence[InferenceRequest]) -> list[tuple[int, list[int]]]:
+    groups: dict[int, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.n_samples, []).append(i)
+    return sorted(groups.items())

@@ -1,0 +1,284 @@
+"""HTTP routes: parse, call the pipeline, return schemas. Errors are mapped in ``service.errors``."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import (
+    NotReadyError,
+    UnauthorizedError,
+    UploadTooLargeError,
+    problem_for,
+)
+from service.pipeline import PredictionPipeline
+from service.schemas import (
+    BatchItem,
+    BatchItemError,
+    BatchResponse,
+    Health,
+    ModelCard,
+    PredictionResponse,
+    Problem,
+    Readiness,
+)
+from service.state import ServiceState
+
+router = APIRouter()
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+_ERRORS = {
+    status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
+    for status, text in {
+        401: "Missing or invalid API key",
+        413: "Upload over the byte or pixel limit",
+        415: "Not a PNG, JPEG or DICOM image",
+        422: "Damaged or unusable image, or invalid parameters",
+        503: "Queue full (Retry-After) or not ready",
+    }.items()
+}
+
+CamsQuery = Annotated[
+    str,
+    Query(
+        description="Grad-CAM heatmaps: auto (positive or uncertain findings, at most 4), all, none, "
+        "or comma-separated finding names",
+        max_length=1024,
+    ),
+]
+SamplesQuery = Annotated[
+    int | None, Query(ge=1, le=100, description="Monte-Carlo samples T (default: the model's, usually 20)")
+]
+
+
+def _state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def require_api_key(request: Request) -> None:
+    """When API keys are configured, accept ``X-API-Key: k`` or ``Authorization: Bearer k``."""
+    keys = _state(request).settings.api_keys
+    if not keys:
+        return
+    offered = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if not offered and auth.lower().startswith("bearer "):
+        offered = auth[7:].strip()
+    offered_bytes = offered.encode()
+    # Compare against every key (no early exit) in constant time per key.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(offered_bytes, key.get_secret_value().encode())
+    if not matched:
+        raise UnauthorizedError(
+            "Send a valid API key in the X-API-Key header (or Authorization: Bearer).",
+            headers={"WWW-Authenticate": 'Bearer realm="bayesnet-cxr"'},
+        )
+
+
+def ready_pipeline(request: Request) -> PredictionPipeline:
+    state = _state(request)
+    if not state.ready or state.pipeline is None or state.batcher is None or not state.batcher.alive:
+        raise NotReadyError(f"The service is not ready ({state.detail}); retry shortly.", headers={"Retry-After": "5"})
+    pipeline: PredictionPipeline = state.pipeline
+    return pipeline
+
+
+Pipeline = Annotated[PredictionPipeline, Depends(ready_pipeline)]
+Protected = [Depends(require_api_key)]
+
+
+async def _read_upload(upload: UploadFile, request: Request) -> bytes:
+    limit = _state(request).settings.max_upload_bytes
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise UploadTooLargeError(f"The file exceeds the limit of {limit} bytes; send a smaller image.")
+    return data
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictionResponse,
+    responses=_ERRORS,  # type: ignore[arg-type]
+    dependencies=Protected,
+    summary="Findings, uncertainty and heatmaps for one radiograph",
+    tags=["predict"],
+)
+async def predict(
+    request: Request,
+    pipeline: Pipeline,
+    file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph (sniffed by content)")],
+    cams: CamsQuery = "auto",
+    mc_samples: SamplesQuery = None,
+) -> PredictionResponse:
+    received_at = time.perf_counter()
+    data = await _read_upload(file, request)
+    response, batch_size = await pipeline.predict(
+        data, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
+    )
+    request.state.batch_size = batch_size
+    return response
+
+
+router.add_api_route(
+    "/predict",
+    predict,
+    methods=["POST"],
+    response_model=PredictionResponse,
+    responses=_ERRORS,  # type: ignore[arg-type]
+    dependencies=Protected,
+    summary="Same as /v1/predict, at the original project's path",
+    tags=["predict"],
+    operation_id="predict_legacy",
+)
+
+
+@router.post(
+    "/v1/predict/batch",
+    response_model=BatchResponse,
+    responses=_ERRORS,  # type: ignore[arg-type]
+    dependencies=Protected,
+    summary="Several radiographs in one request: one result (or error) each, in order",
+    tags=["predict"],
+)
+async def predict_batch(
+    request: Request,
+    pipeline: Pipeline,
+    files: Annotated[list[UploadFile], File(description="Radiographs, repeated field 'files'")],
+    cams: CamsQuery = "auto",
+    mc_samples: SamplesQuery = None,
+) -> BatchResponse:
+    settings = _state(request).settings
+    if len(files) > settings.max_files_per_request:
+        raise UploadTooLargeError(f"At most {settings.max_files_per_request} files per request; got {len(files)}.")
+    pipeline.parse_cams(cams)  # a bad parameter fails the whole request, before any work
+    request_id: str = request.state.request_id
+    received_at = time.perf_counter()
+
+    async def one(index: int, upload: UploadFile) -> BatchItem:
+        try:
+            data = await _read_upload(upload, request)
+            result, _ = await pipeline.predict(
+                data, request_id=f"{request_id}-{index}", cams=cams, mc_samples=mc_samples, received_at=received_at
+            )
+            return BatchItem(index=index, filename=upload.filename, result=result)
+        except Exception as err:  # each file's failure is reported in its slot, never hidden
+            status, title, detail, _ = problem_for(err)
+            return BatchItem(
+                index=index, filename=upload.filename, error=BatchItemError(status=status, title=title, detail=detail)
+            )
+
+    items = await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))
+    return BatchResponse(request_id=request_id, results=list(items))
+
+
+@router.post(
+    "/v1/preview",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "8-bit grayscale PNG"}, **_ERRORS},  # type: ignore[dict-item]
+    dependencies=Protected,
+    summary="The decoded radiograph as a PNG a browser can show (DICOM included)",
+    tags=["predict"],
+)
+async def preview(
+    request: Request,
+    pipeline: Pipeline,
+    file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph")],
+) -> Response:
+    data = await _read_upload(file, request)
+    return Response(await pipeline.preview(data), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/model", response_model=ModelCard, dependencies=Protected, summary="The model card", tags=["model"])
+async def model_card(request: Request) -> ModelCard:
+    state = _state(request)
+    loaded = state.loaded
+    if loaded is None:
+        raise NotReadyError("The model is still loading; retry shortly.", headers={"Retry-After": "5"})
+    spec = loaded.spec
+    metrics = loaded.metadata.get("metrics") or spec.extra.get("metrics") or {}
+    return ModelCard(
+        name=spec.name,
+        version=spec.version,
+        sha256=loaded.sha256,
+        arch=spec.arch,
+        labels=list(spec.labels),
+        trained_labels=list(spec.trained_labels),
+        untrained_labels=list(spec.untrained_labels),
+        image_size=spec.image_size,
+        in_chans=spec.in_chans,
+        mc_samples=state.settings.mc_samples or spec.mc_samples,
+        mc_dropout_blocks=spec.mc_dropout_blocks,
+        dropout=spec.dropout,
+        temperature=dict(zip(spec.labels, spec.temperature, strict=True)),
+        threshold=dict(zip(spec.labels, spec.threshold, strict=True)),
+        uncertainty_threshold=dict(zip(spec.labels, spec.uncertainty_threshold, strict=True)),
+        provenance=spec.provenance,
+        intended_use=loaded.intended_use,
+        trained=loaded.trained,
+        metrics=dict(metrics),
+        card_markdown=loaded.card_markdown,
+    )
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers", tags=["ops"])
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready"}},
+    summary="Readiness: model loaded, warmed up, inference worker alive",
+    tags=["ops"],
+)
+async def readyz(request: Request) -> JSONResponse:
+    state = _state(request)
+    alive = state.batcher is not None and state.batcher.alive and state.batcher.accepting
+    ready = state.ready and alive
+    detail = "inference worker is not running" if state.ready and not alive else state.detail
+    body = Readiness(
+        ready=ready,
+        detail=detail,
+        queue_depth=state.batcher.queue_depth if state.batcher is not None else 0,
+        model=state.model_ref,
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    if state.batcher is not None:
+        state.metrics.queue_depth.set(state.batcher.queue_depth)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui() -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="bayesnet-cxr API",
+        swagger_js_url="/swagger-assets/swagger-ui-bundle.js",
+        swagger_css_url="/swagger-assets/swagger-ui.css",
+        swagger_favicon_url="/swagger-assets/favicon-32x32.png",
+    )
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> Response:
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        return HTMLResponse("<h1>bayesnet-cxr</h1><p>The web page is not installed; see <a href='/docs'>/docs</a>.</p>")
+    return FileResponse(page, headers={"Cache-Control": "no-cache"})

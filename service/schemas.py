@@ -1,0 +1,128 @@
+"""The HTTP contract: every request parameter and response body, as pydantic models in the OpenAPI schema.
+
+Clients of the original project read ``predictions[label].conf`` and ``.uncertainty``: those names stay.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DecisionName = Literal["positive", "negative", "uncertain"]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FindingPrediction(_Schema):
+    conf: float = Field(description="MC-dropout mean probability after temperature scaling", ge=0, le=1)
+    uncertainty: float = Field(description="Variance of the MC sample probabilities (divisor T)", ge=0)
+    std: float = Field(description="Standard deviation of the MC sample probabilities", ge=0)
+    interval: tuple[float, float] = Field(description="5th and 95th percentile of the MC sample probabilities")
+    mutual_information: float = Field(description="Epistemic uncertainty (nats): H(mean) - mean(H(sample))", ge=0)
+    decision: DecisionName = Field(description="positive | negative | uncertain (the MC samples disagree)")
+    threshold: float = Field(description="Decision threshold applied to conf", gt=0, lt=1)
+
+
+class Heatmap(_Schema):
+    png_base64: str = Field(description="RGBA PNG, base64; alpha carries the Grad-CAM intensity")
+    width: int = Field(description="Heatmap width in pixels (the model's input resolution)")
+    height: int = Field(description="Heatmap height in pixels")
+
+
+class ModelRef(_Schema):
+    name: str
+    version: str
+    sha256: str = Field(description="sha256 of the weights file that produced this result")
+
+
+class ImageInfo(_Schema):
+    format: Literal["png", "jpeg", "dicom"]
+    width: int
+    height: int
+    photometric: str = Field(description="Pillow mode for PNG/JPEG, PhotometricInterpretation for DICOM")
+    warnings: list[str] = Field(description="What decoding had to assume or convert")
+
+
+class Timing(_Schema):
+    queue: float = Field(description="Milliseconds waiting for a batch")
+    inference: float = Field(description="Milliseconds of the batch's model work")
+    total: float = Field(description="Milliseconds from upload received to response built")
+
+
+class PredictionResponse(_Schema):
+    request_id: str
+    model: ModelRef
+    mc_samples: int
+    predictions: dict[str, FindingPrediction] = Field(description="One entry per trained label, by label name")
+    uncertain: bool = Field(description="True when any finding is uncertain: refer to a radiologist")
+    gradcam: dict[str, Heatmap] = Field(description="Heatmaps for the requested findings, by label name")
+    image: ImageInfo
+    timing_ms: Timing
+
+
+class BatchItemError(_Schema):
+    status: int
+    title: str
+    detail: str
+
+
+class BatchItem(_Schema):
+    index: int
+    filename: str | None = None
+    result: PredictionResponse | None = None
+    error: BatchItemError | None = None
+
+
+class BatchResponse(_Schema):
+    request_id: str
+    results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order")
+
+
+class ModelCard(_Schema):
+    name: str
+    version: str
+    sha256: str
+    arch: str
+    labels: list[str]
+    trained_labels: list[str]
+    untrained_labels: list[str]
+    image_size: int
+    in_chans: int
+    mc_samples: int
+    mc_dropout_blocks: int
+    dropout: float
+    temperature: dict[str, float]
+    threshold: dict[str, float]
+    uncertainty_threshold: dict[str, float]
+    provenance: str
+    intended_use: str
+    trained: bool = Field(description="False for the placeholder random model: its outputs mean nothing")
+    metrics: dict[str, object] = Field(default_factory=dict, description="Measured metrics from the model card")
+    card_markdown: str | None = Field(default=None, description="MODEL_CARD.md shipped with the checkpoint")
+
+
+class Health(_Schema):
+    status: Literal["ok"]
+
+
+class Readiness(_Schema):
+    ready: bool
+    detail: str
+    queue_depth: int
+    model: ModelRef | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None

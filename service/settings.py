@@ -1,0 +1,62 @@
+"""Service settings: one validated object, read once at start-up and passed to ``create_app(settings)``.
+
+Every field can be set by an environment variable with the ``CXR_`` prefix (``CXR_MC_SAMPLES=30``,
+``CXR_API_KEYS='["k1","k2"]'``, ``CXR_CORS_ORIGINS='["https://pacs.example.org"]'``). Tests build their
+own ``Settings(...)``; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
+
+#: Limits shared with nginx and Kubernetes (docker/, k8s/): tests check those files agree with these.
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class Settings(BaseSettings):
+    """Validated configuration of one service process."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    model_path: Path | None = Field(
+        default=None,
+        description="Checkpoint directory (model.safetensors + model.json). None: models/demo if present, "
+        "else an untrained placeholder that says so.",
+    )
+    allow_untrained: bool = Field(
+        default=True, description="Start with an untrained placeholder when no checkpoint is configured or shipped"
+    )
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda, cuda:1...")
+    mc_samples: int | None = Field(default=None, ge=1, le=100, description="Default T; None: the spec's value")
+    max_batch_images: int = Field(default=8, ge=1, le=256)
+    max_wait_ms: float = Field(default=10.0, ge=0, le=1000)
+    max_queue: int = Field(default=64, ge=1)
+    max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, ge=1024)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_files_per_request: int = Field(default=16, ge=1, le=256)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    decode_workers: int = Field(default=2, ge=1, le=64, description="Threads decoding/preprocessing uploads")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads; None: torch default")
+    cors_origins: list[str] = Field(default_factory=list)
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted X-API-Key values; empty: open")
+    autocast: Literal["auto", "off", "fp16", "bf16"] = Field(
+        default="auto", description="Mixed precision on CUDA (auto: bf16 where supported, else fp16); off on CPU"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+    warmup: bool = True
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_blank_origins(cls, value: list[str]) -> list[str]:
+        return [origin.strip() for origin in value if origin.strip()]

@@ -1,0 +1,72 @@
+"""A real uvicorn server on a loopback port, running the real app (used by the service tests)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.settings import Settings
+from service.state import ServiceState
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    def __init__(self, app: FastAPI, server: uvicorn.Server, url: str) -> None:
+        self.app = app
+        self.server = server
+        self.url = url
+
+    @property
+    def state(self) -> ServiceState:
+        state: ServiceState = self.app.state.service
+        return state
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60.0, **kwargs)  # type: ignore[arg-type]
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    """Start uvicorn in a thread; yield once /readyz says ready; stop it (draining) afterwards."""
+    port = free_port()
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError("test server did not become ready")
+        time.sleep(0.05)
+    try:
+        yield LiveServer(app, server, url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def tiny_settings(checkpoint: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {"model_path": checkpoint, "max_wait_ms": 5.0}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]

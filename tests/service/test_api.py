@@ -1,0 +1,342 @@
+"""The HTTP contract against a real uvicorn server on loopback, with a real (tiny) model and real files."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from service.schemas import BatchResponse, ModelCard, PredictionResponse
+from tests.service.live import LiveServer, live_server, tiny_settings
+
+PATIENT_NAME = "Doe^Janet"
+PATIENT_ID = "PID-99887766"
+
+
+def png_bytes(size: int = 256, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size, size)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pydicom_data(name: str) -> Path:
+    data_store = pytest.importorskip("data_store", reason="pydicom-data is not installed")
+    return Path(data_store.DataStore().get_path(name))
+
+
+def dicom_with_identifiers() -> bytes:
+    ds = pydicom.dcmread(pydicom_data("RG1_UNCR.dcm"))
+    ds.PatientName = PATIENT_NAME
+    ds.PatientID = PATIENT_ID
+    ds.AccessionNumber = "ACC-5551234"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def post_file(client: httpx.Client, data: bytes, path: str = "/v1/predict", **params: object) -> httpx.Response:
+    return client.post(path, files={"file": ("upload.bin", data, "application/octet-stream")}, params=params)
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+def test_liveness_readiness_and_model_card(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True
+    card = ModelCard.model_validate(client.get("/v1/model").json())
+    assert (card.name, card.version, card.arch) == ("tiny-test-model", "1.2.3", "test_efficientnet")
+    assert card.untrained_labels == ["Fracture"]
+    assert card.trained is True
+    assert "not for clinical use" in card.intended_use
+
+
+def test_predict_returns_the_typed_contract(client: httpx.Client) -> None:
+    response = post_file(client, png_bytes(), cams="all")
+    assert response.status_code == 200, response.text
+    body = PredictionResponse.model_validate(response.json())
+    assert response.headers["x-request-id"] == body.request_id
+    assert body.mc_samples == 20
+    assert "Fracture" not in body.predictions  # not trained: not reported
+    assert len(body.predictions) == 13
+    for finding in body.predictions.values():
+        lo, hi = finding.interval
+        assert 0 <= lo <= hi <= 1
+        assert finding.std == pytest.approx(finding.uncertainty**0.5, abs=1e-5)
+    assert body.uncertain == any(p.decision == "uncertain" for p in body.predictions.values())
+    assert set(body.gradcam) == set(body.predictions)
+    heat = body.gradcam["Edema"]
+    image = Image.open(io.BytesIO(base64.b64decode(heat.png_base64)))
+    assert image.mode == "RGBA"
+    assert image.size == (heat.width, heat.height) == (64, 64)
+    assert (body.image.format, body.image.width, body.image.height) == ("png", 256, 256)
+    assert body.timing_ms.total >= body.timing_ms.inference >= 0
+
+
+def test_cams_parameter_and_mc_samples(client: httpx.Client) -> None:
+    none = PredictionResponse.model_validate(post_file(client, png_bytes(), cams="none", mc_samples=5).json())
+    assert none.gradcam == {}
+    assert none.mc_samples == 5
+    some = PredictionResponse.model_validate(post_file(client, png_bytes(), cams="Edema, Cardiomegaly").json())
+    assert set(some.gradcam) == {"Edema", "Cardiomegaly"}
+    auto = PredictionResponse.model_validate(post_file(client, png_bytes()).json())
+    flagged = [k for k, p in auto.predictions.items() if p.decision != "negative"]
+    assert set(auto.gradcam) <= set(flagged)
+    assert len(auto.gradcam) == min(4, len(flagged))
+
+
+def test_legacy_path_and_request_id_header(client: httpx.Client) -> None:
+    response = client.post(
+        "/predict", files={"file": ("x.png", png_bytes(), "image/png")}, headers={"X-Request-ID": "ris-42.a"}
+    )
+    assert response.status_code == 200
+    assert response.json()["request_id"] == "ris-42.a"
+    assert response.headers["x-request-id"] == "ris-42.a"
+    odd = client.post("/predict", files={"file": ("x.png", png_bytes())}, headers={"X-Request-ID": "<script>"})
+    assert odd.json()["request_id"] != "<script>"
+
+
+def test_dicom_monochrome1_and_no_patient_identifiers_leak(client: httpx.Client) -> None:
+    response = post_file(client, dicom_with_identifiers(), cams="all")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["image"]["format"] == "dicom"
+    assert body["image"]["photometric"] == "MONOCHROME1"
+    for secret in (PATIENT_NAME, "Doe", PATIENT_ID, "ACC-5551234"):
+        assert secret not in response.text
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "fragment"),
+    [
+        (b"", 422, "empty"),
+        (b"<html><body>not an image</body></html>", 415, "PNG, JPEG or DICOM"),
+        (b"GIF89a" + b"\x00" * 64, 415, "GIF"),
+        (png_bytes()[:300], 422, "truncated"),
+        (bomb_png(), 413, "pixel"),
+    ],
+)
+def test_bad_uploads_get_problem_details_never_500(
+    client: httpx.Client, payload: bytes, status: int, fragment: str
+) -> None:
+    response = post_file(client, payload)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem = response.json()
+    assert problem["status"] == status
+    assert fragment.lower() in problem["detail"].lower()
+    assert problem["request_id"] == response.headers["x-request-id"]
+
+
+def test_bad_parameters_and_missing_file(client: httpx.Client) -> None:
+    wrong_label = post_file(client, png_bytes(), cams="Edema,Broken Heart")
+    assert wrong_label.status_code == 422
+    assert "Broken Heart" in wrong_label.json()["detail"]
+    assert post_file(client, png_bytes(), mc_samples=0).status_code == 422
+    assert post_file(client, png_bytes(), mc_samples=101).status_code == 422
+    missing = client.post("/v1/predict", files={"wrong": ("x.png", png_bytes())})
+    assert missing.status_code == 422
+    assert "'file'" in missing.json()["detail"]
+
+
+def test_body_over_the_limit_is_refused_while_streaming(client: httpx.Client) -> None:
+    big = b"\x89PNG\r\n\x1a\n" + b"\x00" * (10 * 1024 * 1024)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must act on the bytes received
+        boundary = b"--xyz\r\n"
+        yield boundary + b'Content-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        for start in range(0, len(big), 256 * 1024):
+            yield big[start : start + 256 * 1024]
+        yield b"\r\n--xyz--\r\n"
+
+    response = client.post(
+        "/v1/predict", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_batch_endpoint_keeps_order_and_isolates_bad_files(client: httpx.Client) -> None:
+    files = [
+        ("files", ("a.png", png_bytes(seed=1), "image/png")),
+        ("files", ("notes.txt", b"just text", "text/plain")),
+        ("files", ("b.png", png_bytes(seed=2), "image/png")),
+    ]
+    response = client.post("/v1/predict/batch", files=files, params={"cams": "none"})
+    assert response.status_code == 200, response.text
+    body = BatchResponse.model_validate(response.json())
+    assert [item.index for item in body.results] == [0, 1, 2]
+    assert [item.filename for item in body.results] == ["a.png", "notes.txt", "b.png"]
+    assert body.results[0].result is not None
+    assert body.results[2].result is not None
+    assert body.results[1].error is not None
+    assert body.results[1].error.status == 415
+
+
+def test_preview_renders_dicom_as_png(client: httpx.Client) -> None:
+    response = post_file(client, pydicom_data("RG1_UNCR.dcm").read_bytes(), path="/v1/preview")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.mode == "L"
+    assert max(image.size) == 1024
+
+
+def test_metrics_and_offline_docs(client: httpx.Client) -> None:
+    post_file(client, png_bytes())
+    text = client.get("/metrics").text
+    for series in (
+        'cxr_http_requests_total{method="POST",route="/v1/predict",status="200"}',
+        "cxr_http_request_duration_seconds_bucket",
+        "cxr_queue_wait_seconds_count",
+        "cxr_batch_size_images_count",
+        "cxr_batch_inference_seconds_count",
+        "cxr_images_processed_total",
+        'cxr_model_info{name="tiny-test-model",version="1.2.3"} 1.0',
+    ):
+        assert series in text, series
+    docs = client.get("/docs").text
+    assert "/swagger-assets/swagger-ui-bundle.js" in docs
+    assert "cdn" not in docs.lower()
+    assert client.get("/swagger-assets/swagger-ui-bundle.js").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert "PredictionResponse" in schema["components"]["schemas"]
+    assert {"/v1/predict", "/predict", "/v1/predict/batch", "/v1/model", "/healthz", "/readyz"} <= set(schema["paths"])
+
+
+def test_api_keys_when_configured(tiny_service_checkpoint: Path) -> None:
+    settings = tiny_settings(tiny_service_checkpoint, api_keys=["s3cret-key"], warmup=False)
+    with live_server(settings) as live, live.client() as c:
+        assert post_file(c, png_bytes()).status_code == 401
+        wrong = c.post("/v1/predict", files={"file": ("x.png", png_bytes())}, headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 401
+        assert "s3cret" not in wrong.text
+        ok = c.post("/v1/predict", files={"file": ("x.png", png_bytes())}, headers={"X-API-Key": "s3cret-key"})
+        assert ok.status_code == 200
+        bearer = c.post(
+            "/v1/predict", files={"file": ("x.png", png_bytes())}, headers={"Authorization": "Bearer s3cret-key"}
+        )
+        assert bearer.status_code == 200
+        assert c.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_full_queue_answers_503_at_once_and_the_loop_stays_responsive(tiny_service_checkpoint: Path) -> None:
+    settings = tiny_settings(tiny_service_checkpoint, max_queue=1, max_batch_images=1, max_wait_ms=0.0)
+    with live_server(settings) as live:
+        predictor = live.state.predictor
+        assert predictor is not None
+        gate, entered = threading.Event(), threading.Event()
+        original = predictor.run
+
+        def held_run(requests):  # type: ignore[no-untyped-def]
+            entered.set()
+            gate.wait(timeout=30)
+            return original(requests)
+
+        predictor.run = held_run  # type: ignore[method-assign]
+        results: dict[str, httpx.Response] = {}
+
+        def send(name: str) -> None:
+            with live.client() as c:
+                results[name] = post_file(c, png_bytes(), cams="none")
+
+        first = threading.Thread(target=send, args=("running",))
+        first.start()
+        with live.client() as c:
+            assert entered.wait(timeout=30)  # the first request holds the inference worker
+            second = threading.Thread(target=send, args=("queued",))
+            second.start()
+            _wait_until(lambda: live.state.batcher is not None and live.state.batcher.queue_depth == 1)
+            rejected = post_file(c, png_bytes(), cams="none")
+            assert rejected.status_code == 503
+            assert int(rejected.headers["retry-after"]) >= 1
+            assert c.get("/healthz").status_code == 200  # the event loop is not blocked by the model
+        gate.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+        assert results["running"].status_code == 200
+        assert results["queued"].status_code == 200
+
+
+def test_a_failing_batch_fails_only_its_requests(tiny_service_checkpoint: Path) -> None:
+    with live_server(tiny_settings(tiny_service_checkpoint)) as live, live.client() as c:
+        predictor = live.state.predictor
+        assert predictor is not None
+        original = predictor.run
+        calls = {"n": 0}
+
+        def flaky_run(requests):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("simulated CUDA error")
+            return original(requests)
+
+        predictor.run = flaky_run  # type: ignore[method-assign]
+        failed = post_file(c, png_bytes(), cams="none")
+        assert failed.status_code == 500
+        assert failed.json()["request_id"] == failed.headers["x-request-id"]
+        assert "simulated" not in failed.text  # internals stay in the logs
+        assert post_file(c, png_bytes(), cams="none").status_code == 200
+        assert c.get("/readyz").status_code == 200
+
+
+def test_shutdown_finishes_accepted_requests(tiny_service_checkpoint: Path) -> None:
+    settings = tiny_settings(tiny_service_checkpoint, max_batch_images=1)
+    result: dict[str, httpx.Response] = {}
+    with live_server(settings) as live:
+        predictor = live.state.predictor
+        assert predictor is not None
+        gate, entered = threading.Event(), threading.Event()
+        original = predictor.run
+
+        def held_run(requests):  # type: ignore[no-untyped-def]
+            entered.set()
+            gate.wait(timeout=30)
+            return original(requests)
+
+        predictor.run = held_run  # type: ignore[method-assign]
+
+        def send() -> None:
+            with live.client() as c:
+                result["r"] = post_file(c, png_bytes(), cams="none")
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert entered.wait(timeout=30)  # accepted and in the model
+        live.server.should_exit = True  # what SIGTERM does to uvicorn
+        gate.set()
+        sender.join(timeout=60)
+    assert result["r"].status_code == 200
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
