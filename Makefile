@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc clean
+.PHONY: install test lint format serve bench bench-mc bench-serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,13 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service
 
-bench: bench-mc
+bench: bench-mc bench-serve
 
 bench-mc: $(STAMP)
 	$(PY) bench/mc_cost.py
+
+bench-serve: $(STAMP)
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

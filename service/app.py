@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_queue=settings.max_queue,
             name="inference",
             on_batch=metrics.observe_batch,
+            more_coming=lambda: state.pipeline is not None and state.pipeline.more_coming(),
         )
         decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         await batcher.start()

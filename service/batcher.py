@@ -108,6 +108,9 @@ class MicroBatcher(Generic[T, R]):
         name: names the worker thread and task, and prefixes log messages.
         on_batch: called on the event loop after every ``process`` call with its :class:`BatchStats`; must be
             cheap. Its exceptions are logged and otherwise ignored.
+        more_coming: optional hint, called on the event loop: whether more items are about to be submitted
+            (e.g. uploads still being decoded). When it says no, a partial batch is not held for
+            ``max_wait_ms``: waiting could only add latency.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class MicroBatcher(Generic[T, R]):
         max_queue: int,
         name: str = "inference",
         on_batch: Callable[[BatchStats], None] | None = None,
+        more_coming: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -132,6 +136,7 @@ class MicroBatcher(Generic[T, R]):
         self._max_queue = max_queue
         self._name = name
         self._on_batch = on_batch
+        self._more_coming = more_coming
 
         self._queue: deque[_Pending[T, R]] = deque()
         self._in_flight: list[_Pending[T, R]] = []  # taken from the queue, not yet settled
@@ -321,7 +326,7 @@ class MicroBatcher(Generic[T, R]):
             if len(self._queue) >= self._max_batch_size or not self._accepting:
                 break
             remaining_s = self._queue[0].submitted_at + self._max_wait_s - loop.time()
-            if remaining_s <= 0:
+            if remaining_s <= 0 or (self._more_coming is not None and not self._more_coming()):
                 break
             await self._sleep_until_woken(remaining_s)
         return [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch_size))]

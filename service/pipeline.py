@@ -55,7 +55,7 @@ def heatmap_png(intensity: np.ndarray) -> bytes:
     rgba[..., 2] = np.clip(v * 3.0 - 2.0, 0, 1) * 255
     rgba[..., 3] = v * 255
     buffer = io.BytesIO()
-    Image.fromarray(rgba, mode="RGBA").save(buffer, format="PNG", optimize=False, compress_level=3)
+    Image.fromarray(rgba, mode="RGBA").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -111,6 +111,11 @@ class PredictionPipeline:
         self.default_samples = default_samples
         self.timeout_s = timeout_s
         self._trained = {label: spec.label_index(label) for label in spec.trained_labels}
+        self._decoding = 0  # uploads between arrival and the queue: tells the batcher whether to wait
+
+    def more_coming(self) -> bool:
+        """Whether uploads are being decoded right now (the batcher's hint to hold a partial batch)."""
+        return self._decoding > 0
 
     async def _off_loop(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
@@ -156,7 +161,11 @@ class PredictionPipeline:
         """One upload -> (response, size of the batch it ran in)."""
         wanted = self.parse_cams(cams)
         n_samples = mc_samples if mc_samples is not None else self.default_samples
-        image, tensor = await self.decode(data)
+        self._decoding += 1
+        try:
+            image, tensor = await self.decode(data)
+        finally:
+            self._decoding -= 1
         job = Job(InferenceRequest(tensor, n_samples, wanted), time.perf_counter())
         try:
             done = await asyncio.wait_for(self.batcher.submit(job), timeout=self.timeout_s)
@@ -169,7 +178,7 @@ class PredictionPipeline:
                 f"Inference failed for the batch containing this image ({type(err).__name__}); the service keeps "
                 "serving. Retry; report the request id if it persists."
             ) from err
-        heatmaps = await self._off_loop(self._heatmaps, done.result)
+        heatmaps = await self._off_loop(self._heatmaps, done.result) if done.result.cams else {}
         return self._response(request_id, n_samples, image, done, heatmaps, received_at), done.batch_size
 
     def _heatmaps(self, result: InferenceResult) -> dict[str, Heatmap]:

@@ -103,47 +103,53 @@ class Predictor:
         x = torch.stack([r.tensor for r in requests]).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        per_item_pred: list[tuple[MCPrediction, int]] = [None] * len(requests)  # type: ignore[list-item]
         features: Tensor | None = None
+        results: list[InferenceResult | None] = [None] * len(requests)
         with torch.inference_mode(), self._precision():
+            pooled = None
             if self.model.head_only:
                 features = self.model.forward_features(x)
                 pooled = self.model.pool(features)
-                for n_samples, idx in _group_by_samples(requests):
-                    pred = mc_from_trunk(self.model, pooled[idx], n_samples, return_samples=True)
-                    for row, i in enumerate(idx):
-                        per_item_pred[i] = (pred, row)
-        if features is None:
             for n_samples, idx in _group_by_samples(requests):
-                pred = mc_predict(self.model, x[idx], n_samples, return_samples=True)
-                for row, i in enumerate(idx):
-                    per_item_pred[i] = (pred, row)
+                if pooled is not None:
+                    pred = mc_from_trunk(self.model, pooled[idx], n_samples, return_samples=True)
+                else:
+                    pred = mc_predict(self.model, x[idx], n_samples, return_samples=True)
+                for i, result in zip(idx, self._summaries(pred), strict=True):
+                    results[i] = result
+        done = [r for r in results if r is not None]
+        assert len(done) == len(requests)
+        cam_requests = [
+            (i, self._cam_classes(request.cams, result.mean, result.decisions))
+            for i, (request, result) in enumerate(zip(requests, done, strict=True))
+        ]
+        self._add_cams(x, features, cam_requests, done)
+        return done
 
-        results = []
-        cam_requests: list[tuple[int, list[int]]] = []
-        for i, request in enumerate(requests):
-            pred, row = per_item_pred[i]
-            assert pred.samples is not None
-            samples = pred.samples[:, row].float()  # (T, K)
-            decisions = decide(samples.unsqueeze(1), self.spec)[0]
-            chosen = self._cam_classes(request.cams, pred.mean[row], decisions)
-            cam_requests.append((i, chosen))
-            quantiles = torch.quantile(samples, torch.tensor([0.05, 0.95], device=samples.device), dim=0)
-            results.append(
-                InferenceResult(
-                    mean=pred.mean[row].cpu().numpy(),
-                    variance=pred.variance[row].cpu().numpy(),
-                    std=pred.std[row].cpu().numpy(),
-                    interval=quantiles.T.cpu().numpy(),
-                    mutual_information=pred.mutual_information[row].cpu().numpy(),
-                    decisions=tuple(decisions),
-                    cams={},
-                )
+    def _summaries(self, pred: MCPrediction) -> list[InferenceResult]:
+        """Per-image results of one MC call, converted to numpy in one go (rows in the call's order)."""
+        assert pred.samples is not None
+        samples = pred.samples.float()  # (T, G, K)
+        decisions = decide(samples, self.spec)
+        q = torch.tensor([0.05, 0.95], device=samples.device)
+        interval = torch.quantile(samples, q, dim=0).permute(1, 2, 0)  # (G, K, 2)
+        mean, variance, std, mi, interval_np = (
+            t.cpu().numpy() for t in (pred.mean, pred.variance, pred.std, pred.mutual_information, interval)
+        )
+        return [
+            InferenceResult(
+                mean=mean[g],
+                variance=variance[g],
+                std=std[g],
+                interval=interval_np[g],
+                mutual_information=mi[g],
+                decisions=tuple(decisions[g]),
+                cams={},
             )
-        self._add_cams(x, features, cam_requests, results)
-        return results
+            for g in range(samples.shape[1])
+        ]
 
-    def _cam_classes(self, cams: str | tuple[int, ...], mean: Tensor, decisions: list[Decision]) -> list[int]:
+    def _cam_classes(self, cams: str | tuple[int, ...], mean: np.ndarray, decisions: tuple[Decision, ...]) -> list[int]:
         if not isinstance(cams, str):
             return list(cams)
         flagged = [k for k in self._trained if decisions[k] in (Decision.POSITIVE, Decision.UNCERTAIN)]

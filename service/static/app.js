@@ -438,6 +438,7 @@
     const label = el.camSelect.value;
     const opacity = Number(el.camOpacity.value) / 100;
     el.camOpacityValue.textContent = `${el.camOpacity.value}%`;
+    el.camOpacity.setAttribute("aria-valuetext", `${el.camOpacity.value}%`);
     el.overlay.style.opacity = String(opacity);
     if (!label || label === "none" || !camSources[label]) {
       markCamRow(null);

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
+
+from bayesnet import ModelSpec, build_model, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -38,64 +37,20 @@ ORIGINALS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "or
 RADIOGRAPH_PNG = ORIGINALS / "00000075_000.png"
 RADIOGRAPH_DICOM = ORIGINALS / "siim-chest-cr-jpeg-baseline.dcm"
 DECISIONS = {"Positive": "positive", "Negative": "negative", "Uncertain": "uncertain"}
-READY_TIMEOUT_S = 120.0
 RESULT_TIMEOUT_MS = 60_000
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+try:
+    from tests.service.live import LiveServer, live_server, tiny_settings
+except ImportError as err:  # the service is written in parallel with this page
+    pytest.skip(f"service app not available yet ({err})", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real service (tiny untrained checkpoint) served by uvicorn in a background thread."""
-    try:
-        from service.app import create_app
-        from service.settings import Settings
-    except ImportError as err:
-        pytest.skip(f"service app not available yet ({err})")
-    import uvicorn
-
-    from bayesnet import ModelSpec, build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    checkpoint = save_checkpoint(
-        build_model(ModelSpec(arch="test_efficientnet", image_size=64)), None, tmp_path_factory.mktemp("web") / "m"
-    )
-    app = create_app(Settings(model_path=checkpoint, device="cpu", log_level="WARNING"))
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None, ws="none")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="web-page-server", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if not thread.is_alive():
-                pytest.fail("the service stopped during start-up (see the captured log)")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the service was not ready within {READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def model_card(base_url: str) -> dict[str, Any]:
-    response = httpx.get(f"{base_url}/v1/model", timeout=10.0)
+def model_card(server: LiveServer) -> dict[str, Any]:
+    with server.client() as client:
+        response = client.get("/v1/model")
     response.raise_for_status()
     card: dict[str, Any] = response.json()
     return card
@@ -120,9 +75,9 @@ class ConsoleErrors(list[str]):
         return [message for message in self if not any(fragment in message for fragment in allowed)]
 
 
-@pytest.fixture
-def page(browser: Any, base_url: str) -> Iterator[tuple[Any, ConsoleErrors]]:
-    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=base_url)
+@contextmanager
+def _open_page(browser: Any, url: str) -> Iterator[tuple[Any, ConsoleErrors]]:
+    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=url)
     context.set_default_timeout(RESULT_TIMEOUT_MS)
     page = context.new_page()
     errors = ConsoleErrors()
@@ -132,6 +87,12 @@ def page(browser: Any, base_url: str) -> Iterator[tuple[Any, ConsoleErrors]]:
         yield page, errors
     finally:
         context.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: LiveServer) -> Iterator[tuple[Any, ConsoleErrors]]:
+    with _open_page(browser, server.url) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -285,18 +246,24 @@ def test_dicom_upload_shows_the_server_rendered_preview(
     assert errors.unexpected() == []
 
 
-def test_text_upload_explains_the_problem(
-    page: tuple[Any, ConsoleErrors],
-    model_card: dict[str, Any],
-    screenshot: Callable[[Any, str], Path],
-    tmp_path: Path,
+def test_dropped_text_file_explains_the_problem(
+    page: tuple[Any, ConsoleErrors], model_card: dict[str, Any], screenshot: Callable[[Any, str], Path]
 ) -> None:
     browser_page, errors = page
-    notes = tmp_path / "notes.png"  # the name lies: the service sniffs the content
-    notes.write_text("Patient notes, not an image.\n" * 20)
     _open(browser_page, model_card)
 
-    _by_testid(browser_page, "file-input").set_input_files(str(notes))
+    # Dropped on the drop zone, named like a PNG: the service sniffs the content, not the name.
+    dropped = browser_page.evaluate_handle(
+        """text => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([text], "notes.png", { type: "image/png" }));
+            return transfer;
+        }""",
+        "Patient notes, not an image.\n" * 20,
+    )
+    dropzone = _by_testid(browser_page, "dropzone")
+    dropzone.dispatch_event("dragenter", {"dataTransfer": dropped})
+    dropzone.dispatch_event("drop", {"dataTransfer": dropped})
     error = _by_testid(browser_page, "error")
     sync_api.expect(error).to_be_visible()
     sync_api.expect(error).to_contain_text("Not an image format the service reads")
@@ -308,3 +275,17 @@ def test_text_upload_explains_the_problem(
     screenshot(browser_page, "web-page-error.png")
 
     assert errors.unexpected("status of 415") == []
+
+
+def test_untrained_placeholder_is_flagged(browser: Any, tmp_path: Path, screenshot: Callable[[Any, str], Path]) -> None:
+    torch.manual_seed(0)
+    untrained = build_model(ModelSpec(arch="test_efficientnet", image_size=64))  # provenance "untrained: ..."
+    checkpoint = save_checkpoint(untrained, None, tmp_path / "untrained")
+    with live_server(tiny_settings(checkpoint)) as live, _open_page(browser, live.url) as (browser_page, errors):
+        with live.client() as client:
+            card = client.get("/v1/model").json()
+        assert card["trained"] is False
+        _open(browser_page, card)
+        sync_api.expect(_by_testid(browser_page, "untrained-warning")).to_be_visible()
+        screenshot(browser_page, "web-page-untrained.png")
+        assert errors.unexpected() == []
