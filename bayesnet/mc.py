@@ -79,6 +79,24 @@ def _temperature(model: BayesianEfficientNet, like: Tensor) -> Tensor:
     return torch.tensor(model.spec.temperature, device=like.device, dtype=torch.float32)
 
 
+def mc_logits(
+    model: BayesianEfficientNet,
+    z: Tensor,
+    n_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    masks: DropoutMasks | None = None,
+) -> Tensor:
+    """Raw (uncalibrated) logits ``(T, B, K)`` of T stochastic passes from a trunk output ``z``, one call."""
+    _check_eval(model)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    batch = z.shape[0]
+    rows = z.repeat(n_samples, *([1] * (z.dim() - 1)))  # (T*B, ...), sample-major
+    logits = model.forward_stochastic(rows, masks if masks is not None else DropoutMasks(generator))
+    return logits.float().reshape(n_samples, batch, -1)
+
+
 def mc_from_trunk(
     model: BayesianEfficientNet,
     z: Tensor,
@@ -93,13 +111,7 @@ def mc_from_trunk(
 
     Lets a caller that already ran the trunk (e.g. to share it with Grad-CAM) skip running it again.
     """
-    _check_eval(model)
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    batch = z.shape[0]
-    rows = z.repeat(n_samples, *([1] * (z.dim() - 1)))  # (T*B, ...), sample-major
-    logits = model.forward_stochastic(rows, masks if masks is not None else DropoutMasks(generator))
-    logits = logits.float().reshape(n_samples, batch, -1)
+    logits = mc_logits(model, z, n_samples, generator=generator, masks=masks)
     if calibrated:
         logits = logits / _temperature(model, logits)
     return summarise(torch.sigmoid(logits), keep_samples=return_samples)

@@ -9,6 +9,7 @@ write its ``_add_...`` and ``_run_...`` pair and list the former in ``_COMMANDS`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,7 +57,153 @@ def _add_synth(subparsers: _Subparsers) -> None:
     parser.set_defaults(handler=_run_synth)
 
 
-_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_synth,)
+def _run_fit(args: argparse.Namespace) -> int:
+    import logging
+
+    from train.fit import FitConfig, fit
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = FitConfig(
+        train_csv=args.train,
+        valid_csv=args.valid,
+        out=args.out,
+        arch=args.arch,
+        init=args.init,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        freeze_epochs=args.freeze_epochs,
+        image_size=args.image_size,
+        dropout=args.dropout,
+        mc_dropout_blocks=args.mc_dropout_blocks,
+        uncertain_policy=args.uncertain_policy,
+        amp=args.amp,
+        device=args.device,
+        workers=args.workers,
+        resume=args.resume,
+        seed=args.seed,
+        max_train_samples=args.max_train_samples,
+        patience=args.patience,
+        name=args.name,
+        version=args.version,
+        progress=not args.no_progress,
+    )
+    result = fit(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(
+        f"fit: best valid mean AUC {result.best_auc:.4f} at epoch {result.best_epoch}; checkpoint {args.out / 'best'}"
+    )
+    return 0
+
+
+def _add_fit(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "fit",
+        help="train a model on CheXpert-layout CSVs (torchrun for several GPUs/nodes)",
+        description="Train the Bayesian EfficientNet. Multi-GPU: torchrun --nproc_per_node N -m train fit ...",
+    )
+    parser.add_argument("--train", type=Path, required=True, help="CheXpert-layout train.csv")
+    parser.add_argument("--valid", type=Path, default=None, help="valid.csv (default: a patient-level split)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, history, state")
+    parser.add_argument("--arch", default="tf_efficientnet_lite0", help="timm EfficientNet-family architecture")
+    parser.add_argument("--init", choices=["imagenet-lite0", "hub", "none"], default="imagenet-lite0")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (split across ranks)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--warmup-epochs", type=float, default=0.5)
+    parser.add_argument("--freeze-epochs", type=int, default=0, help="epochs training only the head first")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dropout", type=float, default=0.2, help="MC dropout rate")
+    parser.add_argument("--mc-dropout-blocks", type=int, default=0, help="also drop out after the last N blocks")
+    parser.add_argument(
+        "--uncertain-policy", default="chexpert", help="chexpert | ones | zeros | ignore [,Label=policy]"
+    )
+    parser.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/training_state.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train-samples", type=int, default=None, help="subsample for quick runs")
+    parser.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
+    parser.add_argument("--name", default="bayesnet-cxr")
+    parser.add_argument("--version", default="0.1.0")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=_run_fit)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from train.evaluate import evaluate
+
+    metrics = evaluate(args.checkpoint, args.data, args.out, mc_samples=args.mc_samples, n_boot=args.bootstrap)
+    print(
+        f"evaluate: mean AUC {metrics['mean_auc_mc']:.3f} (MC) / {metrics['mean_auc_det']:.3f} (det), "
+        f"mean ECE {metrics['mean_ece_before']:.3f} -> {metrics['mean_ece_after']:.3f}; report {args.out / 'report.md'}"
+    )
+    return 0
+
+
+def _add_evaluate(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="AUC with CIs, calibration, referral curves, report.md")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="CheXpert-layout CSV")
+    parser.add_argument("--out", type=Path, required=True, help="report directory")
+    parser.add_argument("--mc-samples", type=int, default=20)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from train.evaluate import calibrate
+
+    spec = calibrate(args.checkpoint, args.data, out=args.out, mc_samples=args.mc_samples)
+    print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
+    return 0
+
+
+def _add_calibrate(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser("calibrate", help="fit temperature, thresholds and the uncertainty rule")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="held-out CheXpert-layout CSV")
+    parser.add_argument("--out", type=Path, default=None, help="write here instead of updating the checkpoint")
+    parser.add_argument("--mc-samples", type=int, default=20)
+    parser.set_defaults(handler=_run_calibrate)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from train.card import export
+
+    out = export(
+        args.checkpoint,
+        args.report,
+        args.out,
+        data_notes=args.data_notes.read_text() if args.data_notes else "See the training run.",
+        training_notes=args.training_notes.read_text() if args.training_notes else "See the training run.",
+    )
+    print(f"export: half-precision checkpoint and MODEL_CARD.md in {out}")
+    return 0
+
+
+def _add_export(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser("export", help="half-precision copy + MODEL_CARD.md (e.g. for models/demo)")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--report", type=Path, required=True, help="directory with the evaluation's metrics.json")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data-notes", type=Path, default=None, help="Markdown file: data provenance")
+    parser.add_argument("--training-notes", type=Path, default=None, help="Markdown file: what was tried")
+    parser.set_defaults(handler=_run_export)
+
+
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_synth,
+    _add_fit,
+    _add_evaluate,
+    _add_calibrate,
+    _add_export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

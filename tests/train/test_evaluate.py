@@ -1,0 +1,103 @@
+"""Evaluation, calibration and export on a quickly trained synthetic model, and the shipped demo model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bayesnet import load_checkpoint
+from train.card import export
+from train.evaluate import calibrate, evaluate
+from train.fit import FitConfig, fit
+from train.synthetic import generate
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "models" / "demo"
+NIH_VALID = REPO.parent / "shared" / "data" / "nih-cxr14-sample" / "valid.csv"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "synth"
+    generate(data, n=240, seed=3, image_size=96)
+    config = FitConfig(
+        train_csv=data / "train.csv",
+        valid_csv=data / "valid.csv",
+        out=root / "run",
+        arch="test_efficientnet",
+        init="none",
+        epochs=3,
+        batch_size=32,
+        lr=3e-3,
+        image_size=96,
+        workers=0,
+        progress=False,
+    )
+    fit(config)
+    return root / "run" / "best", data / "valid.csv"
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_new_spec_version_that_lowers_ece(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, valid = trained
+    before = evaluate(checkpoint, valid, tmp_path / "before", n_boot=50)
+    spec = calibrate(checkpoint, valid, out=tmp_path / "cal")
+    assert spec.version.endswith("+cal")
+    assert "calibration" in spec.extra
+    assert any(t != 1.0 for t in spec.temperature)
+    _, loaded = load_checkpoint(tmp_path / "cal")
+    assert loaded == spec
+    after = evaluate(tmp_path / "cal", valid, tmp_path / "after", n_boot=50)
+    assert after["mean_ece_after"] < before["mean_ece_before"]
+    assert after["temperature_source"].startswith("the checkpoint's spec")
+
+
+@pytest.mark.slow
+def test_evaluate_writes_report_metrics_and_plots(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, valid = trained
+    metrics = evaluate(checkpoint, valid, tmp_path, n_boot=100, mc_samples=10)
+    for name in ("report.md", "metrics.json", "reliability.png", "roc.png", "referral.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["mean_auc_mc"] == pytest.approx(metrics["mean_auc_mc"])
+    assert set(saved["auc_mc"]) == set(saved["auc_det"])
+    assert saved["ece_bins"] == "15 equal-width bins on [0, 1]"
+    for label, auc in saved["auc_mc"].items():
+        if auc is not None:
+            assert saved["auc_mc_ci"]["lo"][label] <= auc <= saved["auc_mc_ci"]["hi"][label]
+    assert len(saved["referral_curve"]["coverage"]) == len(saved["random_referral_curve"]["coverage"])
+    assert "Does the uncertainty find the errors?" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_export_half_precision_with_a_card(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, valid = trained
+    evaluate(checkpoint, valid, tmp_path / "report", n_boot=50)
+    out = export(checkpoint, tmp_path / "report", tmp_path / "demo", data_notes="synthetic", training_notes="quick")
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "not for clinical use" in card
+    assert "ChestX-ray8" in card
+    _, spec = load_checkpoint(out)
+    assert spec.name == "bayesnet-cxr"
+    assert (out / "model.safetensors").stat().st_size < (checkpoint / "model.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_shipped_demo_model_loads_and_its_card_is_reproduced(tmp_path: Path) -> None:
+    if not (DEMO / "model.json").is_file():
+        pytest.skip("models/demo has not been trained yet (make demo-model)")
+    _, spec = load_checkpoint(DEMO)
+    assert (DEMO / "model.safetensors").stat().st_size < 10 * 1024 * 1024
+    assert set(spec.untrained_labels) == {"Enlarged Cardiomediastinum", "Fracture", "Support Devices"}
+    card = (DEMO / "MODEL_CARD.md").read_text()
+    assert "not for clinical use" in card
+    if not NIH_VALID.is_file():
+        pytest.skip("the NIH sample in ../shared is absent: cannot re-evaluate the card's numbers")
+    metrics = evaluate(DEMO, NIH_VALID, tmp_path, n_boot=1000)
+    match = re.search(r"Mean AUC over trained labels: ([0-9.]+) \(MC mean\)", card)
+    assert match is not None
+    assert metrics["mean_auc_mc"] == pytest.approx(float(match.group(1)), abs=0.002)
