@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve demo-model clean
+.PHONY: install test lint format serve bench bench-mc bench-serve bench-train demo-model clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,13 +33,16 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service
 
-bench: bench-mc bench-serve
+bench: bench-mc bench-serve bench-train
 
 bench-mc: $(STAMP)
 	$(PY) bench/mc_cost.py
 
 bench-serve: $(STAMP)
 	$(PY) bench/serve.py
+
+bench-train: $(STAMP)
+	$(PY) bench/train_throughput.py
 
 # The demo model `make serve` ships: trained on CPU from the NIH sample in ../shared (offline ImageNet
 # Lite0 initialisation), calibrated and evaluated on its valid split, exported in half precision.

@@ -105,8 +105,12 @@ def _add_fit(subparsers: _Subparsers) -> None:
         help="train a model on CheXpert-layout CSVs (torchrun for several GPUs/nodes)",
         description="Train the Bayesian EfficientNet. Multi-GPU: torchrun --nproc_per_node N -m train fit ...",
     )
-    parser.add_argument("--train", type=Path, required=True, help="CheXpert-layout train.csv")
-    parser.add_argument("--valid", type=Path, default=None, help="valid.csv (default: a patient-level split)")
+    parser.add_argument(
+        "--train", type=Path, required=True, help="CheXpert-layout train.csv, or hf://owner/name:split on the Hub"
+    )
+    parser.add_argument(
+        "--valid", type=Path, default=None, help="valid.csv or hf://owner/name:split (default: a patient split)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, history, state")
     parser.add_argument("--arch", default="tf_efficientnet_lite0", help="timm EfficientNet-family architecture")
     parser.add_argument("--init", choices=["imagenet-lite0", "hub", "none"], default="imagenet-lite0")

@@ -224,11 +224,21 @@ def predict_logits(
     return all_logits[order], all_targets[order]
 
 
+def load_source(source: Path, policy: Any, *, max_samples: int | None = None, seed: int = 0) -> Any:
+    """A CheXpert-layout CSV path, or ``hf://owner/name:split`` for a dataset on the Hugging Face Hub."""
+    from train.data import load_chexpert, load_chexpert_hub
+
+    text = str(source)
+    if text.startswith("hf:/"):  # pathlib folds "hf://" to "hf:/"
+        repo_id, _, split = text[len("hf:") :].lstrip("/").partition(":")
+        return load_chexpert_hub(repo_id, split or "train", policy=policy, max_samples=max_samples, seed=seed)
+    return load_chexpert(source, policy=policy, max_samples=max_samples, seed=seed)
+
+
 def fit(cfg: FitConfig) -> FitResult:
     """Train per ``cfg``; writes ``out/best`` and ``out/last`` checkpoints, ``history.jsonl``, ``config.json``."""
     from train.data import (
-        annotated_labels,
-        load_chexpert,
+        dataset_annotated_labels,
         make_loader,
         parse_uncertain_policy,
         patient_split,
@@ -249,12 +259,12 @@ def fit(cfg: FitConfig) -> FitResult:
         (out / "config.json").write_text(cfg.to_json() + "\n")
 
     policy = parse_uncertain_policy(cfg.uncertain_policy)
-    train_ds = load_chexpert(cfg.train_csv, policy=policy, max_samples=cfg.max_train_samples, seed=cfg.seed)
+    train_ds = load_source(cfg.train_csv, policy, max_samples=cfg.max_train_samples, seed=cfg.seed)
     if cfg.valid_csv is not None:
-        valid_ds = load_chexpert(cfg.valid_csv, policy=policy)
+        valid_ds = load_source(cfg.valid_csv, policy)
     else:
         train_ds, valid_ds = patient_split(train_ds, cfg.valid_fraction, cfg.seed)
-    trained = annotated_labels(cfg.train_csv)
+    trained = dataset_annotated_labels(train_ds)
     spec = make_spec(cfg, trained)
     label_mask = torch.tensor([label in trained for label in CHEXPERT_LABELS])
 
