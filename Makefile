@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve bench-train demo-model clean
+.PHONY: install test lint format serve bench bench-mc bench-serve bench-train demo-model wheelhouse clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ demo-model: $(STAMP)
 	# The card quotes the shipped (half-precision) model's own numbers; the weights written are identical.
 	$(PY) -m train export --checkpoint $(DEMO_RUN)/calibrated --report $(DEMO_RUN)/report-shipped --out models/demo \
 		--data-notes docs/demo-data.md --training-notes docs/demo-training.md
+
+# Wheels for an air-gapped install or image build: docker build --build-arg OFFLINE=1 ...
+wheelhouse: $(STAMP)
+	$(PY) -m pip wheel --quiet -c constraints.txt ".[serve]" -w docker/wheelhouse
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

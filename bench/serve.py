@@ -22,7 +22,6 @@ import asyncio
 import io
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
+from timing import median_seconds
 
 from bayesnet import DropoutMasks, ModelSpec, build_model, load_checkpoint
 
@@ -57,20 +57,6 @@ def radiographs(n: int) -> list[bytes]:
     return out
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def model_limits(spec: ModelSpec, model_dir: Path | None, device: torch.device, samples: int) -> dict[str, float]:
     model = load_checkpoint(model_dir)[0] if model_dir else build_model(spec)
     model = model.to(device).eval()
@@ -85,7 +71,7 @@ def model_limits(spec: ModelSpec, model_dir: Path | None, device: torch.device, 
             with torch.inference_mode():
                 model(x)
 
-        seconds = timed(fwd, 3, device)
+        seconds = median_seconds(fwd, 5, device, warmup=True)
         per_batch[batch] = seconds
         if batch / seconds > best:
             best, best_batch = batch / seconds, batch
@@ -97,7 +83,7 @@ def model_limits(spec: ModelSpec, model_dir: Path | None, device: torch.device, 
             for _ in range(samples):  # T separate full passes: the cheaper of the two naive forms on a CPU
                 model(x8, DropoutMasks(generator))
 
-    naive_s = timed(naive, 1, device)
+    naive_s = median_seconds(naive, 3, device, warmup=True)
     return {
         "raw_images_per_s": best,
         "raw_best_batch": best_batch,

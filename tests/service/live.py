@@ -70,3 +70,27 @@ def tiny_settings(checkpoint: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {"model_path": checkpoint, "max_wait_ms": 5.0}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+class HeldInference:
+    """Holds the server's inference worker inside ``Predictor.run`` until released (for queue/drain tests)."""
+
+    def __init__(self, live: LiveServer) -> None:
+        predictor = live.state.predictor
+        assert predictor is not None
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        original = predictor.run
+
+        def held_run(requests):  # type: ignore[no-untyped-def]
+            self.entered.set()
+            self.gate.wait(timeout=30)
+            return original(requests)
+
+        predictor.run = held_run  # type: ignore[method-assign]
+
+    def wait_until_running(self, timeout_s: float = 30.0) -> None:
+        assert self.entered.wait(timeout=timeout_s), "no batch reached the model"
+
+    def release(self) -> None:
+        self.gate.set()

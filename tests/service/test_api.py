@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from service.schemas import BatchResponse, ModelCard, PredictionResponse
-from tests.service.live import LiveServer, live_server, tiny_settings
+from tests.service.live import HeldInference, LiveServer, live_server, tiny_settings
 
 PATIENT_NAME = "Doe^Janet"
 PATIENT_ID = "PID-99887766"
@@ -248,17 +248,7 @@ def test_api_keys_when_configured(tiny_service_checkpoint: Path) -> None:
 def test_full_queue_answers_503_at_once_and_the_loop_stays_responsive(tiny_service_checkpoint: Path) -> None:
     settings = tiny_settings(tiny_service_checkpoint, max_queue=1, max_batch_images=1, max_wait_ms=0.0)
     with live_server(settings) as live:
-        predictor = live.state.predictor
-        assert predictor is not None
-        gate, entered = threading.Event(), threading.Event()
-        original = predictor.run
-
-        def held_run(requests):  # type: ignore[no-untyped-def]
-            entered.set()
-            gate.wait(timeout=30)
-            return original(requests)
-
-        predictor.run = held_run  # type: ignore[method-assign]
+        held = HeldInference(live)
         results: dict[str, httpx.Response] = {}
 
         def send(name: str) -> None:
@@ -268,7 +258,7 @@ def test_full_queue_answers_503_at_once_and_the_loop_stays_responsive(tiny_servi
         first = threading.Thread(target=send, args=("running",))
         first.start()
         with live.client() as c:
-            assert entered.wait(timeout=30)  # the first request holds the inference worker
+            held.wait_until_running()  # the first request holds the inference worker
             second = threading.Thread(target=send, args=("queued",))
             second.start()
             _wait_until(lambda: live.state.batcher is not None and live.state.batcher.queue_depth == 1)
@@ -276,7 +266,7 @@ def test_full_queue_answers_503_at_once_and_the_loop_stays_responsive(tiny_servi
             assert rejected.status_code == 503
             assert int(rejected.headers["retry-after"]) >= 1
             assert c.get("/healthz").status_code == 200  # the event loop is not blocked by the model
-        gate.set()
+        held.release()
         first.join(timeout=60)
         second.join(timeout=60)
         assert results["running"].status_code == 200
@@ -309,17 +299,7 @@ def test_shutdown_finishes_accepted_requests(tiny_service_checkpoint: Path) -> N
     settings = tiny_settings(tiny_service_checkpoint, max_batch_images=1)
     result: dict[str, httpx.Response] = {}
     with live_server(settings) as live:
-        predictor = live.state.predictor
-        assert predictor is not None
-        gate, entered = threading.Event(), threading.Event()
-        original = predictor.run
-
-        def held_run(requests):  # type: ignore[no-untyped-def]
-            entered.set()
-            gate.wait(timeout=30)
-            return original(requests)
-
-        predictor.run = held_run  # type: ignore[method-assign]
+        held = HeldInference(live)
 
         def send() -> None:
             with live.client() as c:
@@ -327,9 +307,9 @@ def test_shutdown_finishes_accepted_requests(tiny_service_checkpoint: Path) -> N
 
         sender = threading.Thread(target=send)
         sender.start()
-        assert entered.wait(timeout=30)  # accepted and in the model
+        held.wait_until_running()  # accepted and in the model
         live.server.should_exit = True  # what SIGTERM does to uvicorn
-        gate.set()
+        held.release()
         sender.join(timeout=60)
     assert result["r"].status_code == 200
 

@@ -1,0 +1,29 @@
+"""Gunicorn for the service, as the original project ran it (behind nginx on 127.0.0.1:8000).
+
+Each worker is a separate process holding its own model and micro-batcher. Batching works within a
+worker, so more workers split the traffic into smaller batches: on a GPU run ONE worker per GPU (several
+workers on one GPU compete for it and duplicate its memory); on a CPU, 1-2 workers (each batch already
+uses every core through torch's thread pool; CXR_TORCH_THREADS divides them when running more).
+Environment: CXR_BIND (127.0.0.1:8000), CXR_WORKERS (1), plus the app's own CXR_* settings.
+"""
+
+import os
+
+wsgi_app = "service.asgi:app_from_env()"
+bind = os.environ.get("CXR_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("CXR_WORKERS", "1"))
+worker_class = "uvicorn_worker.UvicornWorker"
+# A worker loads the model and warms up before it serves: allow for it before the arbiter kills it.
+timeout = int(os.environ.get("CXR_WORKER_TIMEOUT_S", "180"))
+# On SIGTERM/HUP a worker stops accepting and finishes accepted requests (the app drains its batcher);
+# longer than CXR_REQUEST_TIMEOUT_S (60) so no accepted request is cut.
+graceful_timeout = int(os.environ.get("CXR_GRACEFUL_TIMEOUT_S", "90"))
+keepalive = 5
+# Logs are the app's JSON lines on stdout; gunicorn's own access log would duplicate them.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("CXR_LOG_LEVEL", "INFO").lower()
+# Recycle workers now and then to bound memory growth from fragmentation (jitter avoids all at once).
+max_requests = int(os.environ.get("CXR_MAX_REQUESTS", "0"))
+max_requests_jitter = max(1, max_requests // 10) if max_requests else 0
+forwarded_allow_ips = "127.0.0.1"
