@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy bayesnet service
+	$(VENV)/bin/hadolint docker/Dockerfile
 
 format: $(STAMP)
 	$(PY) -m ruff format .

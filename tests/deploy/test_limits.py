@@ -20,13 +20,21 @@ def test_compose_body_limits_match_the_app() -> None:
     nginx_env = compose["services"]["nginx"]["environment"]
     assert int(app_env["CXR_MAX_UPLOAD_BYTES"]) == DEFAULT_MAX_UPLOAD_BYTES
     assert int(nginx_env["CXR_BODY_LIMIT"]) == DEFAULT_MAX_UPLOAD_BYTES + MULTIPART_SLACK_BYTES
+    files = Settings().max_files_per_request
+    assert int(nginx_env["CXR_BATCH_BODY_LIMIT"]) == DEFAULT_MAX_UPLOAD_BYTES * files + MULTIPART_SLACK_BYTES
     assert set(app_env) - {"CXR_BIND", "CXR_WORKERS"} <= {f"CXR_{name.upper()}" for name in Settings.model_fields}
 
 
 def test_nginx_template_uses_the_placeholders_tests_and_compose_fill() -> None:
     template = (DOCKER / "nginx" / "cxr.conf.template").read_text()
     placeholders = set(re.findall(r"\$\{(CXR_[A-Z_]+)\}", template))
-    assert placeholders == {"CXR_NGINX_PORT", "CXR_UPSTREAM", "CXR_STATIC_ROOT", "CXR_BODY_LIMIT"}
+    assert placeholders == {
+        "CXR_NGINX_PORT",
+        "CXR_UPSTREAM",
+        "CXR_STATIC_ROOT",
+        "CXR_BODY_LIMIT",
+        "CXR_BATCH_BODY_LIMIT",
+    }
     assert "client_max_body_size ${CXR_BODY_LIMIT};" in template
 
 

@@ -106,6 +106,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         CXR_UPSTREAM=f"127.0.0.1:{app_port}",
         CXR_STATIC_ROOT=str(REPO / "service" / "static"),
         CXR_BODY_LIMIT=str(APP_LIMIT + MULTIPART_SLACK_BYTES),
+        CXR_BATCH_BODY_LIMIT=str(APP_LIMIT * 16 + MULTIPART_SLACK_BYTES),
     )
     (root / "cxr.conf").write_text(site)
     for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -163,6 +164,10 @@ def test_prediction_web_page_and_static_files_through_nginx(stack: Stack) -> Non
         assert script.headers["server"].startswith("nginx")  # served by nginx, not the app
         assert script.headers.get("content-encoding") == "gzip"
         assert client.get("/docs").status_code == 200
+        files = [("files", (f"{i}.png", png_bytes(), "image/png")) for i in range(2)]
+        batch = client.post("/v1/predict/batch", files=files, params={"cams": "none"})
+        assert batch.status_code == 200
+        assert [item["index"] for item in batch.json()["results"]] == [0, 1]
 
 
 def test_upload_limits_at_nginx_and_at_the_app(stack: Stack) -> None:
