@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve bench-train demo-model wheelhouse clean
+.PHONY: install test lint format serve bench bench-mc bench-serve bench-train demo-model wheelhouse image-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ demo-model: $(STAMP)
 # Wheels for an air-gapped install or image build: docker build --build-arg OFFLINE=1 ...
 wheelhouse: $(STAMP)
 	$(PY) -m pip wheel --quiet -c constraints.txt ".[serve]" -w docker/wheelhouse
+
+# Build the image with podman and smoke-test it (root; minutes; not part of CI: run when docker/ changes).
+image-smoke: $(STAMP)
+	docker/image_smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -68,6 +68,8 @@ def save_checkpoint(
     weights = out / WEIGHTS_FILE
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+    # safetensors creates the file owner-only (0600); a service running as another user must read it.
+    tmp.chmod(0o644)
     tmp.replace(weights)
     document = {
         "format": CHECKPOINT_FORMAT,

@@ -25,6 +25,11 @@ def test_round_trip_restores_identical_outputs(tiny_model: BayesianEfficientNet,
     assert load_spec(tiny_checkpoint) == spec
 
 
+def test_checkpoint_files_are_readable_by_a_service_user(tiny_checkpoint: Path) -> None:
+    for name in ("model.safetensors", "model.json"):
+        assert (tiny_checkpoint / name).stat().st_mode & 0o044 == 0o044, name
+
+
 def test_half_precision_checkpoint_loads_as_float32_close_to_original(
     tiny_model: BayesianEfficientNet, tmp_path: Path
 ) -> None:
