@@ -58,7 +58,8 @@ def encode_rgba_png(rgba: np.ndarray, *, compress_level: int = 1) -> bytes:
 def heatmap_rgba(intensity: np.ndarray) -> np.ndarray:
     """``(H, W)`` map in [0, 1] -> ``(H, W, 4)`` uint8: warm colour ramp, alpha = intensity (8-bit)."""
     levels = (np.clip(intensity, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return _RAMP[levels].view(np.uint8).reshape(*levels.shape, 4)
+    rgba: np.ndarray = _RAMP[levels].view(np.uint8).reshape(*levels.shape, 4)
+    return rgba
 
 
 def heatmap_png(intensity: np.ndarray) -> bytes:
