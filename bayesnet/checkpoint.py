@@ -120,7 +120,11 @@ def load_checkpoint(
     root = Path(path)
     document = read_checkpoint_document(root)
     spec = load_spec(root)
-    weights = root / str(document.get("weights", WEIGHTS_FILE))
+    name = str(document.get("weights", WEIGHTS_FILE))
+    if Path(name).name != name or name in ("", ".", ".."):
+        # A checkpoint is one self-contained directory: never follow a spec file to weights elsewhere.
+        raise CheckpointError(f"{root / SPEC_FILE}: 'weights' must be a file name inside the checkpoint, got {name!r}")
+    weights = root / name
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing weights file")
     if verify:

@@ -73,6 +73,16 @@ def test_missing_and_malformed_files_are_named(tiny_checkpoint: Path, tmp_path: 
         load_checkpoint(tiny_checkpoint)
 
 
+@pytest.mark.parametrize("elsewhere", ["/etc/passwd", "../model.safetensors", "sub/model.safetensors", ".."])
+def test_spec_cannot_point_at_weights_outside_the_checkpoint(tiny_checkpoint: Path, elsewhere: str) -> None:
+    spec_path = tiny_checkpoint / "model.json"
+    document = json.loads(spec_path.read_text())
+    document["weights"] = elsewhere
+    spec_path.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match="must be a file name inside the checkpoint"):
+        load_checkpoint(tiny_checkpoint, verify=False)
+
+
 def test_a_pickle_is_never_loaded(tiny_checkpoint: Path) -> None:
     class Boom:
         def __reduce__(self) -> tuple[object, tuple[str]]:
