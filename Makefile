@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve bench-train demo-model wheelhouse image-smoke clean
+.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-batch reliability demo-model wheelhouse image-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service
 
-bench: bench-mc bench-serve bench-train
+bench: bench-mc bench-serve bench-train bench-batch
 
 bench-mc: $(STAMP)
 	$(PY) bench/mc_cost.py
@@ -44,6 +44,16 @@ bench-serve: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/train_throughput.py
+
+bench-batch: $(STAMP)
+	$(PY) bench/batch_scorer.py
+
+# Load, overload, faults and hostile input against a fresh server with the demo model; one summary table,
+# non-zero on any lost request, 5xx on bad input, memory growth or no recovery. The fast checks are tests in
+# `make test` (tests/reliability/); RELIABILITY_ARGS=--quick for a one-minute run.
+RELIABILITY_ARGS ?=
+reliability: $(STAMP)
+	$(PY) bench/reliability.py $(RELIABILITY_ARGS)
 
 # The demo model `make serve` ships: trained on CPU from the NIH sample in ../shared (offline ImageNet
 # Lite0 initialisation), calibrated and evaluated on its valid split, exported in half precision.
@@ -64,6 +74,8 @@ demo-model: $(STAMP)
 	# The card quotes the shipped (half-precision) model's own numbers; the weights written are identical.
 	$(PY) -m train export --checkpoint $(DEMO_RUN)/calibrated --report $(DEMO_RUN)/report-shipped --out models/demo \
 		--data-notes docs/demo-data.md --training-notes docs/demo-training.md
+	# Out-of-distribution gate from the shipped weights' own features (weights untouched; see docs/ood.md).
+	$(PY) -m train ood --checkpoint models/demo --train $(DEMO_DATA)/train.csv --valid $(DEMO_DATA)/valid.csv
 
 # Wheels for an air-gapped install or image build: docker build --build-arg OFFLINE=1 ...
 wheelhouse: $(STAMP)

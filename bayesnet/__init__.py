@@ -15,6 +15,7 @@ from bayesnet.errors import (
     DicomNoPixelDataError,
     EmptyImageError,
     ImageError,
+    ImageGeometryError,
     ModelModeError,
     MultiFrameDicomError,
     NotAnImageError,
@@ -26,13 +27,14 @@ from bayesnet.errors import (
     UnsupportedFormatError,
 )
 from bayesnet.gradcam import gradcam
-from bayesnet.imaging import DecodedImage, decode_image, sniff_format
+from bayesnet.imaging import DecodedImage, check_radiograph_geometry, decode_image, sniff_format
 from bayesnet.labels import CHEXPERT_LABELS
 from bayesnet.mc import MCPrediction, mc_predict
 from bayesnet.model import BayesianEfficientNet, DropoutMasks, build_model
+from bayesnet.ood import OODGate, load_ood_gate, save_ood_gate
 from bayesnet.preprocess import preprocess
 from bayesnet.pretrained import init_pretrained
-from bayesnet.spec import ModelSpec
+from bayesnet.spec import ModelSpec, OODSpec
 
 __all__ = [
     "CHEXPERT_LABELS",
@@ -46,26 +48,32 @@ __all__ = [
     "DropoutMasks",
     "EmptyImageError",
     "ImageError",
+    "ImageGeometryError",
     "MCPrediction",
     "ModelModeError",
     "ModelSpec",
     "MultiFrameDicomError",
     "NotAnImageError",
     "NotRadiographError",
+    "OODGate",
+    "OODSpec",
     "PretrainedWeightsError",
     "SpecError",
     "TooManyPixelsError",
     "TruncatedImageError",
     "UnsupportedFormatError",
     "build_model",
+    "check_radiograph_geometry",
     "decide",
     "decode_image",
     "gradcam",
     "init_pretrained",
     "load_checkpoint",
+    "load_ood_gate",
     "load_spec",
     "mc_predict",
     "preprocess",
     "save_checkpoint",
+    "save_ood_gate",
     "sniff_format",
 ]

@@ -54,6 +54,10 @@ class NotRadiographError(ImageError):
     """A DICOM whose modality is not projection radiography (CT, MR, ultrasound...)."""
 
 
+class ImageGeometryError(ImageError):
+    """An image too small or too elongated to be a radiograph (a 1 x 1 pixel, a 20000 x 1 strip)."""
+
+
 # --- checkpoints and specs ------------------------------------------------------------------------
 
 

@@ -69,6 +69,7 @@ from bayesnet.errors import (
     DicomNoPixelDataError,
     EmptyImageError,
     ImageError,
+    ImageGeometryError,
     MultiFrameDicomError,
     NotAnImageError,
     NotRadiographError,
@@ -80,11 +81,14 @@ from bayesnet.errors import (
 __all__ = [
     "ACCEPTED_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
+    "MIN_SIDE_PX",
     "WARN_ALPHA",
     "WARN_COLOUR",
     "WARN_MONOCHROME1",
     "WARN_NO_VOI",
     "DecodedImage",
+    "check_radiograph_geometry",
     "decode_image",
     "sniff_format",
 ]
@@ -103,6 +107,12 @@ PNG/JPEG rather than changing Pillow's global setting.
 """
 
 ACCEPTED_FORMATS: Final[str] = "PNG, JPEG or DICOM"
+
+MIN_SIDE_PX: Final[int] = 32
+"""Shortest side, in pixels, of an image read as a radiograph (see :func:`check_radiograph_geometry`)."""
+
+MAX_ASPECT_RATIO: Final[float] = 4.0
+"""Largest long-side / short-side ratio of an image read as a radiograph (chest films are 0.8 to 1.25)."""
 
 # Human-readable notes carried in DecodedImage.warnings; fixed strings so callers can match them.
 WARN_COLOUR: Final[str] = "colour image converted to grayscale"
@@ -391,6 +401,29 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         image.warnings,
     )
     return image
+
+
+def check_radiograph_geometry(
+    image: DecodedImage, *, min_side_px: int = MIN_SIDE_PX, max_aspect_ratio: float = MAX_ASPECT_RATIO
+) -> None:
+    """Raise :class:`ImageGeometryError` when ``image`` cannot be a radiograph by its size or shape.
+
+    :func:`decode_image` reads any valid file, whatever its size (training crops and tests use tiny
+    images); a model input is resized to a fixed square, so a 1 x 1 pixel or a 20000 x 1 strip would
+    still produce confident-looking numbers about nothing. Callers that score uploads (the service)
+    call this after decoding to refuse such images with the reason instead.
+    """
+    short, long = sorted((image.width, image.height))
+    if short < min_side_px:
+        raise ImageGeometryError(
+            f"The image is {image.width} x {image.height} pixels; a radiograph needs at least {min_side_px} "
+            "pixels on each side. Send the full-resolution film, not a thumbnail or icon."
+        )
+    if long / short > max_aspect_ratio:
+        raise ImageGeometryError(
+            f"The image is {image.width} x {image.height} pixels, an aspect ratio of {long / short:.1f}:1; a "
+            f"radiograph is at most {max_aspect_ratio:g}:1. Send the whole film, not a strip or a collage."
+        )
 
 
 def _check_pixel_count(kind: str, width: int, height: int, frames: int, max_pixels: int) -> None:

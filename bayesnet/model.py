@@ -261,6 +261,15 @@ class BayesianEfficientNet(nn.Module):
             x = self._flat_blocks[i](x)
         return x
 
+    def trunk_features(self, z: Tensor) -> Tensor:
+        """Deterministic per-image features ``(B, F')`` from a :meth:`forward_trunk` output ``z``.
+
+        Head-only MC: ``z`` itself (the pooled final features). Otherwise the global average pool of the
+        trunk's last activation. What the out-of-distribution gate scores: computed once per batch,
+        never touched by dropout, and no second forward pass.
+        """
+        return z if z.dim() == 2 else self.pool(z)
+
     def forward_stochastic(self, z: Tensor, masks: DropoutMasks | None = None) -> Tensor:
         """The rest of the network after :meth:`forward_trunk`: ``z`` -> logits ``(rows, K)``."""
         if self.head_only:

@@ -20,10 +20,64 @@ SPEC_FORMAT: Final = "bayesnet.ModelSpec/1"
 
 ResizeMode = Literal["squash", "letterbox"]
 
+#: Default file name of an out-of-distribution gate inside a checkpoint directory.
+OOD_FILE: Final = "ood.safetensors"
+
 # ImageNet RGB statistics averaged over channels: a grayscale radiograph replicated to RGB and
 # normalised per channel is, for a stem whose RGB kernels were summed, the same as this single value.
 _GRAY_IMAGENET_MEAN: Final = (0.449,)
 _GRAY_IMAGENET_STD: Final = (0.226,)
+
+
+@dataclass(frozen=True)
+class OODSpec:
+    """The scalar half of an out-of-distribution gate; its arrays live in ``file`` beside the weights.
+
+    The score of an image is a squared distance of its pooled trunk features from the training images'
+    features (see :mod:`bayesnet.ood`): ``||precision^(1/2) B^T (f - mean)||^2`` inside a ``dims``-dimensional
+    principal subspace ``B``, plus ``residual_weight`` times the squared norm of what lies outside it.
+    ``threshold`` is calibrated on held-out radiographs (their ``threshold_quantile`` score quantile);
+    a score above it means "does not look like the images this model was trained on".
+    """
+
+    threshold: float
+    dims: int
+    feature_dim: int
+    residual_weight: float = 0.0
+    threshold_quantile: float = 0.99
+    file: str = OOD_FILE
+    sha256: str = ""
+    method: str = "pca-shrinkage-mahalanobis"
+    details: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not (self.threshold >= 0.0 and self.threshold < float("inf")):
+            raise SpecError(f"OODSpec.threshold must be a finite non-negative score, got {self.threshold}")
+        if not 1 <= self.dims <= self.feature_dim:
+            raise SpecError(f"OODSpec.dims must be within 1..feature_dim ({self.feature_dim}), got {self.dims}")
+        if not self.residual_weight >= 0.0:
+            raise SpecError(f"OODSpec.residual_weight must be >= 0, got {self.residual_weight}")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise SpecError(f"OODSpec.threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
+        if not self.file or "/" in self.file or "\\" in self.file or self.file.startswith("."):
+            raise SpecError(f"OODSpec.file must be a plain file name inside the checkpoint, got {self.file!r}")
+        object.__setattr__(self, "details", dict(self.details))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["details"] = dict(self.details)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OODSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"OOD spec has unknown fields {sorted(unknown)} (written by a newer version?)")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise SpecError(f"invalid OOD spec: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -57,6 +111,7 @@ class ModelSpec:
     version: str = "0.0.0"
     provenance: str = "untrained: random initialisation"
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    ood: OODSpec | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -107,6 +162,10 @@ class ModelSpec:
         if any(not 0.0 < u <= 0.5 for u in self.uncertainty_threshold):
             raise SpecError(f"ModelSpec.uncertainty_threshold must be in (0, 0.5], got {self.uncertainty_threshold}")
         object.__setattr__(self, "extra", dict(self.extra))
+        if isinstance(self.ood, Mapping):
+            object.__setattr__(self, "ood", OODSpec.from_dict(self.ood))
+        if self.ood is not None and not isinstance(self.ood, OODSpec):
+            raise SpecError(f"ModelSpec.ood must be an OODSpec or None, got {type(self.ood).__name__}")
 
     # --- derived views --------------------------------------------------------------------------
 
@@ -142,6 +201,7 @@ class ModelSpec:
             value = getattr(self, f.name)
             data[f.name] = list(value) if isinstance(value, tuple) else value
         data["extra"] = dict(self.extra)
+        data["ood"] = self.ood.to_dict() if self.ood is not None else None
         return data
 
     @classmethod

@@ -2,14 +2,24 @@
 
 Settings come from ``CXR_*`` environment variables; these flags override the most common ones.
 For several worker processes behind nginx use Gunicorn with uvicorn workers (see docker/).
+
+Exit status, for the supervisor (systemd ``Restart=on-failure``, Kubernetes, a shell): 0 after a graceful
+shutdown (SIGTERM or SIGINT: accepted requests finished first), 3 when the model cannot be loaded or warmed up
+(one line on stderr names the file and the problem; nothing was ever served), 70 when the inference worker died
+(the process stopped being ready and exited so that a fresh one takes over).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
+
+EXIT_STARTUP_FAILED = 3  # what uvicorn and the Gunicorn arbiter use for a worker that could not boot
+EXIT_WORKER_DIED = 70  # EX_SOFTWARE: an internal error; the supervisor should start a fresh process
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,15 +48,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     settings = Settings(**overrides)
     configure_logging(settings.log_level, json_lines=settings.log_json)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.request_timeout_s),
+        )
     )
+    # uvicorn re-raises the signal that stopped it once it has shut down, so that the default handler would
+    # end the process "killed by SIGTERM" (status -15) after a clean drain. A graceful stop is a success:
+    # these handlers, restored by uvicorn when it finishes, absorb that re-raised signal.
+    for handled in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(handled, _already_handled)
+    started = True
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's "could not start": the lifespan failed (model) or the port is taken
+        started = False
+    state = app.state.service
+    if not started or not server.started:
+        reason = state.fatal_error or "the server did not start (see the log above)"
+        print(f"bayesnet-cxr: cannot start: {reason}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    if state.fatal_error is not None:
+        print(f"bayesnet-cxr: exiting after a fatal error: {state.fatal_error!r}", file=sys.stderr)
+        return EXIT_WORKER_DIED
     return 0
+
+
+def _already_handled(signum: int, frame: FrameType | None) -> None:
+    """Swallow the stop signal uvicorn re-raises after its own graceful shutdown (see :func:`main`)."""
 
 
 if __name__ == "__main__":

@@ -49,13 +49,53 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            batcher, decode_pool = await start_up()
+        except Exception as err:
+            # Never a half-alive server: uvicorn exits before it binds; `python -m service` reports this on stderr.
+            state.fatal_error, state.detail = err, f"start-up failed: {err}"
+            log.critical("cannot start: %s", err)
+            raise
+        supervisor = asyncio.get_running_loop().create_task(supervise_worker(batcher), name="worker-supervisor")
+        try:
+            yield
+        finally:
+            state.ready, state.detail = False, "shutting down" if state.fatal_error is None else state.detail
+            supervisor.cancel()
+            await batcher.stop(drain=True)
+            decode_pool.shutdown(wait=True)
+            log.info("stopped")
+
+    async def supervise_worker(batcher: MicroBatcher[Job, JobResult]) -> None:
+        """Crash-only policy for the inference worker: if its loop dies, stop being ready and end the process.
+
+        A dead worker means a bug or a broken device in an unknown state; a fresh process (started by
+        systemd, Kubernetes or the Gunicorn arbiter) is the only state we can vouch for, so we do not restart
+        the worker in place. The batcher has already failed every pending request with a 503.
+        """
+        await batcher.wait_ended()
+        if batcher.last_error is None:
+            return  # stopped by the lifespan: a normal shutdown
+        state.ready, state.detail = False, "inference worker died; the process is exiting to be restarted"
+        state.fatal_error = batcher.last_error
+        log.critical(
+            "inference worker died (%r): shutting down so the supervisor starts a fresh process", batcher.last_error
+        )
+        state.request_exit()
+
+    async def start_up() -> tuple[MicroBatcher[Job, JobResult], ThreadPoolExecutor]:
+        """Load, build, warm up, start the batcher; fills ``state`` and returns what shutdown must release."""
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         loaded = await asyncio.to_thread(load_model, settings)
         state.loaded = loaded
         metrics.model_info.labels(name=loaded.spec.name, version=loaded.spec.version).set(1)
         predictor = Predictor(
-            loaded.model, loaded.spec, device=resolve_device(settings.device), autocast=settings.autocast
+            loaded.model,
+            loaded.spec,
+            device=resolve_device(settings.device),
+            autocast=settings.autocast,
+            ood=loaded.ood,
         )
         if settings.warmup:
             state.detail = "warming up"
@@ -83,16 +123,11 @@ def create_app(settings: Settings) -> FastAPI:
             max_pixels=settings.max_pixels,
             default_samples=settings.mc_samples or loaded.spec.mc_samples,
             timeout_s=settings.request_timeout_s,
+            ood_action=settings.ood_action,
         )
         state.ready, state.detail = True, "ready"
         log.info("ready: model %s %s on %s", loaded.spec.name, loaded.spec.version, predictor.device)
-        try:
-            yield
-        finally:
-            state.ready, state.detail = False, "shutting down"
-            await batcher.stop(drain=True)
-            decode_pool.shutdown(wait=True)
-            log.info("stopped")
+        return batcher, decode_pool
 
     app = FastAPI(
         title="bayesnet-cxr",

@@ -225,6 +225,16 @@ class MicroBatcher(Generic[T, R]):
                 # Joining is instant when the thread is idle; never block the loop on a process() still running.
                 self._executor.shutdown(wait=not abandoned, cancel_futures=True)
 
+    async def wait_ended(self) -> None:
+        """Return once the worker task has ended: after :meth:`stop`, or when the worker loop died.
+
+        Lets a supervisor (the app's lifespan) react to a dead worker without polling ``alive``; tell the two
+        endings apart with :attr:`last_error`. Raises :class:`BatcherError` before :meth:`start`.
+        """
+        if self._task is None:
+            raise BatcherError(f"{self._name}: batcher was never started")
+        await asyncio.wait({self._task})
+
     # ------------------------------------------------------------------ submit
 
     async def submit(self, item: T) -> R:

@@ -27,6 +27,7 @@ from service.batcher import BatcherClosedError, BatcherError, QueueFullError
 log = logging.getLogger("service.errors")
 
 PROBLEM_JSON = "application/problem+json"
+_FORM_ADVICE = "send multipart/form-data with the radiograph in the field 'file', or 'files' for batches"
 
 
 class ServiceError(Exception):
@@ -69,6 +70,20 @@ class InferenceTimeoutError(ServiceError):
 class UnauthorizedError(ServiceError):
     status = 401
     title = "Missing or invalid API key"
+
+
+class OutOfDistributionError(ServiceError):
+    """The out-of-distribution gate flagged the image and the service runs with ``ood_action=reject``."""
+
+    status = 422
+    title = "This does not look like a frontal chest radiograph"
+
+
+class NotAcceptableError(ServiceError):
+    """The Accept header rules out every representation the endpoint offers (JSON and FHIR R4 JSON)."""
+
+    status = 406
+    title = "Not acceptable"
 
 
 def problem_for(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
@@ -136,7 +151,7 @@ def install_error_handlers(app: FastAPI) -> None:
             parts.append(f"{where}: {error.get('msg', 'invalid')}")
         detail = "; ".join(parts) or "invalid request"
         if any(tuple(e.get("loc", ()))[-1:] in (("file",), ("files",)) for e in exc.errors()):
-            detail += " (send multipart/form-data with the radiograph in the field 'file', or 'files' for batches)"
+            detail += f" ({_FORM_ADVICE})"
         return problem_response(request, 422, "Invalid request", detail)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -144,7 +159,11 @@ def install_error_handlers(app: FastAPI) -> None:
         request.state.error_type = f"HTTP{exc.status_code}"
         headers = dict(exc.headers or {})
         title = {404: "Not found", 405: "Method not allowed", 400: "Bad request"}.get(exc.status_code, "HTTP error")
-        return problem_response(request, exc.status_code, title, str(exc.detail), headers)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and request.method == "POST":
+            # The framework's form-parser messages ("Invalid multipart data.") do not say what to send.
+            detail += f" {_FORM_ADVICE.capitalize()}."
+        return problem_response(request, exc.status_code, title, detail, headers)
 
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

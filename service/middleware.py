@@ -6,6 +6,7 @@ disconnect reaches the route, and the size limit acts while the body arrives, be
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,6 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
+
+#: After a 413, how much of the rest of the body is read and thrown away, and for how long, before the
+#: connection closes. Closing a socket with unread data makes the kernel send a reset, which can destroy
+#: the 413 before the client reads it (most clients send the whole body before reading anything); nginx
+#: does the same ("lingering close"). Drained bytes are never kept, so memory stays bounded.
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_MAX_S = 2.0
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -103,19 +111,22 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_too_large(scope, send, limit)
+            # A client that waits for "100 Continue" has not sent the body and will not: nothing to drain.
+            await _send_too_large(scope, send, limit, drain=None if _expects_continue(scope) else receive)
             return
         received = 0
         overflow = False
+        body_done = False
         response_started = False
 
         async def counting_receive() -> Message:
-            nonlocal received, overflow
+            nonlocal received, overflow, body_done
             if overflow:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     overflow = True
                     return {"type": "http.disconnect"}
@@ -135,7 +146,7 @@ class BodyLimitMiddleware:
             if not overflow:
                 raise
         if overflow and not response_started:
-            await _send_too_large(scope, send, limit)
+            await _send_too_large(scope, send, limit, drain=None if body_done else receive)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -148,7 +159,31 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_too_large(scope: Scope, send: Send, limit: int) -> None:
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and discard the rest of a refused body, within :data:`DRAIN_MAX_BYTES` and :data:`DRAIN_MAX_S`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_MAX_S
+    drained = 0
+    while drained <= DRAIN_MAX_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        drained += len(message.get("body", b""))
+
+
+async def _send_too_large(scope: Scope, send: Send, limit: int, *, drain: Receive | None) -> None:
+    """Send the 413 problem at once; with ``drain``, discard the rest of the body before completing it.
+
+    The status line and the problem go out first, so the client can see the refusal while it is still
+    sending; the response is completed (and the connection closed) only after the drain.
+    """
     request_id = scope.get("state", {}).get("request_id")
     body: dict[str, Any] = {
         "type": "about:blank",
@@ -173,4 +208,7 @@ async def _send_too_large(scope: Scope, send: Send, limit: int) -> None:
             ],
         }
     )
-    await send({"type": "http.response.body", "body": payload})
+    await send({"type": "http.response.body", "body": payload, "more_body": drain is not None})
+    if drain is not None:
+        await _drain(drain)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

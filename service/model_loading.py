@@ -12,6 +12,7 @@ import torch
 
 from bayesnet import BayesianEfficientNet, CheckpointError, ModelSpec, build_model, load_checkpoint
 from bayesnet.checkpoint import SPEC_FILE
+from bayesnet.ood import OODGate, load_ood_gate
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
 log = logging.getLogger("service.model")
@@ -32,6 +33,7 @@ class LoadedModel:
     source: str
     card_markdown: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    ood: OODGate | None = None  # the out-of-distribution gate; None: the checkpoint has none
 
     @property
     def intended_use(self) -> str:
@@ -67,7 +69,15 @@ def load_model(settings: Settings) -> LoadedModel:
         else:
             raise CheckpointError(f"no checkpoint configured (CXR_MODEL_PATH) and none at {DEFAULT_MODEL_DIR}")
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: no such checkpoint directory (CXR_MODEL_PATH / --model); "
+            "a checkpoint is a directory holding model.json and model.safetensors"
+        )
     model, spec = load_checkpoint(path)
+    ood = load_ood_gate(path, spec)
+    if ood is None:
+        log.warning("checkpoint %s has no out-of-distribution gate: no image will be flagged as off-target", path)
     document = json.loads((path / SPEC_FILE).read_text())
     card_path = path / "MODEL_CARD.md"
     card = card_path.read_text() if card_path.is_file() else None
@@ -81,4 +91,5 @@ def load_model(settings: Settings) -> LoadedModel:
         source=str(path),
         card_markdown=card,
         metadata=dict(metadata),
+        ood=ood,
     )

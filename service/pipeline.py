@@ -2,29 +2,35 @@
 
 ``PredictionPipeline`` is the service object the routes call. It never blocks the event loop: decoding,
 preprocessing and PNG encoding run in a bounded thread pool, model work in the batcher's worker thread.
+Decoding and response building are the shared functions of ``service.responses`` (the batch scorer uses them too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from bayesnet import DecodedImage, ModelSpec, decode_image, preprocess
+from bayesnet import DecodedImage, ModelSpec, decode_image
 from service.batcher import BatcherError, MicroBatcher
-from service.errors import BadRequestParameterError, InferenceFailedError, InferenceTimeoutError
-from service.predictor import AUTO, InferenceRequest, InferenceResult, Predictor
-from service.schemas import FindingPrediction, Heatmap, ImageInfo, ModelRef, PredictionResponse, Timing
+from service.errors import (
+    BadRequestParameterError,
+    InferenceFailedError,
+    InferenceTimeoutError,
+    OutOfDistributionError,
+)
+from service.predictor import InferenceRequest, InferenceResult, Predictor
+from service.responses import CamSelectionError, build_response, decode_for_model, heatmaps, ood_result, parse_cams
+from service.schemas import ModelRef, PredictionResponse
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,19 +50,6 @@ class JobResult:
     queue_s: float
     inference_s: float
     batch_size: int
-
-
-def heatmap_png(intensity: np.ndarray) -> bytes:
-    """An RGBA PNG of a [0, 1] map: warm colour ramp, alpha = intensity (ready to lay over the film)."""
-    v = np.clip(intensity, 0.0, 1.0)
-    rgba = np.empty((*v.shape, 4), dtype=np.uint8)
-    rgba[..., 0] = np.clip(v * 3.0, 0, 1) * 255
-    rgba[..., 1] = np.clip(v * 3.0 - 1.0, 0, 1) * 255
-    rgba[..., 2] = np.clip(v * 3.0 - 2.0, 0, 1) * 255
-    rgba[..., 3] = v * 255
-    buffer = io.BytesIO()
-    Image.fromarray(rgba, mode="RGBA").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def preview_png(image: DecodedImage) -> bytes:
@@ -102,15 +95,16 @@ class PredictionPipeline:
         max_pixels: int,
         default_samples: int,
         timeout_s: float,
+        ood_action: Literal["flag", "reject"] = "flag",
     ) -> None:
         self.spec = spec
+        self.ood_action = ood_action
         self.model_ref = model_ref
         self.batcher = batcher
         self.decode_pool = decode_pool
         self.max_pixels = max_pixels
         self.default_samples = default_samples
         self.timeout_s = timeout_s
-        self._trained = {label: spec.label_index(label) for label in spec.trained_labels}
         self._decoding = 0  # uploads between arrival and the queue: tells the batcher whether to wait
 
     def more_coming(self) -> bool:
@@ -123,37 +117,31 @@ class PredictionPipeline:
 
     def parse_cams(self, cams: str) -> str | tuple[int, ...]:
         """``auto`` | ``all`` | ``none`` | comma-separated trained label names -> what the predictor wants."""
-        value = cams.strip()
-        if value.lower() == AUTO:
-            return AUTO
-        if value.lower() == "all":
-            return tuple(self._trained.values())
-        if value.lower() in ("none", ""):
-            return ()
-        chosen = []
-        for name in (part.strip() for part in value.split(",")):
-            if name not in self._trained:
-                raise BadRequestParameterError(
-                    f"cams: {name!r} is not a finding this model was trained on; use auto, all, none or "
-                    f"a comma-separated list of: {', '.join(self._trained)}"
-                )
-            chosen.append(self._trained[name])
-        return tuple(dict.fromkeys(chosen))
+        try:
+            return parse_cams(cams, self.spec)
+        except CamSelectionError as err:
+            raise BadRequestParameterError(str(err)) from err
 
     async def decode(self, data: bytes) -> tuple[DecodedImage, Tensor]:
         """Decode and preprocess off the event loop: ``(image, model input tensor)``."""
-
-        def work() -> tuple[DecodedImage, Tensor]:
-            image = decode_image(data, max_pixels=self.max_pixels)
-            return image, preprocess(image, self.spec)
-
-        return await self._off_loop(work)
+        return await self._off_loop(decode_for_model, data, self.spec, max_pixels=self.max_pixels)
 
     async def preview(self, data: bytes) -> bytes:
         def work() -> bytes:
             return preview_png(decode_image(data, max_pixels=self.max_pixels))
 
         return await self._off_loop(work)
+
+    def _check_in_distribution(self, result: InferenceResult) -> None:
+        """In reject mode, refuse an image the out-of-distribution gate flags (never without a gate)."""
+        verdict = ood_result(result, self.spec)
+        if self.ood_action == "reject" and verdict is not None and not verdict.in_distribution:
+            raise OutOfDistributionError(
+                f"This does not look like a frontal chest radiograph: its out-of-distribution score "
+                f"{verdict.score:.1f} is above this model's threshold {verdict.threshold:.1f}, so no predictions "
+                "are returned. Send a frontal (PA or AP) chest radiograph; photos, other body parts, CT or MR "
+                "slices and lateral views are outside what the model was trained on."
+            )
 
     async def predict(
         self, data: bytes, *, request_id: str, cams: str, mc_samples: int | None, received_at: float
@@ -178,58 +166,18 @@ class PredictionPipeline:
                 f"Inference failed for the batch containing this image ({type(err).__name__}); the service keeps "
                 "serving. Retry; report the request id if it persists."
             ) from err
-        heatmaps = await self._off_loop(self._heatmaps, done.result) if done.result.cams else {}
-        return self._response(request_id, n_samples, image, done, heatmaps, received_at), done.batch_size
-
-    def _heatmaps(self, result: InferenceResult) -> dict[str, Heatmap]:
-        out = {}
-        for k, intensity in result.cams.items():
-            png = heatmap_png(intensity)
-            out[self.spec.labels[k]] = Heatmap(
-                png_base64=base64.b64encode(png).decode("ascii"),
-                width=int(intensity.shape[1]),
-                height=int(intensity.shape[0]),
-            )
-        return out
-
-    def _response(
-        self,
-        request_id: str,
-        n_samples: int,
-        image: DecodedImage,
-        done: JobResult,
-        heatmaps: dict[str, Heatmap],
-        received_at: float,
-    ) -> PredictionResponse:
-        r = done.result
-        predictions = {}
-        for label, k in self._trained.items():
-            predictions[label] = FindingPrediction(
-                conf=float(r.mean[k]),
-                uncertainty=float(r.variance[k]),
-                std=float(r.std[k]),
-                interval=(float(r.interval[k, 0]), float(r.interval[k, 1])),
-                mutual_information=float(r.mutual_information[k]),
-                decision=r.decisions[k].value,
-                threshold=self.spec.threshold[k],
-            )
-        return PredictionResponse(
+        self._check_in_distribution(done.result)
+        maps = await self._off_loop(heatmaps, done.result, self.spec) if done.result.cams else {}
+        response = build_response(
             request_id=request_id,
-            model=self.model_ref,
-            mc_samples=n_samples,
-            predictions=predictions,
-            uncertain=any(p.decision == "uncertain" for p in predictions.values()),
-            gradcam=heatmaps,
-            image=ImageInfo(
-                format=image.format,  # type: ignore[arg-type]
-                width=image.width,
-                height=image.height,
-                photometric=image.photometric,
-                warnings=list(image.warnings),
-            ),
-            timing_ms=Timing(
-                queue=done.queue_s * 1e3,
-                inference=done.inference_s * 1e3,
-                total=(time.perf_counter() - received_at) * 1e3,
-            ),
+            model_ref=self.model_ref,
+            spec=self.spec,
+            n_samples=n_samples,
+            image=image,
+            result=done.result,
+            heatmaps=maps,
+            queue_s=done.queue_s,
+            inference_s=done.inference_s,
+            total_s=time.perf_counter() - received_at,
         )
+        return response, done.batch_size

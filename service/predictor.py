@@ -1,8 +1,9 @@
 """The model work of one batch, run in the batcher's worker thread: trunk once, B x T rows, Grad-CAM.
 
 For the default head-only MC layout a batch costs one trunk pass: the final feature map feeds both the
-stochastic head (pooled, repeated T times in one call) and the closed-form Grad-CAM. Other layouts use
-``mc_predict`` and the autograd Grad-CAM.
+stochastic head (pooled, repeated T times in one call) and the closed-form Grad-CAM. Other layouts run the
+deterministic trunk once for the batch, sample the rest, and use the autograd Grad-CAM. In every layout the
+out-of-distribution gate scores the trunk's pooled features (``trunk_features``) of that same pass.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayesnet import BayesianEfficientNet, ModelSpec, gradcam, mc_predict
+from bayesnet import BayesianEfficientNet, ModelSpec, gradcam
 from bayesnet.decision import Decision, decide
 from bayesnet.gradcam import cams_from_features
 from bayesnet.mc import MCPrediction, mc_from_trunk
+from bayesnet.ood import OODGate
 
 log = logging.getLogger("service.predictor")
 
@@ -48,6 +50,7 @@ class InferenceResult:
     mutual_information: np.ndarray
     decisions: tuple[Decision, ...]
     cams: dict[int, np.ndarray]  # label index -> (S, S) float32 in [0, 1]
+    ood_score: float | None = None  # the OOD gate's score; None when the checkpoint has no gate
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,10 +69,12 @@ class Predictor:
         *,
         device: torch.device,
         autocast: str = "auto",
+        ood: OODGate | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
         self.model = model.to(device).eval()
+        self.ood = ood.to(device) if ood is not None else None
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self._autocast_dtype = self._pick_autocast(autocast)
@@ -106,16 +111,16 @@ class Predictor:
         features: Tensor | None = None
         results: list[InferenceResult | None] = [None] * len(requests)
         with torch.inference_mode(), self._precision():
-            pooled = None
             if self.model.head_only:
                 features = self.model.forward_features(x)
-                pooled = self.model.pool(features)
+                trunk = self.model.pool(features)
+            else:
+                trunk = self.model.forward_trunk(x)
+            scores = self._ood_scores(trunk)
             for n_samples, idx in _group_by_samples(requests):
-                if pooled is not None:
-                    pred = mc_from_trunk(self.model, pooled[idx], n_samples, return_samples=True)
-                else:
-                    pred = mc_predict(self.model, x[idx], n_samples, return_samples=True)
-                for i, result in zip(idx, self._summaries(pred), strict=True):
+                pred = mc_from_trunk(self.model, trunk[idx], n_samples, return_samples=True)
+                summaries = self._summaries(pred, None if scores is None else [scores[i] for i in idx])
+                for i, result in zip(idx, summaries, strict=True):
                     results[i] = result
         done = [r for r in results if r is not None]
         assert len(done) == len(requests)
@@ -126,7 +131,14 @@ class Predictor:
         self._add_cams(x, features, cam_requests, done)
         return done
 
-    def _summaries(self, pred: MCPrediction) -> list[InferenceResult]:
+    def _ood_scores(self, trunk: Tensor) -> list[float] | None:
+        """The OOD gate's score of each image, from the trunk output the MC head consumes (no extra pass)."""
+        if self.ood is None:
+            return None
+        scores: list[float] = self.ood.score(self.model.trunk_features(trunk).float()).cpu().tolist()
+        return scores
+
+    def _summaries(self, pred: MCPrediction, ood_scores: list[float] | None) -> list[InferenceResult]:
         """Per-image results of one MC call, converted to numpy in one go (rows in the call's order)."""
         assert pred.samples is not None
         samples = pred.samples.float()  # (T, G, K)
@@ -145,6 +157,7 @@ class Predictor:
                 mutual_information=mi[g],
                 decisions=tuple(decisions[g]),
                 cams={},
+                ood_score=None if ood_scores is None else ood_scores[g],
             )
             for g in range(samples.shape[1])
         ]

@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import fhir
+from service.disconnect import cancel_on_disconnect
 from service.errors import (
+    NotAcceptableError,
     NotReadyError,
     UnauthorizedError,
     UploadTooLargeError,
     problem_for,
 )
+from service.negotiation import FHIR_JSON, FHIR_JSON_R4, JSON, choose_media_type
 from service.pipeline import PredictionPipeline
+from service.responses import ood_gate_info
 from service.schemas import (
     BatchItem,
     BatchItemError,
@@ -39,6 +45,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _ERRORS = {
     status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
     for status, text in {
+        400: "Malformed multipart/form-data body (no boundary, damaged framing, too many fields)",
         401: "Missing or invalid API key",
         413: "Upload over the byte or pixel limit",
         415: "Not a PNG, JPEG or DICOM image",
@@ -46,6 +53,32 @@ _ERRORS = {
         503: "Queue full (Retry-After) or not ready",
     }.items()
 }
+
+# The predict endpoints answer JSON by default and FHIR R4 on request (docs/fhir.md); errors stay problem+json.
+_FHIR_SCHEMA = {
+    "type": "object",
+    "description": "FHIR R4 resource: a DiagnosticReport with contained Observations, Media and Device "
+    "(a collection Bundle of DiagnosticReports and OperationOutcomes for the batch endpoint). See docs/fhir.md.",
+    "properties": {"resourceType": {"type": "string", "enum": ["DiagnosticReport", "Bundle"]}},
+    "required": ["resourceType"],
+}
+_NOT_ACCEPTABLE: dict[int, dict[str, Any]] = {
+    406: {
+        "model": Problem,
+        "content": {"application/problem+json": {}},
+        "description": f"The Accept header allows neither {JSON} nor {FHIR_JSON} (FHIR R4)",
+    }
+}
+
+
+def _predict_responses(what: str) -> dict[int, dict[str, Any]]:
+    """OpenAPI responses of a predict endpoint: the 200's FHIR alternative, 406, and the shared errors."""
+    ok: dict[str, Any] = {
+        "description": f"{what}: {JSON} by default, or FHIR R4 JSON with `Accept: {FHIR_JSON}`",
+        "content": {FHIR_JSON: {"schema": _FHIR_SCHEMA}},
+    }
+    return {200: ok, **_NOT_ACCEPTABLE, **_ERRORS}
+
 
 CamsQuery = Annotated[
     str,
@@ -75,11 +108,11 @@ def require_api_key(request: Request) -> None:
     if not offered and auth.lower().startswith("bearer "):
         offered = auth[7:].strip()
     offered_bytes = offered.encode()
-    # Compare against every key (no early exit) in constant time per key.
+    # Compare against every key (no early exit) in constant time per key; no key offered never matches.
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(offered_bytes, key.get_secret_value().encode())
-    if not matched:
+    if not matched or not offered_bytes:
         raise UnauthorizedError(
             "Send a valid API key in the X-API-Key header (or Authorization: Bearer).",
             headers={"WWW-Authenticate": 'Bearer realm="bayesnet-cxr"'},
@@ -95,6 +128,35 @@ def ready_pipeline(request: Request) -> PredictionPipeline:
 
 
 Pipeline = Annotated[PredictionPipeline, Depends(ready_pipeline)]
+
+
+def negotiated_media_type(request: Request) -> str:
+    """``JSON`` or ``FHIR_JSON`` as the Accept header prefers (JSON when it allows both equally); else 406.
+
+    Checked before the upload is read, so a client that cannot use either answer costs no inference.
+    """
+    accept = request.headers.get("accept")
+    chosen = choose_media_type(accept, (JSON, FHIR_JSON))
+    if chosen is None:
+        raise NotAcceptableError(
+            f"This endpoint answers {JSON} (the default) or {FHIR_JSON_R4}; the Accept header "
+            f"{(accept or '')[:200]!r} allows neither. Send Accept: {JSON}, {FHIR_JSON} or */*."
+        )
+    return chosen
+
+
+MediaType = Annotated[str, Depends(negotiated_media_type)]
+
+
+def _fhir_json(body: dict[str, object]) -> JSONResponse:
+    """A FHIR R4 JSON body; ``Vary: Accept`` because the same URL also answers plain JSON."""
+    return JSONResponse(body, media_type=FHIR_JSON_R4, headers={"Vary": "Accept"})
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 Protected = [Depends(require_api_key)]
 
 
@@ -109,25 +171,33 @@ async def _read_upload(upload: UploadFile, request: Request) -> bytes:
 @router.post(
     "/v1/predict",
     response_model=PredictionResponse,
-    responses=_ERRORS,  # type: ignore[arg-type]
+    responses=_predict_responses("The findings"),  # type: ignore[arg-type]
     dependencies=Protected,
     summary="Findings, uncertainty and heatmaps for one radiograph",
     tags=["predict"],
 )
 async def predict(
     request: Request,
+    response: Response,
     pipeline: Pipeline,
+    media_type: MediaType,
     file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph (sniffed by content)")],
     cams: CamsQuery = "auto",
     mc_samples: SamplesQuery = None,
-) -> PredictionResponse:
+) -> PredictionResponse | Response:
     received_at = time.perf_counter()
     data = await _read_upload(file, request)
-    response, batch_size = await pipeline.predict(
-        data, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
+    result, batch_size = await cancel_on_disconnect(
+        request,
+        pipeline.predict(
+            data, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
+        ),
     )
     request.state.batch_size = batch_size
-    return response
+    if media_type == FHIR_JSON:
+        return _fhir_json(fhir.diagnostic_report(result, issued=_now()))
+    response.headers["Vary"] = "Accept"
+    return result
 
 
 router.add_api_route(
@@ -135,7 +205,7 @@ router.add_api_route(
     predict,
     methods=["POST"],
     response_model=PredictionResponse,
-    responses=_ERRORS,  # type: ignore[arg-type]
+    responses=_predict_responses("The findings"),  # type: ignore[arg-type]
     dependencies=Protected,
     summary="Same as /v1/predict, at the original project's path",
     tags=["predict"],
@@ -146,18 +216,20 @@ router.add_api_route(
 @router.post(
     "/v1/predict/batch",
     response_model=BatchResponse,
-    responses=_ERRORS,  # type: ignore[arg-type]
+    responses=_predict_responses("One result or error per file"),  # type: ignore[arg-type]
     dependencies=Protected,
     summary="Several radiographs in one request: one result (or error) each, in order",
     tags=["predict"],
 )
 async def predict_batch(
     request: Request,
+    response: Response,
     pipeline: Pipeline,
+    media_type: MediaType,
     files: Annotated[list[UploadFile], File(description="Radiographs, repeated field 'files'")],
     cams: CamsQuery = "auto",
     mc_samples: SamplesQuery = None,
-) -> BatchResponse:
+) -> BatchResponse | Response:
     settings = _state(request).settings
     if len(files) > settings.max_files_per_request:
         raise UploadTooLargeError(f"At most {settings.max_files_per_request} files per request; got {len(files)}.")
@@ -178,7 +250,10 @@ async def predict_batch(
                 index=index, filename=upload.filename, error=BatchItemError(status=status, title=title, detail=detail)
             )
 
-    items = await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))
+    items = await cancel_on_disconnect(request, asyncio.gather(*(one(i, f) for i, f in enumerate(files))))
+    if media_type == FHIR_JSON:
+        return _fhir_json(fhir.batch_bundle(request_id, items, issued=_now()))
+    response.headers["Vary"] = "Accept"
     return BatchResponse(request_id=request_id, results=list(items))
 
 
@@ -228,6 +303,7 @@ async def model_card(request: Request) -> ModelCard:
         trained=loaded.trained,
         metrics=dict(metrics),
         card_markdown=loaded.card_markdown,
+        ood=ood_gate_info(spec, state.settings.ood_action),
     )
 
 

@@ -52,12 +52,30 @@ class Timing(_Schema):
     total: float = Field(description="Milliseconds from upload received to response built")
 
 
+class OODResult(_Schema):
+    score: float = Field(
+        description="Out-of-distribution score: squared distance of the image's pooled trunk features from "
+        "those of the training radiographs (see docs/ood.md); larger is further",
+        ge=0,
+    )
+    threshold: float = Field(description="The model's calibrated threshold (99th percentile of held-out radiographs)")
+    in_distribution: bool = Field(
+        description="score <= threshold. False: this does not look like the frontal chest radiographs the model "
+        "was trained on, and its predictions should not be trusted"
+    )
+
+
 class PredictionResponse(_Schema):
     request_id: str
     model: ModelRef
     mc_samples: int
     predictions: dict[str, FindingPrediction] = Field(description="One entry per trained label, by label name")
     uncertain: bool = Field(description="True when any finding is uncertain: refer to a radiologist")
+    ood: OODResult | None = Field(
+        default=None,
+        description="Out-of-distribution gate: does the image look like a frontal chest radiograph? null when the "
+        "model has no gate (e.g. the untrained placeholder): then nothing checks this",
+    )
     gradcam: dict[str, Heatmap] = Field(description="Heatmaps for the requested findings, by label name")
     image: ImageInfo
     timing_ms: Timing
@@ -81,6 +99,17 @@ class BatchResponse(_Schema):
     results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order")
 
 
+class OODGateInfo(_Schema):
+    method: str = Field(description="What the score measures")
+    threshold: float
+    threshold_quantile: float = Field(description="Quantile of held-out radiographs' scores used as threshold")
+    dims: int = Field(description="Dimension of the principal subspace of the features")
+    feature_dim: int
+    action: Literal["flag", "reject"] = Field(
+        description="flag: predictions returned with ood.in_distribution false; reject: 422 without predictions"
+    )
+
+
 class ModelCard(_Schema):
     name: str
     version: str
@@ -102,6 +131,9 @@ class ModelCard(_Schema):
     trained: bool = Field(description="False for the placeholder random model: its outputs mean nothing")
     metrics: dict[str, object] = Field(default_factory=dict, description="Measured metrics from the model card")
     card_markdown: str | None = Field(default=None, description="MODEL_CARD.md shipped with the checkpoint")
+    ood: OODGateInfo | None = Field(
+        default=None, description="The out-of-distribution gate; null: this checkpoint has none (nothing is flagged)"
+    )
 
 
 class Health(_Schema):

@@ -24,7 +24,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 class Settings(BaseSettings):
     """Validated configuration of one service process."""
 
-    model_config = SettingsConfigDict(env_prefix="CXR_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a validation error must not print the API keys it was given (start-up logs).
+    model_config = SettingsConfigDict(env_prefix="CXR_", frozen=True, extra="forbid", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
     autocast: Literal["auto", "off", "fp16", "bf16"] = Field(
         default="auto", description="Mixed precision on CUDA (auto: bf16 where supported, else fp16); off on CPU"
     )
+    ood_action: Literal["flag", "reject"] = Field(
+        default="flag",
+        description="Images the out-of-distribution gate flags: flag (predictions returned, ood.in_distribution "
+        "false) or reject (422 problem, no predictions). No effect for a checkpoint without a gate",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     warmup: bool = True
@@ -60,3 +66,14 @@ class Settings(BaseSettings):
     @classmethod
     def _no_blank_origins(cls, value: list[str]) -> list[str]:
         return [origin.strip() for origin in value if origin.strip()]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # An empty key would let a request without any key in (b"" == b""), and HTTP strips the spaces
+        # around header values, so a key with them could never match: refuse both at start-up.
+        for index, key in enumerate(value):
+            secret = key.get_secret_value()
+            if not secret or secret != secret.strip():
+                raise ValueError(f"api_keys[{index}] is empty or has surrounding whitespace")
+        return value

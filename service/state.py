@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.batcher import MicroBatcher
@@ -11,6 +14,12 @@ from service.pipeline import Job, JobResult, PredictionPipeline
 from service.predictor import Predictor
 from service.schemas import ModelRef
 from service.settings import Settings
+
+
+def signal_own_process() -> None:
+    """SIGTERM this process: uvicorn (``python -m service``) and a Gunicorn uvicorn worker both take it as
+    "stop accepting, finish what was accepted, run the lifespan shutdown, exit"."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -25,6 +34,11 @@ class ServiceState:
     pipeline: PredictionPipeline | None = None
     predictor: Predictor | None = None
     batcher: MicroBatcher[Job, JobResult] | None = None
+    #: Why this process must end non-zero (the model failed to load, the inference worker died); None when healthy.
+    fatal_error: BaseException | None = None
+    #: Asks the server to shut down gracefully so that its supervisor starts a fresh process (see README
+    #: "Reliability"). Tests running the app in a thread replace it.
+    request_exit: Callable[[], None] = signal_own_process
 
     @property
     def model_ref(self) -> ModelRef | None:

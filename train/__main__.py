@@ -201,12 +201,57 @@ def _add_export(subparsers: _Subparsers) -> None:
     parser.set_defaults(handler=_run_export)
 
 
+def _run_ood(args: argparse.Namespace) -> int:
+    import logging
+
+    from train.ood import fit_ood
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    report = fit_ood(
+        args.checkpoint,
+        args.train,
+        args.valid,
+        out=args.out,
+        dims=args.dims,
+        kind=args.score,
+        quantile=args.quantile,
+        max_train_samples=args.max_train_samples,
+        compare=not args.no_compare,
+    )
+    print(
+        f"ood: threshold {report['threshold']:.2f}, AUROC {report['auroc']:.3f} against {report['n_outliers']} "
+        f"non-radiographs ({100 * report['outliers_flagged']:.0f}% flagged), {100 * report['valid_accepted']:.1f}% "
+        f"of {report['valid_csv']} accepted; gate in {args.out or args.checkpoint}"
+    )
+    return 0
+
+
+def _add_ood(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ood",
+        help="fit the out-of-distribution gate of a checkpoint (weights untouched)",
+        description="Fit the OOD gate on the training images' trunk features, set its threshold on held-out "
+        "radiographs, measure it against non-radiographs, and record it in the checkpoint and its card.",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--train", type=Path, required=True, help="CheXpert-layout CSV of the fitting images")
+    parser.add_argument("--valid", type=Path, required=True, help="held-out CSV: sets the threshold")
+    parser.add_argument("--out", type=Path, default=None, help="write a gated copy here instead of in place")
+    parser.add_argument("--dims", type=int, default=64, help="principal subspace dimension")
+    parser.add_argument("--score", choices=["residual", "subspace", "combined"], default="residual")
+    parser.add_argument("--quantile", type=float, default=0.99, help="held-out score quantile used as threshold")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="subsample for quick runs")
+    parser.add_argument("--no-compare", action="store_true", help="skip the comparison of score variants")
+    parser.set_defaults(handler=_run_ood)
+
+
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_synth,
     _add_fit,
     _add_evaluate,
     _add_calibrate,
     _add_export,
+    _add_ood,
 )
 
 

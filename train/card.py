@@ -10,6 +10,7 @@ import torch
 
 from bayesnet import load_checkpoint, save_checkpoint
 from bayesnet.checkpoint import read_checkpoint_document
+from bayesnet.ood import copy_ood_gate
 
 NIH_CITATION = (
     'Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. "ChestX-ray8: Hospital-scale Chest X-ray Database '
@@ -75,6 +76,68 @@ unless stated otherwise, so the numbers are optimistic. Never validated prospect
 """
 
 
+OOD_HEADING = "## Out-of-distribution gate"
+
+
+def ood_section(report: dict[str, Any]) -> str:
+    """Markdown for the out-of-distribution gate from the report of ``python -m train ood``."""
+    variants = report.get("variants") or []
+    rows = "\n".join(
+        f"| {v['kind']} | {v['dims']} | {_fmt(v['auroc'])} | {100 * v['outliers_flagged']:.0f}% |" for v in variants
+    )
+    table = (
+        "\n\nVariants compared on the same images (threshold recalibrated for each):\n\n"
+        "| score | PCA dims | AUROC | non-radiographs flagged |\n|---|---:|---:|---:|\n" + rows
+        if rows
+        else ""
+    )
+    missed = ", ".join(report.get("missed") or []) or "none"
+    others = ", ".join(
+        f"{name} {v['score_over_threshold']:.2f} ({'accepted' if v['accepted'] else 'flagged'})"
+        for name, v in (report.get("other_chest") or {}).items()
+    )
+    others = others or "not available"
+    kinds = ", ".join(f"{kind} {count}" for kind, count in (report.get("flagged_by_kind") or {}).items())
+    return f"""{OOD_HEADING}
+Score (`python -m train ood`), computed from the pooled trunk features every batch already has:
+{report["method"]}.
+
+Fitted on the {report["n_train"]} frontal radiographs of `{report["train_csv"]}`. Threshold:
+{report["threshold"]:.2f}, the {100 * report["threshold_quantile"]:.0f}th percentile of the scores of the
+{report["n_valid"]} held-out radiographs of `{report["valid_csv"]}`. Above it a response is marked
+`in_distribution: false`, or refused with 422 when the service runs with `CXR_OOD_ACTION=reject`.
+
+- AUROC, held-out radiographs against {report["n_outliers"]} images that are not frontal chest radiographs
+  (scikit-image photos, textures and text, a tibia radiograph, a CT slice and a head phantom as PNG,
+  noise, synthetic shapes): {report["auroc"]:.3f}.
+- Flagged at the threshold: {100 * report["outliers_flagged"]:.0f}% ({kinds}); missed: {missed}. The least
+  unusual of them scores {report["lowest_outlier_over_threshold"]:.2f} x the threshold.
+- Radiographs accepted: {100 * report["valid_accepted"]:.1f}% of `{report["valid_csv"]}` (held out),
+  {100 * report["train_accepted"]:.1f}% of `{report["train_csv"]}` (the fitting images: optimistic).
+- Chest radiographs from another source (pydicom-data's NEMA RG1, a PA chest CR as DICOM), score /
+  threshold: {others}.{table}
+
+What the gate does not detect: it was not tested on lateral chest views, paediatric films or a set of
+chest films from other hospitals and scanners (none are available here), so it may flag good films from
+an unseen site and may pass a lateral view or another radiograph that looks chest-like. It is a guard
+against the wrong kind of image, not a quality check, and the threshold rests on {report["n_valid"]}
+validation films.
+"""
+
+
+def with_ood_section(card: str, report: dict[str, Any]) -> str:
+    """``card`` with its out-of-distribution section replaced (or inserted before "## Limitations")."""
+    section = ood_section(report)
+    start = card.find(OOD_HEADING)
+    if start >= 0:
+        end = card.find("\n## ", start + len(OOD_HEADING))
+        return card[:start] + section + (card[end + 1 :] if end >= 0 else "")
+    anchor = card.find("## Limitations")
+    if anchor < 0:
+        return card.rstrip("\n") + "\n\n" + section
+    return card[:anchor] + section + "\n" + card[anchor:]
+
+
 def export(checkpoint: Path, report: Path, out: Path, *, data_notes: str, training_notes: str) -> Path:
     """Write a half-precision copy of ``checkpoint`` and its ``MODEL_CARD.md`` to ``out``."""
     model, spec = load_checkpoint(checkpoint)
@@ -92,5 +155,9 @@ def export(checkpoint: Path, report: Path, out: Path, *, data_notes: str, traini
     }
     metadata["intended_use"] = INTENDED_USE
     save_checkpoint(model, spec, out, dtype=torch.float16, metadata=metadata)
-    (out / "MODEL_CARD.md").write_text(model_card(metrics, data_notes=data_notes, training_notes=training_notes))
+    copy_ood_gate(checkpoint, out, spec)  # the gate's features come from the same trunk: it travels along
+    card = model_card(metrics, data_notes=data_notes, training_notes=training_notes)
+    if spec.ood is not None and isinstance(metadata.get("ood"), dict):
+        card = with_ood_section(card, metadata["ood"])
+    (out / "MODEL_CARD.md").write_text(card)
     return out

@@ -26,6 +26,7 @@ import torch
 from bayesnet import BayesianEfficientNet, ModelSpec, load_checkpoint, save_checkpoint
 from bayesnet.checkpoint import SPEC_FILE, read_checkpoint_document
 from bayesnet.mc import mc_logits
+from bayesnet.ood import copy_ood_gate
 
 log = logging.getLogger("train.evaluate")
 
@@ -126,6 +127,7 @@ def calibrate(
     document = read_checkpoint_document(checkpoint)
     target = out or checkpoint
     save_checkpoint(model, new_spec, target, metadata=document.get("metadata") or {})
+    copy_ood_gate(checkpoint, target, new_spec)
     card = checkpoint / "MODEL_CARD.md"
     if out is not None and card.is_file():
         (out / "MODEL_CARD.md").write_text(card.read_text())

@@ -73,6 +73,8 @@
     resultsBody: document.querySelector(".results__body"),
     runMeta: $("run-meta"),
     refer: $("refer-banner"),
+    ood: $("ood-banner"),
+    oodDetail: $("ood-detail"),
     findingsBody: $("findings-body"),
     resultsUntrained: $("results-untrained"),
     imageWarnings: $("image-warnings"),
@@ -335,6 +337,16 @@
 
     el.refer.hidden = !result.uncertain;
 
+    // The out-of-distribution gate (null when the model has none): warn that the numbers below are about
+    // an image unlike anything the model was trained on.
+    const ood = result.ood;
+    const offTarget = Boolean(ood) && ood.in_distribution === false;
+    el.ood.hidden = !offTarget;
+    el.oodDetail.textContent = offTarget
+      ? ` Its out-of-distribution score ${ood.score.toFixed(1)} is above the model's threshold ` +
+        `${ood.threshold.toFixed(1)}: the findings below are not meaningful for this image.`
+      : "";
+
     const untrained = state.card && Array.isArray(state.card.untrained_labels) ? state.card.untrained_labels : [];
     const missing = untrained.filter((label) => !(label in (result.predictions || {})));
     el.resultsUntrained.hidden = missing.length === 0;
@@ -518,7 +530,8 @@
       renderResults(result);
       const n = Object.keys(result.predictions || {}).length;
       setStatus(
-        `Analysis of ${file.name} complete: ${n} findings.${result.uncertain ? " The model is uncertain: refer for review." : ""}`,
+        `Analysis of ${file.name} complete: ${n} findings.${result.uncertain ? " The model is uncertain: refer for review." : ""}` +
+        `${result.ood && result.ood.in_distribution === false ? " This does not look like a frontal chest radiograph." : ""}`,
       );
     } catch (err) {
       if (err.name === "AbortError" || generation !== state.generation) return;

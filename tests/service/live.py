@@ -45,6 +45,8 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
     port = free_port()
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    # A dead inference worker makes the app stop its server: this one, not the pytest process (SIGTERM).
+    app.state.service.request_exit = lambda: setattr(server, "should_exit", True)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -286,6 +286,7 @@ def test_worker_crash_fails_pending_callers_and_marks_dead(
         assert not batcher.alive
         assert batcher.last_error is bug
         assert not batcher.accepting
+        await asyncio.wait_for(batcher.wait_ended(), SCENARIO_TIMEOUT_S)  # what the app's supervisor awaits
         [record] = [r for r in caplog.records if "worker died" in r.getMessage()]
         assert record.exc_info is not None and record.exc_info[1] is bug  # logged with its traceback
 
@@ -463,10 +464,14 @@ def test_lifecycle_misuse_is_explicit() -> None:
             await batcher.start()
         await batcher.stop()
         await batcher.stop()
+        await asyncio.wait_for(batcher.wait_ended(), SCENARIO_TIMEOUT_S)
+        assert batcher.last_error is None  # ended by stop(), not by dying
         with pytest.raises(BatcherError, match="already started"):
             await batcher.start()
 
         never_started = make(lambda items: items)
+        with pytest.raises(BatcherError, match="never started"):
+            await never_started.wait_ended()
         await never_started.stop()  # harmless
 
     run(scenario())

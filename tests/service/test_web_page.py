@@ -289,3 +289,31 @@ def test_untrained_placeholder_is_flagged(browser: Any, tmp_path: Path, screensh
         sync_api.expect(_by_testid(browser_page, "untrained-warning")).to_be_visible()
         screenshot(browser_page, "web-page-untrained.png")
         assert errors.unexpected() == []
+
+
+def test_out_of_distribution_banner(browser: Any, tmp_path: Path, screenshot: Callable[[Any, str], Path]) -> None:
+    """The shipped demo model's gate flags a photo: the page says so above the findings; a radiograph clears it."""
+    demo = Path(__file__).resolve().parents[2] / "models" / "demo"
+    if not (demo / "ood.safetensors").is_file():
+        pytest.skip("models/demo has no OOD gate")
+    from skimage.data import chelsea
+
+    from train.ood import png_bytes
+
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(png_bytes(chelsea()))
+    radiograph = _need(RADIOGRAPH_PNG)
+    with live_server(tiny_settings(demo)) as live, _open_page(browser, live.url) as (browser_page, errors):
+        with live.client() as client:
+            card = client.get("/v1/model").json()
+        _open(browser_page, card)
+        banner = _by_testid(browser_page, "ood-banner")
+        _by_testid(browser_page, "file-input").set_input_files(str(photo))
+        _wait_for_results(browser_page)
+        sync_api.expect(banner).to_be_visible()
+        sync_api.expect(banner).to_contain_text("This does not look like a frontal chest radiograph")
+        sync_api.expect(_by_testid(browser_page, "ood-detail")).to_contain_text("above the model's threshold")
+        screenshot(browser_page, "web-page-ood.png")
+        _by_testid(browser_page, "file-input").set_input_files(str(radiograph))
+        sync_api.expect(banner).to_be_hidden()  # retried until the radiograph's result replaces the photo's
+        assert errors.unexpected() == []

@@ -1,0 +1,164 @@
+"""Archive scoring without HTTP vs the HTTP service, on the same machine, the same model and the same films, in ONE run.
+
+Prints images/s of
+  (a) the batch scorer (``service.batch.BatchScorer``: decode-ahead thread pool, full batches, JSON lines
+      written to a file), in this process after the model is loaded and warmed up;
+  (b) the service over HTTP on loopback (a separate server process started as ``bench/serve.py`` does,
+      max batch 16), 16 concurrent clients posting the same files;
+for ``cams=none`` and ``cams=auto`` at T=20, and the ratio a/b; first the scorer alone at several batch sizes
+(``--sweep``), which is how its default batch size was chosen. Each measurement is repeated (``--repeats``)
+alternating a and b, and the best of each is compared, because the machine may be shared.
+
+    python bench/batch_scorer.py [--model DIR] [--device cpu|cuda] [--images 64] [--batch-size N]
+
+The films are the real NIH sample in ../shared (512x512 PNG) when present, else synthetic films of the
+same size. Absolute numbers depend on the machine; read the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from serve import free_port, load, radiographs, start_server
+
+from service.batch import BatchScorer, LogProgress, ScoreItem, default_batch_size
+from service.model_loading import LoadedModel, load_model
+from service.predictor import Predictor
+from service.responses import parse_cams
+from service.schemas import ModelRef
+from service.settings import DEFAULT_MODEL_DIR, Settings
+
+CLIENTS = 16
+
+
+def batch_rate(scorer: BatchScorer, items: list[ScoreItem], out_dir: Path) -> float:
+    """Images/s of one pass of the batch scorer over ``items`` (a fresh output file each time)."""
+    out = out_dir / f"results-{time.monotonic_ns()}.jsonl"
+    with out.open("w") as handle:
+        summary = scorer.score(items, handle, LogProgress(len(items), every_s=1e9))
+    if summary.failed:
+        raise RuntimeError(f"{summary.failed} films failed in the batch scorer; see {out}")
+    return summary.scored / summary.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, help="default: the scorer's default for the device")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sweep", default="8,16,32", help="batch sizes to time the scorer at (cams=none); '' skips")
+    args = parser.parse_args()
+
+    settings = Settings(model_path=args.model, device=args.device)
+    loaded = load_model(settings)
+    predictor = Predictor(
+        loaded.model, loaded.spec, device=torch.device(args.device), autocast=settings.autocast, ood=loaded.ood
+    )
+    predictor.warmup()
+    model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
+    films = radiographs(args.images)
+    work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    try:
+        measure(args, predictor, loaded, settings, model_ref, films, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(
+    args: argparse.Namespace,
+    predictor: Predictor,
+    loaded: LoadedModel,
+    settings: Settings,
+    model_ref: ModelRef,
+    films: list[bytes],
+    work: Path,
+) -> None:
+    """Write the films to ``work``, time the scorer and the server alternately, print the comparison."""
+    batch_size = args.batch_size or default_batch_size(predictor.device, settings.max_batch_images)
+    items = []
+    for i, data in enumerate(films):
+        (work / f"film{i:04d}.png").write_bytes(data)
+        items.append(ScoreItem(f"film{i:04d}.png", work / f"film{i:04d}.png"))
+    scorers = {
+        cams: BatchScorer(
+            predictor,
+            model_ref,
+            n_samples=loaded.spec.mc_samples,
+            cams=parse_cams(cams, loaded.spec),
+            batch_size=batch_size,
+            decode_workers=settings.decode_workers,
+            max_pixels=settings.max_pixels,
+        )
+        for cams in ("none", "auto")
+    }
+    per_client = max(1, args.images // CLIENTS)
+    sweep = [int(size) for size in args.sweep.split(",") if size.strip()]
+    sweepers = {
+        size: BatchScorer(
+            predictor,
+            model_ref,
+            n_samples=loaded.spec.mc_samples,
+            cams=(),
+            batch_size=size,
+            decode_workers=settings.decode_workers,
+            max_pixels=settings.max_pixels,
+        )
+        for size in sweep
+    }
+
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-batch-serve-{port}.log"
+    runs: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for size, scorer in sweepers.items():
+            runs.setdefault(("sweep", str(size)), []).append(batch_rate(scorer, items[: CLIENTS * per_client], work))
+        for cams, scorer in scorers.items():
+            runs.setdefault(("batch", cams), []).append(batch_rate(scorer, items[: CLIENTS * per_client], work))
+        # The server runs only while it is measured, so it never competes with the batch scorer for the CPU.
+        server = start_server(port, args.model, args.device, log_path)
+        try:
+            asyncio.run(load(port, films, 4, 2, "auto"))  # warm the server's allocator and thread pools
+            for cams in scorers:
+                result = asyncio.run(load(port, films, CLIENTS, per_client, cams))
+                if result.errors:
+                    raise RuntimeError(f"{result.errors} HTTP errors; see {log_path}")
+                runs.setdefault(("http", cams), []).append(result.images_per_s)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    n = CLIENTS * per_client
+    print(
+        f"device {args.device}, torch threads {torch.get_num_threads()}, model {loaded.spec.name} "
+        f"({loaded.spec.arch}, {loaded.spec.image_size} px), T={loaded.spec.mc_samples}, {n} 512x512 PNG films, "
+        f"best of {args.repeats} (every run in brackets)"
+    )
+
+    def runs_text(key: tuple[str, str]) -> str:
+        return f"{max(runs[key]):.1f} [{', '.join(f'{rate:.1f}' for rate in runs[key])}]"
+
+    if sweep:
+        print(
+            "batch scorer by batch size (cams=none): "
+            + "; ".join(f"{s}: {runs_text(('sweep', str(s)))}" for s in sweep)
+        )
+    for cams in scorers:
+        a, b = max(runs[("batch", cams)]), max(runs[("http", cams)])
+        print(
+            f"cams={cams}: batch scorer {runs_text(('batch', cams))} images/s; HTTP, 16 clients "
+            f"{runs_text(('http', cams))} images/s; batch/HTTP = {a / b:.2f}"
+        )
+    print(f"(batch scorer: batch size {batch_size}, {settings.decode_workers} decode threads; server: max batch 16)")
+
+
+if __name__ == "__main__":
+    main()

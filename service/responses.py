@@ -1,0 +1,154 @@
+"""From bytes to model input, and from model numbers to the API's response: shared by HTTP and batch scoring.
+
+The HTTP pipeline (``service.pipeline``) and the offline batch scorer (``service.batch``) both call these
+functions, so a radiograph scored from an archive gets exactly the preprocessing, decisions and response
+shape it would get over HTTP. Nothing here imports FastAPI: the batch scorer runs where only the core
+library, pydantic and torch are installed.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from torch import Tensor
+
+from bayesnet import DecodedImage, ModelSpec, check_radiograph_geometry, decode_image, preprocess
+from service.png import heatmap_png
+from service.predictor import AUTO, InferenceResult
+from service.schemas import (
+    FindingPrediction,
+    Heatmap,
+    ImageInfo,
+    ModelRef,
+    OODGateInfo,
+    OODResult,
+    PredictionResponse,
+    Timing,
+)
+
+
+class CamSelectionError(ValueError):
+    """A ``cams`` value names something other than auto / all / none or the model's trained findings."""
+
+
+def parse_cams(value: str, spec: ModelSpec) -> str | tuple[int, ...]:
+    """``auto`` | ``all`` | ``none`` | comma-separated trained label names -> what the predictor wants.
+
+    Raises:
+        CamSelectionError: a name that is not one of the model's trained findings.
+    """
+    trained = {label: spec.label_index(label) for label in spec.trained_labels}
+    text = value.strip()
+    if text.lower() == AUTO:
+        return AUTO
+    if text.lower() == "all":
+        return tuple(trained.values())
+    if text.lower() in ("none", ""):
+        return ()
+    chosen = []
+    for name in (part.strip() for part in text.split(",")):
+        if name not in trained:
+            raise CamSelectionError(
+                f"cams: {name!r} is not a finding this model was trained on; use auto, all, none or "
+                f"a comma-separated list of: {', '.join(trained)}"
+            )
+        chosen.append(trained[name])
+    return tuple(dict.fromkeys(chosen))
+
+
+def decode_for_model(data: bytes, spec: ModelSpec, *, max_pixels: int) -> tuple[DecodedImage, Tensor]:
+    """Decode (format sniffed from content) and preprocess from the spec: ``(image, (C, S, S) tensor)``.
+
+    Raises:
+        bayesnet.ImageError: the bytes are not a usable PNG, JPEG or DICOM radiograph.
+    """
+    image = decode_image(data, max_pixels=max_pixels)
+    check_radiograph_geometry(image)  # a 1 x 1 icon or a strip would still get confident-looking numbers
+    return image, preprocess(image, spec)
+
+
+def ood_result(result: InferenceResult, spec: ModelSpec) -> OODResult | None:
+    """The out-of-distribution verdict for one image, or None when the model has no gate."""
+    if result.ood_score is None or spec.ood is None:
+        return None
+    return OODResult(
+        score=max(0.0, result.ood_score),
+        threshold=spec.ood.threshold,
+        in_distribution=result.ood_score <= spec.ood.threshold,
+    )
+
+
+def ood_gate_info(spec: ModelSpec, action: Literal["flag", "reject"]) -> OODGateInfo | None:
+    """What ``/v1/model`` says about the model's out-of-distribution gate (None: it has none)."""
+    if spec.ood is None:
+        return None
+    return OODGateInfo(
+        method=spec.ood.method,
+        threshold=spec.ood.threshold,
+        threshold_quantile=spec.ood.threshold_quantile,
+        dims=spec.ood.dims,
+        feature_dim=spec.ood.feature_dim,
+        action=action,
+    )
+
+
+def heatmaps(result: InferenceResult, spec: ModelSpec) -> dict[str, Heatmap]:
+    """The result's Grad-CAM maps as base64 PNGs keyed by label name (PNG encoding: call off the event loop)."""
+    out = {}
+    for k, intensity in result.cams.items():
+        out[spec.labels[k]] = Heatmap(
+            png_base64=base64.b64encode(heatmap_png(intensity)).decode("ascii"),
+            width=int(intensity.shape[1]),
+            height=int(intensity.shape[0]),
+        )
+    return out
+
+
+def build_response(
+    *,
+    request_id: str,
+    model_ref: ModelRef,
+    spec: ModelSpec,
+    n_samples: int,
+    image: DecodedImage,
+    result: InferenceResult,
+    heatmaps: dict[str, Heatmap],
+    queue_s: float,
+    inference_s: float,
+    total_s: float,
+) -> PredictionResponse:
+    """The API's response for one image: one entry per trained label, the referral flag, image facts.
+
+    Only the decoded image's format, size, photometric interpretation and decoding warnings are
+    reported: nothing from DICOM headers that could identify a patient.
+    """
+    predictions = {}
+    for label in spec.trained_labels:
+        k = spec.label_index(label)
+        predictions[label] = FindingPrediction(
+            conf=float(result.mean[k]),
+            uncertainty=float(result.variance[k]),
+            std=float(result.std[k]),
+            interval=(float(result.interval[k, 0]), float(result.interval[k, 1])),
+            mutual_information=float(result.mutual_information[k]),
+            decision=result.decisions[k].value,
+            threshold=spec.threshold[k],
+        )
+    return PredictionResponse(
+        request_id=request_id,
+        model=model_ref,
+        mc_samples=n_samples,
+        predictions=predictions,
+        uncertain=any(p.decision == "uncertain" for p in predictions.values()),
+        ood=ood_result(result, spec),
+        gradcam=heatmaps,
+        image=ImageInfo(
+            format=image.format,  # type: ignore[arg-type]
+            width=image.width,
+            height=image.height,
+            photometric=image.photometric,
+            warnings=list(image.warnings),
+        ),
+        timing_ms=Timing(queue=queue_s * 1e3, inference=inference_s * 1e3, total=total_s * 1e3),
+    )
