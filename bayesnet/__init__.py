@@ -34,6 +34,7 @@ from bayesnet.model import BayesianEfficientNet, DropoutMasks, build_model
 from bayesnet.ood import OODGate, load_ood_gate, save_ood_gate
 from bayesnet.preprocess import preprocess
 from bayesnet.pretrained import init_pretrained
+from bayesnet.runtime import model_thread, single_threaded_torch, tune_allocator
 from bayesnet.spec import ModelSpec, OODSpec
 
 __all__ = [
@@ -72,8 +73,11 @@ __all__ = [
     "load_ood_gate",
     "load_spec",
     "mc_predict",
+    "model_thread",
     "preprocess",
     "save_checkpoint",
     "save_ood_gate",
+    "single_threaded_torch",
     "sniff_format",
+    "tune_allocator",
 ]

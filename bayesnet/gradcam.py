@@ -35,13 +35,22 @@ def _class_indices(model: BayesianEfficientNet, classes: Sequence[int | str] | N
     return [model.spec.label_index(c) for c in classes]
 
 
-def _axis_coords(n_out: int, n_in: int, scale: float, offset: float, device: torch.device) -> Tensor:
-    """Normalised grid_sample coordinates (align_corners=True) of output pixels on an ``n_in`` long axis."""
-    pixel = torch.arange(n_out, device=device, dtype=torch.float32)
-    cell = (pixel - offset) / scale
-    if n_in == 1:
-        return torch.zeros_like(cell)
-    return cell / (n_in - 1) * 2.0 - 1.0
+def _axis_weights(n_out: int, n_in: int, scale: float, offset: float, device: torch.device) -> Tensor:
+    """``(n_out, n_in)`` linear-interpolation weights placing output pixel ``p`` at cell ``(p - offset) / scale``.
+
+    Positions outside the grid take the edge cell's value (clamped), as ``grid_sample`` does with
+    ``padding_mode="border"``. Bilinear resampling is separable, so ``Ry @ map @ Rx.T`` is the whole resample:
+    two small matrix products instead of a gather per output pixel.
+    """
+    cell = ((torch.arange(n_out, device=device, dtype=torch.float32) - offset) / scale).clamp(0, n_in - 1)
+    low = cell.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = cell - low.float()
+    weights = torch.zeros(n_out, n_in, device=device)
+    rows = torch.arange(n_out, device=device)
+    weights.index_put_((rows, low), 1.0 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
+    return weights
 
 
 def normalise_maps(cams: Tensor, size: tuple[int, int], alignment: GridAlignment | None = None) -> Tensor:
@@ -54,18 +63,10 @@ def normalise_maps(cams: Tensor, size: tuple[int, int], alignment: GridAlignment
     if alignment is None:
         cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
     else:
-        b, k, h, w = cams.shape
-        ys = _axis_coords(size[0], h, alignment.scale_y, alignment.offset_y, cams.device)
-        xs = _axis_coords(size[1], w, alignment.scale_x, alignment.offset_x, cams.device)
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
-        sampled = F.grid_sample(
-            cams.reshape(b * k, 1, h, w),
-            grid.unsqueeze(0).expand(b * k, -1, -1, -1),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=True,
-        )
-        cams = sampled.reshape(b, k, *size)
+        h, w = cams.shape[-2:]
+        ry = _axis_weights(size[0], h, alignment.scale_y, alignment.offset_y, cams.device)
+        rx = _axis_weights(size[1], w, alignment.scale_x, alignment.offset_x, cams.device)
+        cams = torch.einsum("yh,bkhw,xw->bkyx", ry, cams, rx)
     cams = cams.clamp_min(0.0)
     peak = cams.amax(dim=(2, 3), keepdim=True)
     return torch.where(peak > 0, cams / peak.clamp_min(1e-12), torch.zeros_like(cams))

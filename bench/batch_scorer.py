@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from serve import free_port, load, radiographs, start_server
 
+from bayesnet import tune_allocator
 from service.batch import BatchScorer, LogProgress, ScoreItem, default_batch_size
 from service.model_loading import LoadedModel, load_model
 from service.predictor import Predictor
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sweep", default="8,16,32", help="batch sizes to time the scorer at (cams=none); '' skips")
     args = parser.parse_args()
+    tune_allocator()  # as the service, the batch scorer and train fit do at start-up (bayesnet/runtime.py)
 
     settings = Settings(model_path=args.model, device=args.device)
     loaded = load_model(settings)

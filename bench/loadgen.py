@@ -92,7 +92,7 @@ class KeepAliveConnection:
 
     async def _read_chunked(self) -> bytes:
         assert self._reader is not None
-        pieces = []
+        pieces: list[bytes] = []
         while True:
             size = int((await self._reader.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:

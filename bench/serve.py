@@ -9,10 +9,13 @@ with p50/p95/p99 latency and the ratios b/a, b/c, 16-vs-1-client throughput, and
 against one single-image forward pass. Targets (2-core CPU): b(auto) >= 0.6 a, b >= 10 c,
 p50(1 client) <= 2 x single forward, 16 clients >= 1.5 x the throughput of 1 client.
 
-    python bench/serve.py [--model DIR] [--device cpu|cuda] [--requests-per-client 6]
+    python bench/serve.py [--model DIR | --untrained-arch efficientnet_b0] [--device cpu|cuda]
+                          [--max-batch-images N] [--requests-per-client 6]
 
-Without --model the service runs an untrained EfficientNet-B0 placeholder: the same compute as a
-trained one. Absolute numbers depend on the machine; read the ratios.
+The server and the (a)/(c) timings always run the same checkpoint: by default the shipped demo model
+(models/demo), or an untrained model of ``--untrained-arch`` (the same compute as a trained one).
+(a) and (c) are timed before and after the HTTP runs and the faster figures are used, so machine noise
+cannot flatter the ratios. Absolute numbers depend on the machine; read the ratios.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +39,11 @@ import numpy as np
 import torch
 from loadgen import KeepAliveConnection, multipart_request
 from PIL import Image
-from timing import median_seconds
+from timing import timed_for
 
-from bayesnet import DropoutMasks, ModelSpec, build_model, load_checkpoint
+from bayesnet import DropoutMasks, ModelSpec, build_model, load_checkpoint, save_checkpoint, tune_allocator
+from bayesnet.checkpoint import load_spec
+from service.settings import DEFAULT_MODEL_DIR, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "nih-cxr14-sample" / "images"
@@ -58,24 +66,30 @@ def radiographs(n: int) -> list[bytes]:
     return out
 
 
-def model_limits(spec: ModelSpec, model_dir: Path | None, device: torch.device, samples: int) -> dict[str, float]:
-    model = load_checkpoint(model_dir)[0] if model_dir else build_model(spec)
-    model = model.to(device).eval()
+def model_limits(model_dir: Path, device: torch.device, samples: int, seconds: float) -> dict[str, float]:
+    """(a) and (c) for the checkpoint the server runs, as sustained rates over about ``seconds`` each.
+
+    Sustained (images over the whole timed span, like the service's own throughput), not a best-of:
+    the service's figures are sustained too. Single-forward latency is the median call.
+    """
+    model = load_checkpoint(model_dir)[0].to(device).eval()
     size = model.spec.image_size
     best = 0.0
     best_batch = 1
-    per_batch = {}
-    for batch in (1, 4, 8, 16, 32):
+    single_ms = 0.0
+    for batch in (1, 2, 4, 8, 16, 32):
         x = torch.randn(batch, model.spec.in_chans, size, size, device=device)
 
         def fwd(x: torch.Tensor = x) -> None:
             with torch.inference_mode():
                 model(x)
 
-        seconds = median_seconds(fwd, 5, device, warmup=True)
-        per_batch[batch] = seconds
-        if batch / seconds > best:
-            best, best_batch = batch / seconds, batch
+        times = timed_for(fwd, seconds, device)
+        rate = batch * len(times) / sum(times)
+        if batch == 1:
+            single_ms = statistics.median(times) * 1e3
+        if rate > best:
+            best, best_batch = rate, batch
     x8 = torch.randn(8, model.spec.in_chans, size, size, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -84,13 +98,31 @@ def model_limits(spec: ModelSpec, model_dir: Path | None, device: torch.device, 
             for _ in range(samples):  # T separate full passes: the cheaper of the two naive forms on a CPU
                 model(x8, DropoutMasks(generator))
 
-    naive_s = median_seconds(naive, 3, device, warmup=True)
+    naive_times = timed_for(naive, seconds, device, min_calls=2)
     return {
         "raw_images_per_s": best,
         "raw_best_batch": best_batch,
-        "single_forward_ms": per_batch[1] * 1e3,
-        "naive_images_per_s": 8 / naive_s,
+        "single_forward_ms": single_ms,
+        "naive_images_per_s": 8 * len(naive_times) / sum(naive_times),
     }
+
+
+def best_limits(first: dict[str, float], second: dict[str, float]) -> dict[str, float]:
+    """The faster of the measurements before and after the HTTP runs: machine noise cannot flatter a ratio."""
+    fast = first if first["raw_images_per_s"] >= second["raw_images_per_s"] else second
+    return {
+        "raw_images_per_s": fast["raw_images_per_s"],
+        "raw_best_batch": fast["raw_best_batch"],
+        "single_forward_ms": min(first["single_forward_ms"], second["single_forward_ms"]),
+        "naive_images_per_s": max(first["naive_images_per_s"], second["naive_images_per_s"]),
+    }
+
+
+def untrained_checkpoint(arch: str, directory: Path) -> Path:
+    """An untrained model of ``arch`` saved as a checkpoint, so the server and (a)/(c) run the same weights."""
+    spec = ModelSpec(arch=arch, name=f"untrained-{arch}", provenance="untrained: bench/serve.py compute baseline")
+    save_checkpoint(build_model(spec), spec, directory)
+    return directory
 
 
 def free_port() -> int:
@@ -99,18 +131,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(port: int, model_dir: Path | None, device: str, log_path: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, model_dir: Path, device: str, log_path: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m service`` on ``port``; ``extra_env`` (``CXR_*``) overrides the benchmark's settings."""
     env = {
         **os.environ,
         "CXR_PORT": str(port),
         "CXR_DEVICE": device,
-        "CXR_MAX_BATCH_IMAGES": "16",
-        "CXR_MAX_WAIT_MS": "5",
         "CXR_MAX_QUEUE": "256",
         "CXR_LOG_LEVEL": "WARNING",
+        "CXR_MODEL_PATH": str(model_dir),
+        **(extra_env or {}),
     }
-    if model_dir is not None:
-        env["CXR_MODEL_PATH"] = str(model_dir)
     log = log_path.open("wb")
     process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 180
@@ -135,16 +168,22 @@ class LoadResult:
     p99_ms: float
     errors: int
     client_cpu_share: float  # CPU time of this (load generator) process / wall time / cores
+    server_ms: dict[str, float]  # medians of the responses' own timing_ms (queue, inference, total)
 
 
 async def load(port: int, images: list[bytes], clients: int, per_client: int, cams: str) -> LoadResult:
-    """``clients`` keep-alive connections, each posting ``per_client`` radiographs back to back."""
+    """``clients`` keep-alive connections, each posting ``per_client`` radiographs back to back.
+
+    Bodies are parsed only after the load ends (for the server's own timing breakdown), so parsing costs
+    the server no CPU while it is measured.
+    """
     host = f"127.0.0.1:{port}"
     requests = [
         multipart_request("/v1/predict", host, "file", "cxr.png", "image/png", data, query=f"cams={cams}")
         for data in images
     ]
     latencies: list[float] = []
+    bodies: list[bytes] = []
     errors = 0
 
     async def client(index: int) -> None:
@@ -156,30 +195,59 @@ async def load(port: int, images: list[bytes], clients: int, per_client: int, ca
                 latencies.append(time.perf_counter() - start)
                 if response.status != 200 or b'"predictions"' not in response.body:
                     errors += 1
+                else:
+                    bodies.append(response.body)
 
     cpu_started, started = time.process_time(), time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - started
     cpu_share = (time.process_time() - cpu_started) / wall / (os.cpu_count() or 1)
     q = np.percentile(np.array(latencies) * 1e3, [50, 95, 99])
-    return LoadResult(len(latencies) / wall, float(q[0]), float(q[1]), float(q[2]), errors, cpu_share)
+    timings = [json.loads(body)["timing_ms"] for body in bodies]
+    server_ms = {key: float(np.median([t[key] for t in timings])) for key in ("queue", "inference", "total")}
+    return LoadResult(len(latencies) / wall, float(q[0]), float(q[1]), float(q[2]), errors, cpu_share, server_ms)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL_DIR, help="checkpoint to serve (default: the shipped demo model)"
+    )
+    parser.add_argument(
+        "--untrained-arch",
+        default=None,
+        help="serve an untrained model of this timm arch instead (e.g. efficientnet_b0, the product's default spec)",
+    )
+    parser.add_argument(
+        "--limit-seconds", type=float, default=2.0, help="seconds per batch size when timing (a) and (c), twice"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--requests-per-client", type=int, default=6)
     parser.add_argument("--single-client-requests", type=int, default=20)
+    parser.add_argument(
+        "--max-batch-images", type=int, default=None, help="CXR_MAX_BATCH_IMAGES for the server (default: its own)"
+    )
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="CXR_MAX_WAIT_MS (default: its own)")
     args = parser.parse_args()
+    tune_allocator()  # as the service, the batch scorer and train fit do at start-up (bayesnet/runtime.py)
 
     device = torch.device(args.device)
-    limits = model_limits(ModelSpec(), args.model, device, args.samples)
+    if args.untrained_arch:
+        scratch = tempfile.TemporaryDirectory(prefix="bench-serve-")
+        args.model = untrained_checkpoint(args.untrained_arch, Path(scratch.name) / "model")
+    elif not (args.model / "model.json").is_file():
+        parser.error(f"{args.model} is not a checkpoint directory; pass --model DIR or --untrained-arch ARCH")
+    before = model_limits(args.model, device, args.samples, args.limit_seconds)
     images = radiographs(32)
     port = free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{port}.log"
-    server = start_server(port, args.model, args.device, log_path)
+    server_env = {}
+    if args.max_batch_images is not None:
+        server_env["CXR_MAX_BATCH_IMAGES"] = str(args.max_batch_images)
+    if args.max_wait_ms is not None:
+        server_env["CXR_MAX_WAIT_MS"] = str(args.max_wait_ms)
+    server = start_server(port, args.model, args.device, log_path, server_env)
     try:
         asyncio.run(load(port, images, 4, 2, "auto"))  # warm the server's allocator and thread pools
         runs = {
@@ -191,13 +259,26 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
+    after = model_limits(args.model, device, args.samples, args.limit_seconds)
+    limits = best_limits(before, after)
 
     a = limits["raw_images_per_s"]
     c = limits["naive_images_per_s"]
+    defaults = Settings.model_fields
+    max_batch = args.max_batch_images or defaults["max_batch_images"].default
+    max_wait = args.max_wait_ms if args.max_wait_ms is not None else defaults["max_wait_ms"].default
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, T={args.samples}, 512x512 PNG uploads")
+    spec = load_spec(args.model)
+    print(f"model {spec.arch} ({spec.name} {spec.version}) from {args.model}, {spec.image_size} px")
+    print(f"server: max batch {max_batch} images, max wait {max_wait} ms")
     print(
         f"(a) raw model(x): {a:.1f} images/s at batch {limits['raw_best_batch']:.0f}; "
         f"single-image forward {limits['single_forward_ms']:.1f} ms"
+    )
+    print(
+        f"    (a) measured before / after the HTTP runs: {before['raw_images_per_s']:.1f} / "
+        f"{after['raw_images_per_s']:.1f} images/s; single forward {before['single_forward_ms']:.1f} / "
+        f"{after['single_forward_ms']:.1f} ms (the faster is used)"
     )
     print(f"(c) naive (each image x T through the whole network): {c:.2f} images/s")
     print("(b) service over HTTP:")
@@ -217,6 +298,13 @@ def main() -> None:
         "p50 at 1 client <= 2 x single forward": auto1.p50_ms <= 2 * limits["single_forward_ms"],
         "16 clients >= 1.5 x 1 client throughput": auto16.images_per_s >= 1.5 * auto1.images_per_s,
     }
+    for cams in ("none", "auto"):
+        one = runs[(cams, 1)]
+        print(
+            f"1 client, cams={cams}: p50 {one.p50_ms:.1f} ms at the client; server medians: queue "
+            f"{one.server_ms['queue']:.1f}, batch model work {one.server_ms['inference']:.1f}, upload received to "
+            f"response built {one.server_ms['total']:.1f} ms"
+        )
     for name, ok in checks.items():
         print(f"target {name}: {'PASS' if ok else 'FAIL'}")
     print(

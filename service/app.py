@@ -8,6 +8,7 @@ finish every request already accepted, and releases the thread pools.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +21,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
+from bayesnet import model_thread, single_threaded_torch, tune_allocator
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from service.model_loading import load_model
+from service.model_loading import LoadedModel, load_model
 from service.pipeline import Job, JobResult, PredictionPipeline, batch_processor
 from service.predictor import Predictor, resolve_device
 from service.routes import STATIC_DIR, router
@@ -46,6 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the application for ``settings``; heavy work happens in the lifespan, not here."""
     metrics = Metrics.create()
     state = ServiceState(settings=settings, metrics=metrics)
+    # Read here, on the thread that builds the app, before the lifespan's helper threads change torch's default.
+    intraop_threads = settings.torch_threads or torch.get_num_threads()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,9 +89,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def start_up() -> tuple[MicroBatcher[Job, JobResult], ThreadPoolExecutor]:
         """Load, build, warm up, start the batcher; fills ``state`` and returns what shutdown must release."""
-        if settings.torch_threads is not None:
-            torch.set_num_threads(settings.torch_threads)
-        loaded = await asyncio.to_thread(load_model, settings)
+        if settings.tune_allocator:
+            tune_allocator()
+
+        # One OpenMP team per process, owned by the inference thread; every other thread that touches tensors
+        # (loading here, decoding and preprocessing in the pool) runs its operations inline (bayesnet/runtime.py).
+        def load_single_threaded() -> LoadedModel:
+            single_threaded_torch()
+            return load_model(settings)
+
+        loaded = await asyncio.to_thread(load_single_threaded)
         state.loaded = loaded
         metrics.model_info.labels(name=loaded.spec.name, version=loaded.spec.version).set(1)
         predictor = Predictor(
@@ -97,9 +108,6 @@ def create_app(settings: Settings) -> FastAPI:
             autocast=settings.autocast,
             ood=loaded.ood,
         )
-        if settings.warmup:
-            state.detail = "warming up"
-            await asyncio.to_thread(predictor.warmup)
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
             batch_processor(predictor),
             max_batch_size=settings.max_batch_images,
@@ -108,9 +116,20 @@ def create_app(settings: Settings) -> FastAPI:
             name="inference",
             on_batch=metrics.observe_batch,
             more_coming=lambda: state.pipeline is not None and state.pipeline.more_coming(),
+            thread_initializer=functools.partial(model_thread, intraop_threads),
         )
-        decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        decode_pool = ThreadPoolExecutor(
+            settings.decode_workers, thread_name_prefix="decode", initializer=single_threaded_torch
+        )
         await batcher.start()
+        try:
+            if settings.warmup:  # on the inference thread itself: its thread team and kernel caches get warm
+                state.detail = "warming up"
+                await batcher.run_in_worker(predictor.warmup)
+        except BaseException:
+            await batcher.stop(drain=False)
+            decode_pool.shutdown(wait=False)
+            raise
         state.batcher = batcher
         state.predictor = predictor
         model_ref = state.model_ref

@@ -61,7 +61,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from bayesnet import CheckpointError, DecodedImage, ModelSpec, sniff_format
+from bayesnet import CheckpointError, DecodedImage, ModelSpec, single_threaded_torch, sniff_format, tune_allocator
 from service.model_loading import LoadedModel, load_model
 from service.predictor import InferenceRequest, InferenceResult, Predictor, resolve_device
 from service.responses import (
@@ -415,8 +415,11 @@ class BatchScorer:
             progress.update(ok, len(lines) - ok)
 
         with (
-            ThreadPoolExecutor(self.decode_workers, thread_name_prefix="batch-decode") as pool,
-            ThreadPoolExecutor(1, thread_name_prefix="batch-write") as writer,
+            # The model runs on this thread; helpers run their tensor work inline (bayesnet/runtime.py).
+            ThreadPoolExecutor(
+                self.decode_workers, thread_name_prefix="batch-decode", initializer=single_threaded_torch
+            ) as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="batch-write", initializer=single_threaded_torch) as writer,
         ):
 
             def refill() -> None:
@@ -536,9 +539,9 @@ def pick_device(name: str, dist: DistInfo) -> torch.device:
 def default_batch_size(device: torch.device, max_batch_images: int) -> int:
     """Images per model call when ``--batch-size`` is not given.
 
-    On a CPU, the server's ``max_batch_images`` (CXR_MAX_BATCH_IMAGES, 8 by default): on the 2-core
-    development CPU batches of 8 scored as fast as or faster than 16, and 32 was clearly slower
-    (tf_efficientnet_lite0, 224 px, T=20; ``bench/batch_scorer.py --sweep``, docs/benchmarks.md). On a GPU
+    On a CPU, the server's ``max_batch_images`` (CXR_MAX_BATCH_IMAGES, 4 by default): on the 2-core
+    development CPU small batches are fastest per image (4 in bench/serve.py's raw sweep; 8 beat 16 and 32
+    in ``bench/batch_scorer.py --sweep``; docs/benchmarks.md). On a GPU
     larger batches keep the card busy: 64, a conservative choice at 224 px, not yet measured (no GPU here).
     """
     return 64 if device.type == "cuda" else max_batch_images
@@ -615,6 +618,8 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
         raise BatchInputError("--batch-size must be >= 1")
     items = list_inputs(args.input)[dist.rank :: dist.world_size]  # fail on a bad input before loading
     settings = _settings(args)
+    if settings.tune_allocator:
+        tune_allocator()
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     loaded: LoadedModel = load_model(settings)

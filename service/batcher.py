@@ -45,6 +45,7 @@ logger = logging.getLogger("service.batcher")
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 # How many recent batch latencies feed the Retry-After estimate.
 _LATENCY_WINDOW = 16
@@ -111,6 +112,7 @@ class MicroBatcher(Generic[T, R]):
         more_coming: optional hint, called on the event loop: whether more items are about to be submitted
             (e.g. uploads still being decoded). When it says no, a partial batch is not held for
             ``max_wait_ms``: waiting could only add latency.
+        thread_initializer: run once in the worker thread when it starts (e.g. the thread's torch settings).
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class MicroBatcher(Generic[T, R]):
         name: str = "inference",
         on_batch: Callable[[BatchStats], None] | None = None,
         more_coming: Callable[[], bool] | None = None,
+        thread_initializer: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -137,6 +140,7 @@ class MicroBatcher(Generic[T, R]):
         self._name = name
         self._on_batch = on_batch
         self._more_coming = more_coming
+        self._thread_initializer = thread_initializer
 
         self._queue: deque[_Pending[T, R]] = deque()
         self._in_flight: list[_Pending[T, R]] = []  # taken from the queue, not yet settled
@@ -182,9 +186,20 @@ class MicroBatcher(Generic[T, R]):
         if self._started:
             raise BatcherError(f"{self._name}: batcher was already started; build a new one instead of restarting")
         self._started = True
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=self._name, initializer=self._thread_initializer
+        )
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._name}-batcher")
+
+    async def run_in_worker(self, fn: Callable[[], V]) -> V:
+        """Run ``fn`` in the worker thread, between batches (e.g. the warm-up, on the thread that will infer).
+
+        Raises :class:`BatcherError` before :meth:`start` or after :meth:`stop`.
+        """
+        if self._executor is None or not self._accepting:
+            raise BatcherError(f"{self._name}: batcher is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def stop(self, *, drain: bool = True, timeout_s: float | None = None) -> None:
         """Stop accepting work, finish or fail what is pending, end the worker and shut the executor down.

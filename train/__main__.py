@@ -60,9 +60,11 @@ def _add_synth(subparsers: _Subparsers) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     import logging
 
+    from bayesnet import tune_allocator
     from train.fit import FitConfig, fit
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    tune_allocator()
     config = FitConfig(
         train_csv=args.train,
         valid_csv=args.valid,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bayesnet import BayesianEfficientNet, ModelModeError, ModelSpec, build_model, gradcam
-from bayesnet.gradcam import gradcam_autograd
+from bayesnet.gradcam import gradcam_autograd, normalise_maps
+from bayesnet.model import GridAlignment
 
 
 def test_fast_path_matches_autograd_for_all_14_classes_on_efficientnet_b0() -> None:
@@ -67,3 +68,28 @@ def test_refuses_training_mode(tiny_model: BayesianEfficientNet) -> None:
     tiny_model.train()
     with pytest.raises(ModelModeError):
         gradcam(tiny_model, torch.randn(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "scale", "offset"),
+    [((7, 7), (224, 224), 32.0, 15.5), ((7, 5), (96, 200), 32.0, 16.0), ((1, 3), (8, 30), 8.0, -3.0)],
+)
+def test_separable_resample_equals_border_clamped_bilinear_sampling(
+    grid: tuple[int, int], size: tuple[int, int], scale: float, offset: float
+) -> None:
+    """The two-matmul resample is exactly grid_sample(bilinear, border, align_corners=True) at the aligned grid."""
+    cams = torch.rand(2, 3, *grid, generator=torch.Generator().manual_seed(0))
+    alignment = GridAlignment(scale_y=scale, offset_y=offset, scale_x=scale, offset_x=offset)
+    got = normalise_maps(cams, size, alignment)
+
+    def coords(n_out: int, n_in: int) -> torch.Tensor:
+        cell = (torch.arange(n_out, dtype=torch.float32) - offset) / scale
+        return torch.zeros_like(cell) if n_in == 1 else cell / (n_in - 1) * 2.0 - 1.0
+
+    ys, xs = coords(size[0], grid[0]), coords(size[1], grid[1])
+    sample_at = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).unsqueeze(0).expand(6, -1, -1, -1)
+    sampled = torch.nn.functional.grid_sample(
+        cams.reshape(6, 1, *grid), sample_at, mode="bilinear", padding_mode="border", align_corners=True
+    ).reshape(2, 3, *size)
+    peak = sampled.amax(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(got, sampled / peak, atol=1e-5, rtol=0)
