@@ -107,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
             device=resolve_device(settings.device),
             autocast=settings.autocast,
             ood=loaded.ood,
+            freeze_trunk=settings.freeze_trunk,
         )
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
             batch_processor(predictor),

@@ -653,7 +653,14 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
     )
     with _process_group(dist):
         device = pick_device(settings.device, dist)
-        predictor = Predictor(loaded.model, loaded.spec, device=device, autocast=settings.autocast, ood=loaded.ood)
+        predictor = Predictor(
+            loaded.model,
+            loaded.spec,
+            device=device,
+            autocast=settings.autocast,
+            ood=loaded.ood,
+            freeze_trunk=settings.freeze_trunk,
+        )
         model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
         scorer = BatchScorer(
             predictor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from bayesnet import BayesianEfficientNet, ModelSpec, gradcam
 from bayesnet.decision import Decision, decide
+from bayesnet.frozen import FrozenGraphError, frozen_trunk
 from bayesnet.gradcam import cams_from_features
 from bayesnet.mc import MCPrediction, mc_from_trunk
 from bayesnet.ood import OODGate
@@ -70,6 +71,7 @@ class Predictor:
         device: torch.device,
         autocast: str = "auto",
         ood: OODGate | None = None,
+        freeze_trunk: bool = False,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -79,6 +81,17 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._autocast_dtype = self._pick_autocast(autocast)
         self._trained = [spec.label_index(label) for label in spec.trained_labels]
+        self._trunk: Callable[[Tensor], Tensor] = self.model.forward_features
+        # Built on the first run, i.e. on the thread that runs the model (bayesnet/runtime.py: one OpenMP team).
+        self._freeze_pending = freeze_trunk and device.type == "cpu" and self.model.head_only
+
+    def _freeze_trunk(self) -> None:
+        self._freeze_pending = False
+        example = torch.zeros(2, self.spec.in_chans, self.spec.image_size, self.spec.image_size)
+        try:
+            self._trunk = frozen_trunk(self.model, example)
+        except (FrozenGraphError, RuntimeError) as err:  # tracing is an optimisation: eager stays correct
+            log.warning("frozen CPU trunk unavailable, running it eagerly: %s", err)
 
     def _pick_autocast(self, mode: str) -> torch.dtype | None:
         if self.device.type != "cuda" or mode == "off":
@@ -105,6 +118,8 @@ class Predictor:
 
     def run(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
         """Process one batch; returns one result per request, in order."""
+        if self._freeze_pending:
+            self._freeze_trunk()
         x = torch.stack([r.tensor for r in requests]).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -112,7 +127,7 @@ class Predictor:
         results: list[InferenceResult | None] = [None] * len(requests)
         with torch.inference_mode(), self._precision():
             if self.model.head_only:
-                features = self.model.forward_features(x)
+                features = self._trunk(x)
                 trunk = self.model.pool(features)
             else:
                 trunk = self.model.forward_trunk(x)

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     warmup: bool = True
+    freeze_trunk: bool = Field(
+        default=True,
+        description="On CPU, run the deterministic trunk as a frozen TorchScript graph with BatchNorm folded "
+        "(bayesnet.frozen; checked against eager at start-up, eager if tracing fails)",
+    )
     tune_allocator: bool = Field(
         default=True,
         description="Raise glibc's malloc mmap/trim thresholds at start-up (bayesnet.tune_allocator): about 1.6-2x "
