@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-batch reliability demo-model wheelhouse image-smoke clean
+.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-batch bench-allocator reliability demo-model wheelhouse image-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,10 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service
 
-bench: bench-mc bench-serve bench-train bench-batch
+bench: bench-mc bench-serve bench-train bench-batch bench-allocator
+
+bench-allocator: $(STAMP)
+	$(PY) bench/allocator.py
 
 bench-mc: $(STAMP)
 	$(PY) bench/mc_cost.py

@@ -4,7 +4,7 @@ Prints images/s of
   (a) the batch scorer (``service.batch.BatchScorer``: decode-ahead thread pool, full batches, JSON lines
       written to a file), in this process after the model is loaded and warmed up;
   (b) the service over HTTP on loopback (a separate server process started as ``bench/serve.py`` does,
-      max batch 16), 16 concurrent clients posting the same files;
+      with the service's default settings), 16 concurrent clients posting the same files;
 for ``cams=none`` and ``cams=auto`` at T=20, and the ratio a/b; first the scorer alone at several batch sizes
 (``--sweep``), which is how its default batch size was chosen. Each measurement is repeated (``--repeats``)
 alternating a and b, and the best of each is compared, because the machine may be shared.
@@ -62,8 +62,13 @@ def main() -> None:
 
     settings = Settings(model_path=args.model, device=args.device)
     loaded = load_model(settings)
-    predictor = Predictor(
-        loaded.model, loaded.spec, device=torch.device(args.device), autocast=settings.autocast, ood=loaded.ood
+    predictor = Predictor(  # as service.batch builds it
+        loaded.model,
+        loaded.spec,
+        device=torch.device(args.device),
+        autocast=settings.autocast,
+        ood=loaded.ood,
+        freeze_trunk=settings.freeze_trunk,
     )
     predictor.warmup()
     model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
@@ -159,7 +164,10 @@ def measure(
             f"cams={cams}: batch scorer {runs_text(('batch', cams))} images/s; HTTP, 16 clients "
             f"{runs_text(('http', cams))} images/s; batch/HTTP = {a / b:.2f}"
         )
-    print(f"(batch scorer: batch size {batch_size}, {settings.decode_workers} decode threads; server: max batch 16)")
+    print(
+        f"(batch scorer: batch size {batch_size}, {settings.decode_workers} decode threads; "
+        f"server: max batch {settings.max_batch_images})"
+    )
 
 
 if __name__ == "__main__":
