@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the harness and the hostile corpus live with the tests
@@ -118,16 +119,48 @@ def phase_load(
     return report
 
 
+def server_latency_buckets(url: str, route: str = "/v1/predict") -> dict[str, dict[float, float]]:
+    """Cumulative counts of the server's own request-duration histogram for ``route``, by status: {status: {le: n}}."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "cxr_http_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and sample.labels.get("route") == route:
+                out.setdefault(sample.labels["status"], {})[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def server_quantile_ms(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], status: str, q: float
+) -> float:
+    """Upper bound (bucket edge) of the server-side ``q`` quantile of requests answered ``status`` in between."""
+    counts = {le: n - before.get(status, {}).get(le, 0.0) for le, n in after.get(status, {}).items()}
+    total = counts.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    for le in sorted(counts):
+        if counts[le] >= q * total:
+            return le * 1e3
+    return float("inf")
+
+
 def phase_overload(
     server: ServerProcess, images: list[bytes], capacity: float, burst_s: float, baseline: LoadReport, run: Run
 ) -> None:
     rate = 4 * capacity
     print(f"overload: {rate:.1f} requests/s (4 x capacity) for {burst_s:.0f} s", flush=True)
+    buckets_before = server_latency_buckets(server.url)
     burst = asyncio.run(steady_load(server.url, images, rate_per_s=rate, duration_s=burst_s, name="burst"))
+    buckets_after = server_latency_buckets(server.url)
+    shed_p95_ms = server_quantile_ms(buckets_before, buckets_after, "503", 0.95)
+    ok_p50_ms = server_quantile_ms(buckets_before, buckets_after, "200", 0.50)
     print(
         f"  {burst.summary()}; 503 p50/p95 {burst.percentile_ms(50, busy=True):.0f}/"
-        f"{burst.percentile_ms(95, busy=True):.0f} ms"
+        f"{burst.percentile_ms(95, busy=True):.0f} ms at the client (which shares the 2 cores and queues too)"
     )
+    print(f"  server side (its latency histogram): 503 p95 <= {shed_p95_ms:.0f} ms, 200 p50 <= {ok_p50_ms:.0f} ms")
     run.count(burst, shedding=True)
     shed = burst.statuses[503]
     shed_ok = run.check(
@@ -136,10 +169,12 @@ def phase_overload(
         f"{burst.statuses[200]} ok, {shed} shed, {burst.busy_without_retry_after} without Retry-After, "
         f"{burst.lost} lost",
     )
+    # Judged where the service is in control: from the request reaching the app to its answer. At 4 x capacity
+    # on a shared 2-core machine the client-side figures also hold the load generator's own queueing.
     fast_ok = run.check(
-        "overload: 503s answered faster than accepted requests",
-        shed > 0 and burst.percentile_ms(95, busy=True) < burst.percentile_ms(50),
-        f"503 p95 {burst.percentile_ms(95, busy=True):.0f} ms vs 200 p50 {burst.percentile_ms(50):.0f} ms",
+        "overload: 503s answered faster than accepted requests (server side)",
+        shed > 0 and shed_p95_ms < ok_p50_ms,
+        f"503 p95 <= {shed_p95_ms:.0f} ms vs 200 p50 <= {ok_p50_ms:.0f} ms (histogram bucket edges)",
     )
     asyncio.run(wait_idle(server.url))
     after = asyncio.run(

@@ -260,18 +260,7 @@ class MicroBatcher(Generic[T, R]):
         ``process`` raised if this item's batch failed. If the awaiting task is cancelled, the item is removed
         from the queue, so the model never sees it unless its batch had already started.
         """
-        if self._last_error is not None:
-            raise self._worker_died_error(self._last_error)
-        if not self._accepting:
-            state = "stopping" if self._task is not None else "not started"
-            raise BatcherClosedError(f"{self._name}: batcher is {state} and takes no new items")
-        if len(self._queue) >= self._max_queue:
-            retry_after_s = self._retry_after_s()
-            raise QueueFullError(
-                f"{self._name}: inference queue is full ({self._max_queue} items waiting); "
-                f"retry in about {retry_after_s:.0f} s",
-                retry_after_s=retry_after_s,
-            )
+        self.admit()
         loop = asyncio.get_running_loop()
         entry: _Pending[T, R] = _Pending(item, loop.create_future(), loop.time())
         self._queue.append(entry)
@@ -281,6 +270,28 @@ class MicroBatcher(Generic[T, R]):
         except asyncio.CancelledError:
             self._forget(entry)
             raise
+
+    def admit(self, pending: int = 0) -> None:
+        """Raise what :meth:`submit` would raise now if ``pending`` items were already queued ahead of one more.
+
+        Callers that do work before submitting (decoding an upload) call this first, counting the items already
+        on their way (``pending``), so an overloaded service sheds a request before spending anything on it.
+
+        Raises:
+            BatcherError: the worker died. BatcherClosedError: not accepting. QueueFullError: no room.
+        """
+        if self._last_error is not None:
+            raise self._worker_died_error(self._last_error)
+        if not self._accepting:
+            state = "stopping" if self._task is not None else "not started"
+            raise BatcherClosedError(f"{self._name}: batcher is {state} and takes no new items")
+        if len(self._queue) + pending >= self._max_queue:
+            retry_after_s = self._retry_after_s()
+            raise QueueFullError(
+                f"{self._name}: inference queue is full ({self._max_queue} items waiting or being decoded); "
+                f"retry in about {retry_after_s:.0f} s",
+                retry_after_s=retry_after_s,
+            )
 
     def _forget(self, entry: _Pending[T, R]) -> None:
         """Drop a cancelled caller's item if it is still queued (frees its slot at once)."""

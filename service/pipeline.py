@@ -149,6 +149,9 @@ class PredictionPipeline:
         """One upload -> (response, size of the batch it ran in)."""
         wanted = self.parse_cams(cams)
         n_samples = mc_samples if mc_samples is not None else self.default_samples
+        # Admission control before any work: uploads being decoded count against the queue bound, so a burst
+        # beyond capacity is shed with a 503 at once instead of piling up in the decode pool.
+        self.batcher.admit(pending=self._decoding)
         self._decoding += 1
         try:
             image, tensor = await self.decode(data)

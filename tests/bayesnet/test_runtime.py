@@ -21,7 +21,7 @@ PROBE = textwrap.dedent(
     with torch.inference_mode():
         net(x)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(20):
+        for _ in range(50):
             net(x)
     print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """
@@ -43,10 +43,10 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
     _, default_faults = probe("default")
     applied, tuned_faults = probe("tuned")
     assert applied
-    # Default glibc gives each 1.6 MB activation back on free and faults it in again on the next call
-    # (about 23,000 minor faults over these 20 calls here); tuned, the heap reuses the same blocks.
-    assert default_faults > 2000
-    assert tuned_faults < default_faults / 10
+    # Default glibc gives 1.6 MB activations back on free and faults them in again on a later call (1,500 to
+    # 61,000 minor faults over 20 such calls in our runs, depending on how its dynamic threshold settles);
+    # tuned, the heap reuses the same blocks and only first touches fault (0 to about 400).
+    assert default_faults > 3 * max(tuned_faults, 500), (default_faults, tuned_faults)
 
 
 def test_an_allocator_the_environment_chose_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -240,6 +240,28 @@ def test_full_queue_rejects_at_once_with_retry_after(gate: Gate) -> None:
     run(scenario())
 
 
+def test_admit_counts_items_still_on_their_way(gate: Gate) -> None:
+    async def scenario() -> None:
+        batcher = make(gate.process, max_batch_size=1, max_queue=3, max_wait_ms=1)
+        with pytest.raises(BatcherClosedError):
+            batcher.admit()  # not started
+        await batcher.start()
+        held = await hold_one_batch(batcher, gate, 10)
+        waiting = await queue(batcher, [11])
+        batcher.admit(pending=1)  # 1 queued + 1 being decoded + this one: fits in 3
+        with pytest.raises(QueueFullError, match="waiting or being decoded") as caught:
+            batcher.admit(pending=2)  # 1 queued + 2 being decoded: the next one would not fit
+        assert caught.value.retry_after_s >= 1
+        gate.release.set()
+        assert [await held, *await asyncio.gather(*waiting)] == [20, 22]
+        batcher.admit(pending=2)  # the queue drained
+        await batcher.stop()
+        with pytest.raises(BatcherClosedError):
+            batcher.admit()
+
+    run(scenario())
+
+
 def test_cancelled_submit_is_dropped_before_inference(gate: Gate) -> None:
     stats: list[BatchStats] = []
 
