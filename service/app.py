@@ -25,11 +25,11 @@ from bayesnet import model_thread, single_threaded_torch, tune_allocator
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, ObservabilityMiddleware
+from service.middleware import AdmissionMiddleware, BodyLimitMiddleware, ObservabilityMiddleware
 from service.model_loading import LoadedModel, load_model
 from service.pipeline import Job, JobResult, PredictionPipeline, batch_processor
 from service.predictor import Predictor, resolve_device
-from service.routes import STATIC_DIR, router
+from service.routes import PREDICT_PATHS, STATIC_DIR, router
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -182,6 +182,17 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["Content-Type", "X-API-Key", "Authorization", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+
+    def retry_after_s() -> float:
+        return state.batcher.retry_after_s() if state.batcher is not None else 1.0
+
+    app.add_middleware(
+        AdmissionMiddleware,
+        paths=PREDICT_PATHS,
+        # The queue plus one batch in flight: beyond that a request could only wait to be refused.
+        max_in_flight=settings.max_queue + settings.max_batch_images,
+        retry_after_s=retry_after_s,
+    )
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: sees every response
     return app

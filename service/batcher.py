@@ -286,7 +286,7 @@ class MicroBatcher(Generic[T, R]):
             state = "stopping" if self._task is not None else "not started"
             raise BatcherClosedError(f"{self._name}: batcher is {state} and takes no new items")
         if len(self._queue) + pending >= self._max_queue:
-            retry_after_s = self._retry_after_s()
+            retry_after_s = self.retry_after_s()
             raise QueueFullError(
                 f"{self._name}: inference queue is full ({self._max_queue} items waiting or being decoded); "
                 f"retry in about {retry_after_s:.0f} s",
@@ -301,7 +301,7 @@ class MicroBatcher(Generic[T, R]):
             return  # already taken into a batch; the worker skips it because its future is cancelled
         self._dropped_unreported += 1
 
-    def _retry_after_s(self) -> float:
+    def retry_after_s(self) -> float:
         """Whole seconds until the queue has probably drained a batch's worth: recent batch latency x batches ahead.
 
         At least 1 s: a client told to retry immediately would just hit the full queue again.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -179,32 +180,57 @@ async def _drain(receive: Receive) -> None:
 
 
 async def _send_too_large(scope: Scope, send: Send, limit: int, *, drain: Receive | None) -> None:
-    """Send the 413 problem at once; with ``drain``, discard the rest of the body before completing it.
+    """Send the 413 problem at once; with ``drain``, discard the rest of the body before completing it."""
+    await _send_problem(
+        scope,
+        send,
+        status=413,
+        title="Upload too large",
+        detail=f"The request body exceeds the limit of {limit} bytes; send a smaller image "
+        "(downsample or compress it) or raise CXR_MAX_UPLOAD_BYTES.",
+        error_type="UploadTooLarge",
+        drain=drain,
+    )
+
+
+async def _send_problem(
+    scope: Scope,
+    send: Send,
+    *,
+    status: int,
+    title: str,
+    detail: str,
+    error_type: str,
+    drain: Receive | None,
+    headers: dict[str, str] | None = None,
+    close: bool = True,
+) -> None:
+    """Send a problem at once, before the app read the body; with ``drain``, discard the body, then complete.
 
     The status line and the problem go out first, so the client can see the refusal while it is still
-    sending; the response is completed (and the connection closed) only after the drain.
+    sending; the response is completed (and the connection closed) only after the drain: closing with
+    unread bytes would make the kernel reset the connection and the client would never read the answer.
     """
-    request_id = scope.get("state", {}).get("request_id")
     body: dict[str, Any] = {
         "type": "about:blank",
-        "title": "Upload too large",
-        "status": 413,
-        "detail": f"The request body exceeds the limit of {limit} bytes; send a smaller image "
-        "(downsample or compress it) or raise CXR_MAX_UPLOAD_BYTES.",
+        "title": title,
+        "status": status,
+        "detail": detail,
         "instance": scope.get("path"),
-        "request_id": request_id,
+        "request_id": scope.get("state", {}).get("request_id"),
     }
-    state = scope.setdefault("state", {})
-    state["error_type"] = "UploadTooLarge"
+    scope.setdefault("state", {})["error_type"] = error_type
     payload = json.dumps(body).encode()
+    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
+                *([(b"connection", b"close")] if close else []),
+                *extra,
             ],
         }
     )
@@ -212,3 +238,57 @@ async def _send_too_large(scope: Scope, send: Send, limit: int, *, drain: Receiv
     if drain is not None:
         await _drain(drain)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class AdmissionMiddleware:
+    """Sheds prediction requests beyond ``max_in_flight`` with a 503 before their upload is parsed.
+
+    The batcher's bounded queue sheds only after an upload has been received, parsed and decoded; when
+    requests arrive several times faster than the model serves them, receiving uploads alone saturates
+    the event loop and even the refusals come late. Counting prediction requests inside the app (parsing,
+    decoding, queued or in a batch) and refusing the excess at arrival keeps the refusals fast. Behind
+    nginx, which buffers request bodies, slow clients do not hold these slots.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        paths: frozenset[str],
+        max_in_flight: int,
+        retry_after_s: Callable[[], float],
+    ) -> None:
+        self.app = app
+        self.paths = paths
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            # The body is read and discarded (BodyLimitMiddleware, outside, still bounds it) before answering:
+            # cheap next to parsing and decoding it, and the connection stays usable for the client's retry.
+            if not _expects_continue(scope):
+                while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
+                    pass
+            retry = max(1, math.ceil(self.retry_after_s()))
+            await _send_problem(
+                scope,
+                send,
+                status=503,
+                title="Server busy",
+                detail=f"{self.in_flight} predictions are already in progress; retry after the indicated delay.",
+                error_type="QueueFullError",
+                drain=None,
+                headers={"Retry-After": str(retry)},
+                close=_expects_continue(scope),
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

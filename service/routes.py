@@ -41,6 +41,8 @@ from service.state import ServiceState
 router = APIRouter()
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: Routes whose requests go through the model: AdmissionMiddleware bounds how many are in progress.
+PREDICT_PATHS = frozenset({"/v1/predict", "/predict", "/v1/predict/batch"})
 
 _ERRORS = {
     status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
