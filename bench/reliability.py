@@ -152,13 +152,13 @@ def phase_overload(
     rate = 4 * capacity
     print(f"overload: {rate:.1f} requests/s (4 x capacity) for {burst_s:.0f} s", flush=True)
     buckets_before = server_latency_buckets(server.url)
-    burst = asyncio.run(steady_load(server.url, images, rate_per_s=rate, duration_s=burst_s, name="burst"))
+    burst = asyncio.run(steady_load(server.url, images, rate_per_s=rate, duration_s=burst_s, name="burst", lean=True))
     buckets_after = server_latency_buckets(server.url)
     shed_p95_ms = server_quantile_ms(buckets_before, buckets_after, "503", 0.95)
     ok_p50_ms = server_quantile_ms(buckets_before, buckets_after, "200", 0.50)
     print(
         f"  {burst.summary()}; 503 p50/p95 {burst.percentile_ms(50, busy=True):.0f}/"
-        f"{burst.percentile_ms(95, busy=True):.0f} ms at the client (which shares the 2 cores and queues too)"
+        f"{burst.percentile_ms(95, busy=True):.0f} ms at the client (lean raw-socket generator, same 2 cores)"
     )
     print(f"  server side (its latency histogram): 503 p95 <= {shed_p95_ms:.0f} ms, 200 p50 <= {ok_p50_ms:.0f} ms")
     run.count(burst, shedding=True)
@@ -169,12 +169,14 @@ def phase_overload(
         f"{burst.statuses[200]} ok, {shed} shed, {burst.busy_without_retry_after} without Retry-After, "
         f"{burst.lost} lost",
     )
-    # Judged where the service is in control: from the request reaching the app to its answer. At 4 x capacity
-    # on a shared 2-core machine the client-side figures also hold the load generator's own queueing.
+    # Judged at the client (the burst uses the lean raw-socket generator, so its own queueing stays small on the
+    # shared 2 cores) and by the server's own histogram, from the request reaching the app to its answer.
+    client_shed_p95_ms, client_ok_p50_ms = burst.percentile_ms(95, busy=True), burst.percentile_ms(50)
     fast_ok = run.check(
-        "overload: 503s answered faster than accepted requests (server side)",
-        shed > 0 and shed_p95_ms < ok_p50_ms,
-        f"503 p95 <= {shed_p95_ms:.0f} ms vs 200 p50 <= {ok_p50_ms:.0f} ms (histogram bucket edges)",
+        "overload: 503s answered faster than accepted requests (client and server side)",
+        shed > 0 and shed_p95_ms < ok_p50_ms and client_shed_p95_ms < client_ok_p50_ms,
+        f"503 p95 {client_shed_p95_ms:.0f} ms vs 200 p50 {client_ok_p50_ms:.0f} ms at the client; server histogram "
+        f"503 p95 <= {shed_p95_ms:.0f} ms vs 200 p50 <= {ok_p50_ms:.0f} ms (bucket edges)",
     )
     asyncio.run(wait_idle(server.url))
     after = asyncio.run(

@@ -22,11 +22,15 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
 import psutil
 from PIL import Image
+
+from bench.loadgen import KeepAliveConnection, ProtocolError
+from bench.loadgen import multipart_request as prebuilt_request
 
 REPO = Path(__file__).resolve().parents[2]
 FAULTY_SERVER = Path(__file__).resolve().parent / "faulty_server.py"
@@ -210,6 +214,25 @@ async def _one_request(
     return response
 
 
+async def _one_lean_request(url: httpx.URL, request: bytes, report: LoadReport, timeout_s: float) -> None:
+    """One pre-built request on a fresh raw connection (bench/loadgen.py): a few percent of httpx's CPU."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s), KeepAliveConnection(url.host, url.port or 80) as connection:
+            response = await connection.send(request)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+        report.lost += 1
+        return
+    elapsed = time.perf_counter() - started
+    report.statuses[response.status] += 1
+    if response.status == 200:
+        report.ok_latencies_s.append(elapsed)
+    elif response.status == 503:
+        report.busy_latencies_s.append(elapsed)
+        if "retry-after" not in response.headers:
+            report.busy_without_retry_after += 1
+
+
 async def steady_load(
     url: str,
     images: Sequence[bytes],
@@ -219,6 +242,7 @@ async def steady_load(
     name: str = "load",
     params: dict[str, str] | None = None,
     timeout_s: float = 120.0,
+    lean: bool = False,
 ) -> LoadReport:
     """Open-loop load: one request every ``1 / rate_per_s`` seconds for ``duration_s``, whatever the answers.
 
@@ -227,6 +251,25 @@ async def steady_load(
     """
     report = LoadReport(name, rate_per_s, duration_s)
     query = params or {"cams": "none"}
+    if lean:  # for bursts far beyond capacity: the generator must not starve the server it measures
+        target = httpx.URL(url)
+        host = f"{target.host}:{target.port}"
+        prebuilt = [
+            prebuilt_request("/v1/predict", host, "file", "cxr.png", "image/png", image, query=urlencode(query))
+            for image in images
+        ]
+        lean_tasks = []
+        lean_started = time.perf_counter()
+        for i in range(int(rate_per_s * duration_s)):
+            delay = lean_started + i / rate_per_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lean_tasks.append(
+                asyncio.create_task(_one_lean_request(target, prebuilt[i % len(prebuilt)], report, timeout_s))
+            )
+            report.sent += 1
+        await asyncio.gather(*lean_tasks)
+        return report
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
         tasks = []
