@@ -72,7 +72,8 @@ class ObservabilityMiddleware:
         finally:
             elapsed_s = time.perf_counter() - started
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            # Requests refused before routing (AdmissionMiddleware) name their route template in the state.
+            template = getattr(route, "path", None) or scope.get("state", {}).get("route_template") or "unmatched"
             status = status_holder["status"]
             self.metrics.requests.labels(route=template, method=scope["method"], status=str(status)).inc()
             self.metrics.latency.labels(route=template, status=str(status)).observe(elapsed_s)
@@ -269,6 +270,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
+            scope.setdefault("state", {})["route_template"] = scope["path"]  # the paths are their own templates
             # The body is read and discarded (BodyLimitMiddleware, outside, still bounds it) before answering:
             # cheap next to parsing and decoding it, and the connection stays usable for the client's retry.
             if not _expects_continue(scope):
