@@ -62,13 +62,17 @@ def main() -> None:
 
     settings = Settings(model_path=args.model, device=args.device)
     loaded = load_model(settings)
+    device = torch.device(args.device)
+    sizes = [args.batch_size or default_batch_size(device, settings.max_batch_images)]
+    sizes += [int(size) for size in args.sweep.split(",") if size.strip()]
     predictor = Predictor(  # as service.batch builds it
         loaded.model,
         loaded.spec,
-        device=torch.device(args.device),
+        device=device,
         autocast=settings.autocast,
         ood=loaded.ood,
         freeze_trunk=settings.freeze_trunk,
+        max_batch=max(sizes),
     )
     predictor.warmup()
     model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)

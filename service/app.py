@@ -108,6 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             autocast=settings.autocast,
             ood=loaded.ood,
             freeze_trunk=settings.freeze_trunk,
+            max_batch=settings.max_batch_images,
         )
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
             batch_processor(predictor),

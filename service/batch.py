@@ -653,6 +653,7 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
     )
     with _process_group(dist):
         device = pick_device(settings.device, dist)
+        batch_size = args.batch_size or default_batch_size(device, settings.max_batch_images)
         predictor = Predictor(
             loaded.model,
             loaded.spec,
@@ -660,6 +661,7 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
             autocast=settings.autocast,
             ood=loaded.ood,
             freeze_trunk=settings.freeze_trunk,
+            max_batch=batch_size,
         )
         model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
         scorer = BatchScorer(
@@ -667,7 +669,7 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
             model_ref,
             n_samples=settings.mc_samples or loaded.spec.mc_samples,
             cams=cams,
-            batch_size=args.batch_size or default_batch_size(device, settings.max_batch_images),
+            batch_size=batch_size,
             decode_workers=settings.decode_workers,
             max_pixels=settings.max_pixels,
             reject_ood=settings.ood_action == "reject",

@@ -57,7 +57,9 @@ def encode_rgba_png(rgba: np.ndarray, *, compress_level: int = 1) -> bytes:
 
 def heatmap_rgba(intensity: np.ndarray) -> np.ndarray:
     """``(H, W)`` map in [0, 1] -> ``(H, W, 4)`` uint8: warm colour ramp, alpha = intensity (8-bit)."""
-    levels = (np.clip(intensity, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    # C order whatever the input's layout: the view below needs it, and maps computed in channels_last on a
+    # GPU arrive transposed in memory.
+    levels = (np.clip(intensity, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8, order="C")
     rgba: np.ndarray = _RAMP[levels].view(np.uint8).reshape(*levels.shape, 4)
     return rgba
 

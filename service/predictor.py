@@ -72,7 +72,17 @@ class Predictor:
         autocast: str = "auto",
         ood: OODGate | None = None,
         freeze_trunk: bool = False,
+        max_batch: int | None = None,
+        pad_batches: bool | None = None,
     ) -> None:
+        """``max_batch``: the most images one ``run`` gets (the batcher's limit).
+
+        ``pad_batches`` (default: on CUDA): pad each batch with blank images up to a size in
+        :func:`batch_buckets` and warm every such size up, so the network only ever sees a handful of
+        shapes. cuDNN pays 1.5-2.7 s the first time it meets an input shape in fp16 or channels_last (measured
+        on an H200, docs/benchmarks.md); unpadded, every new batch size stalled live requests by that much.
+        On a CPU a new shape costs nothing and padding would only add work.
+        """
         self.spec = spec
         self.device = device
         self.model = model.to(device).eval()
@@ -84,6 +94,8 @@ class Predictor:
         self._trunk: Callable[[Tensor], Tensor] = self.model.forward_features
         # Built on the first run, i.e. on the thread that runs the model (bayesnet/runtime.py: one OpenMP team).
         self._freeze_pending = freeze_trunk and device.type == "cpu" and self.model.head_only
+        pad = device.type == "cuda" if pad_batches is None else pad_batches
+        self.buckets: tuple[int, ...] = batch_buckets(max_batch) if pad and max_batch else ()
 
     def _freeze_trunk(self) -> None:
         self._freeze_pending = False
@@ -96,11 +108,9 @@ class Predictor:
     def _pick_autocast(self, mode: str) -> torch.dtype | None:
         if self.device.type != "cuda" or mode == "off":
             return None  # on CPU, fp32 is both the fastest and the exact path for 2-core machines
-        if mode == "fp16":
-            return torch.float16
-        if mode == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
+        # auto is fp16: bf16 keeps 8 mantissa bits and moved the demo model's probabilities by up to 0.34 on
+        # real films (fp16: 0.02; bench/precision.py, docs/benchmarks.md). bf16 only when asked for.
+        return torch.bfloat16 if mode == "bf16" else torch.float16
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
@@ -111,26 +121,38 @@ class Predictor:
                 yield
 
     def warmup(self) -> None:
-        """One real batch through every code path (trunk, stacked head, Grad-CAM)."""
+        """One real batch through every code path (trunk, stacked head, Grad-CAM); each bucket size when padding."""
         size = self.spec.image_size
         dummy = torch.zeros(self.spec.in_chans, size, size)
         self.run([InferenceRequest(dummy, self.spec.mc_samples, AUTO), InferenceRequest(dummy, 2, (0,))])
+        for bucket in self.buckets:
+            self.run([InferenceRequest(dummy, self.spec.mc_samples, (0,))] * bucket)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        """``x`` with blank rows appended up to the smallest bucket that holds it (unchanged without buckets)."""
+        n = x.shape[0]
+        target = next((b for b in self.buckets if b >= n), n)
+        if target == n:
+            return x
+        return torch.cat([x, x.new_zeros((target - n, *x.shape[1:]))])
 
     def run(self, requests: Sequence[InferenceRequest]) -> list[InferenceResult]:
         """Process one batch; returns one result per request, in order."""
         if self._freeze_pending:
             self._freeze_trunk()
-        x = torch.stack([r.tensor for r in requests]).to(self.device, non_blocking=True)
+        n = len(requests)
+        x = self._padded(torch.stack([r.tensor for r in requests])).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         features: Tensor | None = None
-        results: list[InferenceResult | None] = [None] * len(requests)
+        results: list[InferenceResult | None] = [None] * n
         with torch.inference_mode(), self._precision():
+            # The trunk runs on the padded batch; everything after it sees the real rows only.
             if self.model.head_only:
-                features = self._trunk(x)
+                features = self._trunk(x)[:n]
                 trunk = self.model.pool(features)
             else:
-                trunk = self.model.forward_trunk(x)
+                trunk = self.model.forward_trunk(x)[:n]
             scores = self._ood_scores(trunk)
             for n_samples, idx in _group_by_samples(requests):
                 pred = mc_from_trunk(self.model, trunk[idx], n_samples, return_samples=True)
@@ -201,11 +223,17 @@ class Predictor:
                 with torch.inference_mode():
                     maps = cams_from_features(self.model, features[rows].float(), wanted, size)
             else:
-                maps = gradcam(self.model, x[rows], wanted)
+                maps = gradcam(self.model, self._padded(x[rows]), wanted)[: len(rows)]
         maps_np = maps.float().cpu().numpy()
         for row, i in enumerate(rows):
             for k in dict(cam_requests)[i]:
                 results[i].cams[k] = maps_np[row, wanted.index(k)]
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a padded batch takes: powers of two below ``max_batch``, and ``max_batch`` itself."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return (*sizes, max_batch)
 
 
 def _group_by_samples(requests: Sequence[InferenceRequest]) -> list[tuple[int, list[int]]]:

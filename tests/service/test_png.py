@@ -52,6 +52,20 @@ def test_heatmap_alpha_is_the_intensity_and_colour_warms_with_it() -> None:
     assert (np.diff(rgba.reshape(-1, 4)[order].astype(int), axis=0) >= 0).all()
 
 
+@pytest.mark.parametrize("layout", ["transposed", "fortran", "strided"])
+def test_maps_in_any_memory_layout_encode_like_their_c_order_copy(layout: str) -> None:
+    # Grad-CAM maps computed in channels_last on a GPU reach the encoder transposed in memory (found on an H200).
+    base = smooth_map(4, size=64)
+    views = {
+        "transposed": np.ascontiguousarray(base.T).T,
+        "fortran": np.asfortranarray(base),
+        "strided": base[::2, ::2],
+    }
+    view = views[layout]
+    assert not view.flags.c_contiguous
+    assert heatmap_png(view) == heatmap_png(np.ascontiguousarray(view))
+
+
 def test_smooth_maps_compress_well() -> None:
     raw_bytes = 224 * 224 * 4
     png = heatmap_png(smooth_map(3))

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one bounded run, for a machine with a CUDA GPU and PyTorch installed.
+#
+#   [STEPS="gpu-tests serve-demo ..."] bench/gpu_session.sh [FILMS_DIR]
+#
+# The whole log goes to $OUT/gpu.log (default /tmp/gpu-out); STEPS runs only the steps named.
+#
+# Order = value: the CUDA tests (tests/gpu: device results against the CPU's), the serving benchmark
+# (demo model, then the product's EfficientNet-B0), training throughput with AMP, what fp16/bf16 do to the
+# answers, the archive scorer, the MC cost. Each step has its own time limit, so one stuck step cannot
+# eat the others' time; the GPU's server settings (bigger batches, more decode threads) are set here.
+# FILMS_DIR: radiographs for bench/precision.py (default: ../shared's NIH sample, else synthetic films).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+FILMS=${1:-}
+export PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+PY=${PY:-python3}
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        return 0
+    fi
+    local start
+    start=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    echo "=== $name rc=$rc in $(($(date +%s) - start)) s" | tee -a "$LOG"
+    tail -n "${TAIL:-25}" "$LOG" | grep -v '^===' | tail -n "${TAIL:-25}"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    nproc
+    $PY -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__, torch.cuda.get_device_name())'
+} 2>&1 | tee -a "$LOG"
+
+# GPU serving settings (the k8s GPU overlay's kind of values): batches of up to 32 images, 8 decode threads.
+export CXR_DECODE_WORKERS=8
+
+step gpu-tests 150 $PY -m pytest tests/gpu -q -p no:cacheprovider -W default
+step serve-demo 100 $PY bench/serve.py --max-batch-images 32 --clients 64 --limit-seconds 0.5 \
+    --requests-per-client 4 --single-client-requests 12
+step serve-b0 100 $PY bench/serve.py --untrained-arch efficientnet_b0 --max-batch-images 32 --clients 64 \
+    --limit-seconds 0.5 --requests-per-client 4 --single-client-requests 12
+step train-throughput 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 64 --steps 8
+step train-throughput-256 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 256 --steps 6
+step precision 45 $PY bench/precision.py ${FILMS:+--images "$FILMS"} --n 64
+step batch-scorer 75 env CXR_MAX_BATCH_IMAGES=32 $PY bench/batch_scorer.py --images 64 --repeats 1 --sweep 32,64
+step mc-cost 30 $PY bench/mc_cost.py --batch 32
+date -u | tee -a "$LOG"

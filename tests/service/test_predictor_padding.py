@@ -1,0 +1,75 @@
+"""Batch padding (on by default on CUDA): the network sees a few fixed batch sizes, the answers do not change.
+
+cuDNN pays seconds the first time it meets an input shape (docs/benchmarks.md, measured on an H200), so on
+a GPU the predictor pads each batch with blank images up to a bucket size and warms every bucket up. These
+tests force padding on the CPU, where the arithmetic is the same, and check both halves of that promise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bayesnet import ModelSpec, build_model
+from service.predictor import AUTO, InferenceRequest, Predictor, batch_buckets
+
+CPU = torch.device("cpu")
+
+
+def stem_batch_sizes(predictor: Predictor) -> list[int]:
+    sizes: list[int] = []
+    predictor.model.conv_stem.register_forward_hook(lambda _m, inputs, _o: sizes.append(inputs[0].shape[0]))
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "buckets"),
+    [(1, (1,)), (2, (1, 2)), (4, (1, 2, 4)), (6, (1, 2, 4, 6)), (32, (1, 2, 4, 8, 16, 32))],
+)
+def test_buckets_are_powers_of_two_up_to_the_batch_limit(max_batch: int, buckets: tuple[int, ...]) -> None:
+    assert batch_buckets(max_batch) == buckets
+
+
+def test_padding_is_off_on_the_cpu_unless_asked_for() -> None:
+    spec = ModelSpec(arch="test_efficientnet", image_size=64)
+    assert Predictor(build_model(spec), spec, device=CPU, max_batch=8).buckets == ()
+    assert Predictor(build_model(spec), spec, device=CPU, max_batch=8, pad_batches=True).buckets == (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("mc_dropout_blocks", [0, 1], ids=["head-only", "stochastic-blocks"])
+def test_padded_batches_give_the_unpadded_answers(mc_dropout_blocks: int) -> None:
+    spec = ModelSpec(arch="test_efficientnet", image_size=64, mc_dropout_blocks=mc_dropout_blocks)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    x = torch.rand(3, 1, 64, 64)
+    requests = [InferenceRequest(x[0], 8, AUTO), InferenceRequest(x[1], 4, (0, 5)), InferenceRequest(x[2], 8, ())]
+    plain = Predictor(model, spec, device=CPU)
+    padded = Predictor(model, spec, device=CPU, max_batch=8, pad_batches=True)
+    sizes = stem_batch_sizes(padded)
+    torch.manual_seed(1)
+    want = plain.run(requests)
+    sizes.clear()
+    torch.manual_seed(1)
+    got = padded.run(requests)
+    assert sizes[0] == 4  # 3 images ran as a batch of 4
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(torch.from_numpy(b.mean), torch.from_numpy(a.mean), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(b.variance), torch.from_numpy(a.variance), atol=1e-6, rtol=0)
+        assert a.decisions == b.decisions
+        assert a.cams.keys() == b.cams.keys()
+        for k in a.cams:
+            torch.testing.assert_close(torch.from_numpy(b.cams[k]), torch.from_numpy(a.cams[k]), atol=1e-4, rtol=0)
+    assert got[1].cams.keys() == {0, 5}
+
+
+def test_warm_up_runs_every_bucket_size_once_so_live_batches_meet_no_new_shape() -> None:
+    spec = ModelSpec(arch="test_efficientnet", image_size=64)
+    predictor = Predictor(build_model(spec), spec, device=CPU, max_batch=6, pad_batches=True)
+    sizes = stem_batch_sizes(predictor)
+    predictor.warmup()
+    assert set(sizes) == {1, 2, 4, 6}
+    sizes.clear()
+    x = torch.rand(1, 64, 64)
+    for n in range(1, 7):
+        predictor.run([InferenceRequest(x, 2, ())] * n)
+    assert sizes == [1, 2, 4, 4, 6, 6]
