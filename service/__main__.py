@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.app import create_app
     from service.logs import configure_logging
+    from service.server import DrainingServer
     from service.settings import Settings
 
     overrides = {
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(**overrides)
     configure_logging(settings.log_level, json_lines=settings.log_json)
     app = create_app(settings)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=settings.host,

@@ -234,7 +234,8 @@ def test_a_worker_restart_while_requests_flow_loses_nothing(stack: Stack) -> Non
     for sender in senders:
         sender.join(timeout=60)
     assert len(statuses) > 10
-    assert set(statuses) == {200}, statuses
+    nginx_errors = [line for line in (stack.log_dir / "nginx-error.log").read_text().splitlines() if "upstream" in line]
+    assert set(statuses) == {200}, (statuses, nginx_errors[-5:])
 
 
 def _worker_pids(master: int) -> list[int]:
