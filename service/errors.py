@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from bayesnet.errors import (
     EmptyImageError,
@@ -156,6 +157,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, ClientDisconnect):
+            # FastAPI reports any failure while parsing the body as a 400, a client that hung up mid-upload
+            # too; nobody receives this answer, and the logs and metrics should count it as what it was.
+            request.state.error_type = "ClientDisconnect"
+            return problem_response(
+                request, 499, "Client closed the connection", "The client hung up before its upload was complete."
+            )
         request.state.error_type = f"HTTP{exc.status_code}"
         headers = dict(exc.headers or {})
         title = {404: "Not found", 405: "Method not allowed", 400: "Bad request"}.get(exc.status_code, "HTTP error")

@@ -166,6 +166,9 @@ def test_a_client_hanging_up_mid_upload_costs_nothing_and_others_are_unaffected(
         line for line in metrics.splitlines() if line.startswith("cxr_http_requests_total") and 'status="5' in line
     ]
     assert server_errors == []
+    # Counted as what they were (a client that hung up: 499), not as bad requests (400).
+    assert metric_value(metrics, 'cxr_http_requests_total{method="POST",route="/v1/predict",status="499"}') == 3
+    assert 'status="400"' not in metrics
     _wait_until(lambda: _no_connections_or_tasks_left(live))
 
 
