@@ -111,7 +111,11 @@ def create_app(settings: Settings) -> FastAPI:
             max_batch=settings.max_batch_images,
         )
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
-            batch_processor(predictor),
+            batch_processor(
+                predictor,
+                threads=intraop_threads if predictor.device.type == "cpu" else None,
+                busy_threads=settings.busy_torch_threads if predictor.device.type == "cpu" else None,
+            ),
             max_batch_size=settings.max_batch_images,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,

@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=60.0, gt=0)
     decode_workers: int = Field(default=2, ge=1, le=64, description="Threads decoding/preprocessing uploads")
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads; None: torch default")
+    busy_torch_threads: int | None = Field(
+        default=1,
+        ge=1,
+        description="CPU: torch threads for a batch of several images (requests are queueing). 1 leaves the other "
+        "cores to decoding, heatmaps and HTTP (1.3x the cams=auto throughput on 2 cores, docs/benchmarks.md); a "
+        "single-image batch uses torch_threads for the lowest latency. None: torch_threads for every batch",
+    )
     cors_origins: list[str] = Field(default_factory=list)
     api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted X-API-Key values; empty: open")
     autocast: Literal["auto", "off", "fp16", "bf16"] = Field(

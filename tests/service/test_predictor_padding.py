@@ -73,3 +73,29 @@ def test_warm_up_runs_every_bucket_size_once_so_live_batches_meet_no_new_shape()
     for n in range(1, 7):
         predictor.run([InferenceRequest(x, 2, ())] * n)
     assert sizes == [1, 2, 4, 4, 6, 6]
+
+
+def test_the_model_thread_count_follows_the_batch_size_on_cpu() -> None:
+    """A lone image runs on every thread (latency); several queued images on ``busy_threads`` (throughput)."""
+    from service.pipeline import Job, batch_processor
+
+    seen: list[int] = []
+
+    class Recorder:
+        def run(self, requests: list[InferenceRequest]) -> list[object]:
+            seen.append(torch.get_num_threads())
+            return [object() for _ in requests]
+
+    before = torch.get_num_threads()
+    process = batch_processor(Recorder(), threads=2, busy_threads=1)  # type: ignore[arg-type]
+    job = Job(InferenceRequest(torch.zeros(1, 8, 8), 2, ()), 0.0)
+    try:
+        for n in (1, 3, 1, 4):
+            assert len(process([job] * n)) == n
+        assert seen == [2, 1, 2, 1]
+        untouched = batch_processor(Recorder())  # type: ignore[arg-type]
+        torch.set_num_threads(3)
+        untouched([job])
+        assert seen[-1] == 3
+    finally:
+        torch.set_num_threads(before)
