@@ -26,6 +26,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -153,8 +154,19 @@ class MicroBatcher(Generic[T, R]):
         self._started = False
         self._accepting = False
         self._last_error: BaseException | None = None
+        self._batch_started_at: float | None = None  # time.monotonic() while process() runs, else None
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def busy_for_s(self) -> float:
+        """Seconds the batch now in ``process`` has been running; 0 between batches.
+
+        A batch that runs for longer than any request may wait means a hung worker (a deadlocked kernel,
+        a device that stopped answering): the service reports it through readiness and liveness.
+        """
+        started = self._batch_started_at
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def alive(self) -> bool:
@@ -387,6 +399,7 @@ class MicroBatcher(Generic[T, R]):
         assert self._executor is not None  # set by start(), which created this task
         started = loop.time()
         queue_wait_s = tuple(started - entry.submitted_at for entry in live)
+        self._batch_started_at = time.monotonic()
         try:
             results = await loop.run_in_executor(self._executor, self._process, [entry.item for entry in live])
             if len(results) != len(live):
@@ -402,6 +415,8 @@ class MicroBatcher(Generic[T, R]):
             process_s = loop.time() - started
             self._settle(live, results)
             failed = False
+        finally:
+            self._batch_started_at = None
         self._recent_process_s.append(process_s)
         dropped, self._dropped_unreported = self._dropped_unreported, 0
         self._report(BatchStats(len(live), queue_wait_s, process_s, failed, dropped))

@@ -22,6 +22,7 @@ from service.errors import (
     UnauthorizedError,
     UploadTooLargeError,
     problem_for,
+    problem_response,
 )
 from service.negotiation import FHIR_JSON, FHIR_JSON_R4, JSON, choose_media_type
 from service.pipeline import PredictionPipeline
@@ -309,8 +310,38 @@ async def model_card(request: Request) -> ModelCard:
     )
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers", tags=["ops"])
-async def healthz() -> Health:
+def _stalled(state: ServiceState) -> str | None:
+    """Why the inference worker counts as hung, or None: a batch has run for longer than a request may wait."""
+    if state.batcher is None:
+        return None
+    busy_s = state.batcher.busy_for_s
+    if busy_s <= state.settings.request_timeout_s:
+        return None
+    return (
+        f"inference worker stalled: one batch has run for {busy_s:.0f} s, longer than the request timeout "
+        f"({state.settings.request_timeout_s:g} s); restart the process"
+    )
+
+
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={
+        503: {
+            "model": Problem,
+            "content": {"application/problem+json": {}},
+            "description": "The inference worker is hung: restart the process",
+        }
+    },
+    summary="Liveness: the process answers and its inference worker is not hung",
+    tags=["ops"],
+)
+async def healthz(request: Request) -> Health | JSONResponse:
+    # A hung worker (a batch running past the request timeout: a deadlocked kernel, a device that stopped
+    # answering) does not recover by itself; failing liveness lets the supervisor restart the process.
+    stalled = _stalled(_state(request))
+    if stalled is not None:
+        return problem_response(request, 503, "Inference worker stalled", stalled)
     return Health(status="ok")
 
 
@@ -324,8 +355,9 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> JSONResponse:
     state = _state(request)
     alive = state.batcher is not None and state.batcher.alive and state.batcher.accepting
-    ready = state.ready and alive
-    detail = "inference worker is not running" if state.ready and not alive else state.detail
+    stalled = _stalled(state)
+    ready = state.ready and alive and stalled is None
+    detail = "inference worker is not running" if state.ready and not alive else stalled or state.detail
     body = Readiness(
         ready=ready,
         detail=detail,

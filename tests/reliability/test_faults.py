@@ -176,3 +176,30 @@ def _no_connections_or_tasks_left(live: LiveServer) -> bool:
     """uvicorn's own books: every connection closed and every request task finished (nothing leaked)."""
     server_state = live.server.server_state
     return not server_state.connections and not server_state.tasks
+
+
+def test_a_hung_worker_fails_readiness_and_liveness_until_its_batch_returns(
+    tiny_service_checkpoint: Path, uploads: list[bytes]
+) -> None:
+    # A batch that outlives the request timeout means a hung worker (deadlocked kernel, a device that stopped
+    # answering): readiness takes the pod out of the load balancer, liveness gets the process restarted.
+    settings = tiny_settings(tiny_service_checkpoint, max_batch_images=4, max_wait_ms=0.0, request_timeout_s=1.0)
+    with live_server(settings) as live:
+        probe = ModelProbe(live)
+        with live.client() as client:
+            assert client.get("/healthz").status_code == 200
+            probe.hold()
+            stuck = _in_thread(lambda: _post(live.url, uploads[0]))
+            probe.wait_until_held()
+            assert client.get("/readyz").status_code == 200  # a batch in progress is not a hang
+            time.sleep(1.3)
+            health, ready = client.get("/healthz"), client.get("/readyz")
+            assert health.status_code == 503 and "stalled" in health.json()["detail"]
+            assert health.headers["content-type"].startswith("application/problem+json")
+            assert ready.status_code == 503 and "stalled" in ready.json()["detail"]
+            stuck[0].join(timeout=10)
+            assert stuck[1]["r"].status_code == 504  # its request gave up at the timeout
+            probe.gate.set()  # the batch returns: the worker was slow, not dead, and both probes recover
+            _wait_until(lambda: client.get("/healthz").status_code == 200)
+            assert client.get("/readyz").status_code == 200
+            assert _post(live.url, uploads[1]).status_code == 200
