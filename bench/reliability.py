@@ -2,7 +2,8 @@
 
 Starts ``python -m service`` in its own process (the shipped demo model unless ``--model``), then in order:
 
-1. capacity: closed-loop clients for a few seconds -> successful predictions per second;
+1. capacity: closed-loop clients for a few seconds -> successful predictions per second (``cams=auto``, the
+   API's default, as in the load, burst and recovery phases);
 2. load: an open-loop steady rate (half the capacity unless ``--rate``) for ``--duration-s`` (60 s), with the
    server's RSS after warm-up and at the end (growth must stay within ``--rss-tolerance-mib`` or 10 %);
 3. overload: a burst at 4 x capacity: every answer is 200 or 503 + Retry-After, the 503s come faster than
@@ -58,6 +59,9 @@ from tests.reliability.hostile_corpus import build_corpus, check_response, send_
 DEFAULT_MODEL = REPO / "models" / "demo"
 MAX_UPLOAD_BYTES = 32 * MIB  # the service's default (service.settings.DEFAULT_MAX_UPLOAD_BYTES)
 RECOVERY_LATENCY_RATIO = 2.0
+#: Capacity, load, burst and recovery send what a client that names nothing gets: the API's default, heatmaps
+#: for the positive and uncertain findings included.
+QUERY = {"cams": "auto"}
 
 
 @dataclass
@@ -98,7 +102,9 @@ def phase_load(
 ) -> LoadReport:
     print(f"load: {rate:.1f} requests/s for {duration_s:.0f} s", flush=True)
     rss_start = server.rss_bytes()
-    report = asyncio.run(steady_load(server.url, images, rate_per_s=rate, duration_s=duration_s, name="load"))
+    report = asyncio.run(
+        steady_load(server.url, images, rate_per_s=rate, duration_s=duration_s, name="load", params=QUERY)
+    )
     rss_end = server.rss_bytes()
     print(f"  {report.summary()}")
     run.count(report)
@@ -152,7 +158,9 @@ def phase_overload(
     rate = 4 * capacity
     print(f"overload: {rate:.1f} requests/s (4 x capacity) for {burst_s:.0f} s", flush=True)
     buckets_before = server_latency_buckets(server.url)
-    burst = asyncio.run(steady_load(server.url, images, rate_per_s=rate, duration_s=burst_s, name="burst", lean=True))
+    burst = asyncio.run(
+        steady_load(server.url, images, rate_per_s=rate, duration_s=burst_s, name="burst", lean=True, params=QUERY)
+    )
     buckets_after = server_latency_buckets(server.url)
     shed_p95_ms = server_quantile_ms(buckets_before, buckets_after, "503", 0.95)
     ok_p50_ms = server_quantile_ms(buckets_before, buckets_after, "200", 0.50)
@@ -180,7 +188,9 @@ def phase_overload(
     )
     asyncio.run(wait_idle(server.url))
     after = asyncio.run(
-        steady_load(server.url, images, rate_per_s=capacity / 2, duration_s=max(5.0, burst_s), name="recovery")
+        steady_load(
+            server.url, images, rate_per_s=capacity / 2, duration_s=max(5.0, burst_s), name="recovery", params=QUERY
+        )
     )
     print(f"  {after.summary()}")
     run.count(after)
@@ -375,11 +385,11 @@ def main() -> int:
             server.start()
             print(f"server pid {server.pid} ready in {time.monotonic() - started:.1f} s ({args.model})")
             # Warm-up at full concurrency: the first batch of each size is slow (kernel selection, allocator).
-            asyncio.run(measure_capacity(server.url, images, clients=16, duration_s=3.0))
+            asyncio.run(measure_capacity(server.url, images, clients=16, duration_s=3.0, params=QUERY))
             capacity = asyncio.run(
-                measure_capacity(server.url, images, clients=16, duration_s=5.0 if args.quick else 10.0)
+                measure_capacity(server.url, images, clients=16, duration_s=5.0 if args.quick else 10.0, params=QUERY)
             )
-            print(f"capacity: {capacity:.1f} predictions/s (16 closed-loop clients, cams=none)", flush=True)
+            print(f"capacity: {capacity:.1f} predictions/s (16 closed-loop clients, cams={QUERY['cams']})", flush=True)
             load = phase_load(server, images, args.rate or capacity / 2, duration_s, args.rss_tolerance_mib, run)
             phase_overload(server, images, capacity, burst_s, load, run)
             phase_disconnects(server, images, run)

@@ -285,8 +285,11 @@ async def steady_load(
     return report
 
 
-async def measure_capacity(url: str, images: Sequence[bytes], *, clients: int, duration_s: float) -> float:
+async def measure_capacity(
+    url: str, images: Sequence[bytes], *, clients: int, duration_s: float, params: dict[str, str] | None = None
+) -> float:
     """Successful predictions per second with ``clients`` back-to-back clients (closed loop): the capacity."""
+    query = params or {"cams": "none"}
     done = 0
     deadline = time.perf_counter() + duration_s
     started = time.perf_counter()
@@ -297,7 +300,7 @@ async def measure_capacity(url: str, images: Sequence[bytes], *, clients: int, d
             i = index
             while time.perf_counter() < deadline:
                 response = await http.post(
-                    "/v1/predict", params={"cams": "none"}, files={"file": ("cxr.png", images[i % len(images)])}
+                    "/v1/predict", params=query, files={"file": ("cxr.png", images[i % len(images)])}
                 )
                 done += response.status_code == 200
                 i += clients
