@@ -81,7 +81,9 @@ class Predictor:
         :func:`batch_buckets` and warm every such size up, so the network only ever sees a handful of
         shapes. cuDNN pays 1.5-2.7 s the first time it meets an input shape in fp16 or channels_last (measured
         on an H200, docs/benchmarks.md); unpadded, every new batch size stalled live requests by that much.
-        On a CPU a new shape costs nothing and padding would only add work.
+        On a CPU a new shape costs nothing and padding would only add work. With dropout inside the network
+        (``mc_dropout_blocks`` > 0, not the default) the stochastic blocks still see ``B x T`` rows of every B;
+        padding those too would multiply the padded work by T, so it is left for when such a model is served.
         """
         self.spec = spec
         self.device = device
