@@ -30,7 +30,7 @@ from serve import free_port, load, radiographs, start_server
 
 from bayesnet import tune_allocator
 from service.batch import BatchScorer, LogProgress, ScoreItem, default_batch_size
-from service.model_loading import LoadedModel, load_model
+from service.model_loading import LoadedModel, build_predictor, load_model
 from service.predictor import Predictor
 from service.responses import parse_cams
 from service.schemas import ModelRef
@@ -63,17 +63,8 @@ def main() -> None:
     settings = Settings(model_path=args.model, device=args.device)
     loaded = load_model(settings)
     device = torch.device(args.device)
-    sizes = [args.batch_size or default_batch_size(device, settings.max_batch_images)]
-    sizes += [int(size) for size in args.sweep.split(",") if size.strip()]
-    predictor = Predictor(  # as service.batch builds it
-        loaded.model,
-        loaded.spec,
-        device=device,
-        autocast=settings.autocast,
-        ood=loaded.ood,
-        freeze_trunk=settings.freeze_trunk,
-        max_batch=max(sizes),
-    )
+    args.batch_size = args.batch_size or default_batch_size(device, settings.max_batch_images)
+    predictor = build_predictor(loaded, settings, device=device, max_batch=max([args.batch_size, *sweep_sizes(args)]))
     predictor.warmup()
     model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
     films = radiographs(args.images)
@@ -82,6 +73,10 @@ def main() -> None:
         measure(args, predictor, loaded, settings, model_ref, films, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def sweep_sizes(args: argparse.Namespace) -> list[int]:
+    return [int(size) for size in args.sweep.split(",") if size.strip()]
 
 
 def measure(
@@ -94,7 +89,7 @@ def measure(
     work: Path,
 ) -> None:
     """Write the films to ``work``, time the scorer and the server alternately, print the comparison."""
-    batch_size = args.batch_size or default_batch_size(predictor.device, settings.max_batch_images)
+    batch_size = args.batch_size
     items = []
     for i, data in enumerate(films):
         (work / f"film{i:04d}.png").write_bytes(data)
@@ -112,7 +107,7 @@ def measure(
         for cams in ("none", "auto")
     }
     per_client = max(1, args.images // CLIENTS)
-    sweep = [int(size) for size in args.sweep.split(",") if size.strip()]
+    sweep = sweep_sizes(args)
     sweepers = {
         size: BatchScorer(
             predictor,

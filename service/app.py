@@ -26,9 +26,9 @@ from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import AdmissionMiddleware, BodyLimitMiddleware, ObservabilityMiddleware
-from service.model_loading import LoadedModel, load_model
+from service.model_loading import LoadedModel, build_predictor, load_model
 from service.pipeline import Job, JobResult, PredictionPipeline, batch_processor
-from service.predictor import Predictor, resolve_device
+from service.predictor import resolve_device
 from service.routes import PREDICT_PATHS, STATIC_DIR, router
 from service.settings import Settings
 from service.state import ServiceState
@@ -101,14 +101,8 @@ def create_app(settings: Settings) -> FastAPI:
         loaded = await asyncio.to_thread(load_single_threaded)
         state.loaded = loaded
         metrics.model_info.labels(name=loaded.spec.name, version=loaded.spec.version).set(1)
-        predictor = Predictor(
-            loaded.model,
-            loaded.spec,
-            device=resolve_device(settings.device),
-            autocast=settings.autocast,
-            ood=loaded.ood,
-            freeze_trunk=settings.freeze_trunk,
-            max_batch=settings.max_batch_images,
+        predictor = build_predictor(
+            loaded, settings, device=resolve_device(settings.device), max_batch=settings.max_batch_images
         )
         batcher: MicroBatcher[Job, JobResult] = MicroBatcher(
             batch_processor(

@@ -62,7 +62,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from bayesnet import CheckpointError, DecodedImage, ModelSpec, single_threaded_torch, sniff_format, tune_allocator
-from service.model_loading import LoadedModel, load_model
+from service.model_loading import LoadedModel, build_predictor, load_model
 from service.predictor import InferenceRequest, InferenceResult, Predictor, resolve_device
 from service.responses import (
     CamSelectionError,
@@ -654,15 +654,7 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
     with _process_group(dist):
         device = pick_device(settings.device, dist)
         batch_size = args.batch_size or default_batch_size(device, settings.max_batch_images)
-        predictor = Predictor(
-            loaded.model,
-            loaded.spec,
-            device=device,
-            autocast=settings.autocast,
-            ood=loaded.ood,
-            freeze_trunk=settings.freeze_trunk,
-            max_batch=batch_size,
-        )
+        predictor = build_predictor(loaded, settings, device=device, max_batch=batch_size)
         model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
         scorer = BatchScorer(
             predictor,

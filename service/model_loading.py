@@ -13,6 +13,7 @@ import torch
 from bayesnet import BayesianEfficientNet, CheckpointError, ModelSpec, build_model, load_checkpoint
 from bayesnet.checkpoint import SPEC_FILE
 from bayesnet.ood import OODGate, load_ood_gate
+from service.predictor import Predictor
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
 log = logging.getLogger("service.model")
@@ -92,4 +93,17 @@ def load_model(settings: Settings) -> LoadedModel:
         card_markdown=card,
         metadata=dict(metadata),
         ood=ood,
+    )
+
+
+def build_predictor(loaded: LoadedModel, settings: Settings, *, device: torch.device, max_batch: int) -> Predictor:
+    """The predictor of ``loaded`` on ``device`` as ``settings`` configure it; ``max_batch``: most images per run."""
+    return Predictor(
+        loaded.model,
+        loaded.spec,
+        device=device,
+        autocast=settings.autocast,
+        ood=loaded.ood,
+        freeze_trunk=settings.freeze_trunk,
+        max_batch=max_batch,
     )

@@ -110,8 +110,8 @@ class Predictor:
     def _pick_autocast(self, mode: str) -> torch.dtype | None:
         if self.device.type != "cuda" or mode == "off":
             return None  # on CPU, fp32 is both the fastest and the exact path for 2-core machines
-        # auto is fp16: bf16 keeps 8 mantissa bits and moved the demo model's probabilities by up to 0.34 on
-        # real films (fp16: 0.02; bench/precision.py, docs/benchmarks.md). bf16 only when asked for.
+        # auto is fp16: bf16 keeps 8 mantissa bits and moved the demo model's probabilities by up to 0.37 on
+        # real films on an H200 (fp16: 0.04; bench/precision.py, docs/benchmarks.md). bf16 only when asked for.
         return torch.bfloat16 if mode == "bf16" else torch.float16
 
     @contextlib.contextmanager

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     autocast: Literal["auto", "off", "fp16", "bf16"] = Field(
         default="auto",
         description="Mixed precision on CUDA (auto: fp16, whose answers stay within 0.02 of fp32; bf16 moves them "
-        "by up to 0.3: bench/precision.py); off on CPU",
+        "by up to 0.37: bench/precision.py); off on CPU",
     )
     ood_action: Literal["flag", "reject"] = Field(
         default="flag",

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -164,6 +164,16 @@ class LoadReport:
     busy_latencies_s: list[float] = field(default_factory=list)
     busy_without_retry_after: int = 0
 
+    def record(self, status: int, elapsed_s: float, *, has_retry_after: bool) -> None:
+        """One answered request: its status, and its latency under 200 or 503 (which must carry Retry-After)."""
+        self.statuses[status] += 1
+        if status == 200:
+            self.ok_latencies_s.append(elapsed_s)
+        elif status == 503:
+            self.busy_latencies_s.append(elapsed_s)
+            if not has_retry_after:
+                self.busy_without_retry_after += 1
+
     @property
     def succeeded(self) -> int:
         return self.statuses[200]
@@ -203,14 +213,9 @@ async def _one_request(
     except httpx.HTTPError:
         report.lost += 1
         return None
-    elapsed = time.perf_counter() - started
-    report.statuses[response.status_code] += 1
-    if response.status_code == 200:
-        report.ok_latencies_s.append(elapsed)
-    elif response.status_code == 503:
-        report.busy_latencies_s.append(elapsed)
-        if "retry-after" not in response.headers:
-            report.busy_without_retry_after += 1
+    report.record(
+        response.status_code, time.perf_counter() - started, has_retry_after="retry-after" in response.headers
+    )
     return response
 
 
@@ -223,14 +228,21 @@ async def _one_lean_request(url: httpx.URL, request: bytes, report: LoadReport, 
     except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
         report.lost += 1
         return
-    elapsed = time.perf_counter() - started
-    report.statuses[response.status] += 1
-    if response.status == 200:
-        report.ok_latencies_s.append(elapsed)
-    elif response.status == 503:
-        report.busy_latencies_s.append(elapsed)
-        if "retry-after" not in response.headers:
-            report.busy_without_retry_after += 1
+    report.record(response.status, time.perf_counter() - started, has_retry_after="retry-after" in response.headers)
+
+
+async def _paced(report: LoadReport, send: Callable[[int], Awaitable[object]]) -> None:
+    """Start ``send(i)`` on schedule, one every ``1 / rate`` s for the report's duration; then await them all."""
+    rate = report.offered_rate_per_s
+    tasks = []
+    started = time.perf_counter()
+    for i in range(int(rate * report.duration_s)):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(send(i)))
+        report.sent += 1
+    await asyncio.gather(*tasks)
 
 
 async def steady_load(
@@ -258,30 +270,11 @@ async def steady_load(
             prebuilt_request("/v1/predict", host, "file", "cxr.png", "image/png", image, query=urlencode(query))
             for image in images
         ]
-        lean_tasks = []
-        lean_started = time.perf_counter()
-        for i in range(int(rate_per_s * duration_s)):
-            delay = lean_started + i / rate_per_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            lean_tasks.append(
-                asyncio.create_task(_one_lean_request(target, prebuilt[i % len(prebuilt)], report, timeout_s))
-            )
-            report.sent += 1
-        await asyncio.gather(*lean_tasks)
+        await _paced(report, lambda i: _one_lean_request(target, prebuilt[i % len(prebuilt)], report, timeout_s))
         return report
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
-        tasks = []
-        started = time.perf_counter()
-        n = int(rate_per_s * duration_s)
-        for i in range(n):
-            delay = started + i / rate_per_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one_request(http, images[i % len(images)], query, report)))
-            report.sent += 1
-        await asyncio.gather(*tasks)
+        await _paced(report, lambda i: _one_request(http, images[i % len(images)], query, report))
     return report
 
 

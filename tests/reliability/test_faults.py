@@ -19,7 +19,7 @@ import pytest
 
 from service.predictor import InferenceRequest, InferenceResult
 from tests.reliability.harness import hang_up_mid_upload, metric_value, send_then_hang_up, small_pngs
-from tests.service.live import LiveServer, live_server, tiny_settings
+from tests.service.live import LiveServer, live_server, tiny_settings, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +71,6 @@ def _in_thread(fn: Callable[[], httpx.Response]) -> tuple[threading.Thread, dict
     return thread, out
 
 
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def probed(tiny_service_checkpoint: Path) -> Iterator[tuple[LiveServer, ModelProbe]]:
     settings = tiny_settings(tiny_service_checkpoint, max_batch_images=4, max_wait_ms=0.0)
@@ -98,7 +90,7 @@ def test_a_model_exception_fails_only_its_batch_logged_with_traceback_and_the_ne
         doomed = _in_thread(lambda: _post(live.url, uploads[0]))
         probe.wait_until_held()  # batch 1 (one image) is inside the model and will fail
         queued = [_in_thread(lambda i=i: _post(live.url, uploads[i])) for i in (1, 2, 3)]
-        _wait_until(lambda: batcher.queue_depth == 3)  # batch 2 is waiting behind it
+        wait_until(lambda: batcher.queue_depth == 3)  # batch 2 is waiting behind it
         probe.gate.set()
         for thread, _ in [doomed, *queued]:
             thread.join(timeout=60)
@@ -132,9 +124,9 @@ def test_a_client_hanging_up_mid_inference_has_its_image_dropped_and_others_are_
     # Uploaded in full and queued behind the running batch, then the client resets the connection.
     quitter = threading.Thread(target=send_then_hang_up, args=(port, uploads[1]), kwargs={"after_s": 1.0})
     quitter.start()
-    _wait_until(lambda: batcher.queue_depth == 1)  # queued (the client hangs up only a second later)
+    wait_until(lambda: batcher.queue_depth == 1)  # queued (the client hangs up only a second later)
     quitter.join(timeout=30)
-    _wait_until(lambda: batcher.queue_depth == 0)  # dropped from the queue as soon as the client left
+    wait_until(lambda: batcher.queue_depth == 0)  # dropped from the queue as soon as the client left
     probe.gate.set()
     running[0].join(timeout=60)
     assert running[1]["r"].status_code == 200
@@ -145,7 +137,7 @@ def test_a_client_hanging_up_mid_inference_has_its_image_dropped_and_others_are_
         metrics = client.get("/metrics").text
     assert metric_value(metrics, 'cxr_http_requests_total{method="POST",route="/v1/predict",status="499"}') == 1
     assert metric_value(metrics, "cxr_images_processed_total") == 2
-    _wait_until(lambda: _no_connections_or_tasks_left(live))
+    wait_until(lambda: _no_connections_or_tasks_left(live))
 
 
 def test_a_client_hanging_up_mid_upload_costs_nothing_and_others_are_unaffected(
@@ -169,7 +161,7 @@ def test_a_client_hanging_up_mid_upload_costs_nothing_and_others_are_unaffected(
     # Counted as what they were (a client that hung up: 499), not as bad requests (400).
     assert metric_value(metrics, 'cxr_http_requests_total{method="POST",route="/v1/predict",status="499"}') == 3
     assert 'status="400"' not in metrics
-    _wait_until(lambda: _no_connections_or_tasks_left(live))
+    wait_until(lambda: _no_connections_or_tasks_left(live))
 
 
 def _no_connections_or_tasks_left(live: LiveServer) -> bool:
@@ -200,6 +192,6 @@ def test_a_hung_worker_fails_readiness_and_liveness_until_its_batch_returns(
             stuck[0].join(timeout=10)
             assert stuck[1]["r"].status_code == 504  # its request gave up at the timeout
             probe.gate.set()  # the batch returns: the worker was slow, not dead, and both probes recover
-            _wait_until(lambda: client.get("/healthz").status_code == 200)
+            wait_until(lambda: client.get("/healthz").status_code == 200)
             assert client.get("/readyz").status_code == 200
             assert _post(live.url, uploads[1]).status_code == 200

@@ -18,6 +18,7 @@ import pytest
 from bayesnet.checkpoint import SPEC_FILE, WEIGHTS_FILE, sha256_file
 from service.__main__ import EXIT_STARTUP_FAILED, EXIT_WORKER_DIED
 from tests.reliability.harness import ServerProcess, small_pngs
+from tests.service.live import wait_until
 
 pytestmark = pytest.mark.slow  # each test starts a server process (importing torch: seconds)
 
@@ -39,14 +40,6 @@ def _queue_depth(url: str) -> int:
     return int(httpx.get(f"{url}/readyz", timeout=5).json()["queue_depth"])
 
 
-def _wait_until(condition: object, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
 def _refuses_connections(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -65,9 +58,9 @@ def test_sigterm_under_load_finishes_accepted_requests_refuses_new_ones_and_exit
         with concurrent.futures.ThreadPoolExecutor(accepted) as pool:
             futures = [pool.submit(_post, server.url, uploads[i]) for i in range(accepted)]
             # At most 2 in the (slowed) model and at least 4 queued: every request has been read and accepted.
-            _wait_until(lambda: _queue_depth(server.url) >= accepted - 2)
+            wait_until(lambda: _queue_depth(server.url) >= accepted - 2)
             server.sigterm()
-            _wait_until(lambda: _refuses_connections(server.port), timeout_s=10)
+            wait_until(lambda: _refuses_connections(server.port), timeout_s=10)
             assert sum(f.done() for f in futures) < accepted  # still draining when new connections were refused
             responses = [f.result(timeout=GRACE_S) for f in futures]
         assert [r.status_code for r in responses] == [200] * accepted

@@ -6,9 +6,8 @@ import base64
 import io
 import struct
 import threading
-import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from service.schemas import BatchResponse, ModelCard, PredictionResponse
-from tests.service.live import HeldInference, LiveServer, live_server, tiny_settings
+from tests.service.live import HeldInference, LiveServer, live_server, tiny_settings, wait_until
 
 PATIENT_NAME = "Doe^Janet"
 PATIENT_ID = "PID-99887766"
@@ -261,7 +260,7 @@ def test_full_queue_answers_503_at_once_and_the_loop_stays_responsive(tiny_servi
             held.wait_until_running()  # the first request holds the inference worker
             second = threading.Thread(target=send, args=("queued",))
             second.start()
-            _wait_until(lambda: live.state.batcher is not None and live.state.batcher.queue_depth == 1)
+            wait_until(lambda: live.state.batcher is not None and live.state.batcher.queue_depth == 1)
             rejected = post_file(c, png_bytes(), cams="none")
             assert rejected.status_code == 503
             assert int(rejected.headers["retry-after"]) >= 1
@@ -312,11 +311,3 @@ def test_shutdown_finishes_accepted_requests(tiny_service_checkpoint: Path) -> N
         held.release()
         sender.join(timeout=60)
     assert result["r"].status_code == 200
-
-
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
