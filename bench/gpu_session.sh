@@ -43,12 +43,20 @@ step() {
 
 # GPU serving settings (the k8s GPU overlay's kind of values): batches of up to 32 images, 8 decode threads.
 export CXR_DECODE_WORKERS=8
+# Real films for the serving benchmarks where ../shared is absent (bench/serve.py: radiographs).
+[ -n "$FILMS" ] && export CXR_BENCH_FILMS="$FILMS"
+SPY=$(command -v py-spy || echo "${PYTHONPATH%%:*}/bin/py-spy")
 
 step gpu-tests 150 $PY -m pytest tests/gpu -q -p no:cacheprovider -W default
 step serve-demo 100 $PY bench/serve.py --max-batch-images 32 --clients 64 --limit-seconds 0.5 \
-    --requests-per-client 4 --single-client-requests 12
+    --requests-per-client 8 --single-client-requests 12
 step serve-b0 100 $PY bench/serve.py --untrained-arch efficientnet_b0 --max-batch-images 32 --clients 64 \
-    --limit-seconds 0.5 --requests-per-client 4 --single-client-requests 12
+    --limit-seconds 0.5 --requests-per-client 8 --single-client-requests 12
+# Where the host's time goes while the GPU serves (py-spy samples without stopping the processes; raw
+# collapsed stacks of the server and the load generator to $OUT/serve-profile.txt).
+step serve-profile 90 "$SPY" record --nonblocking --subprocesses --threads --rate 250 --format raw \
+    -o "$OUT/serve-profile.txt" -- $PY bench/serve.py --max-batch-images 32 --clients 64 --limit-seconds 0.3 \
+    --requests-per-client 8 --single-client-requests 4
 step train-throughput 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 64 --steps 8
 step train-throughput-256 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 256 --steps 6
 step precision 45 $PY bench/precision.py ${FILMS:+--images "$FILMS"} --n 64

@@ -53,8 +53,13 @@ SHARED_IMAGES = REPO.parent / "shared" / "data" / "nih-cxr14-sample" / "images"
 
 
 def radiographs(n: int) -> list[bytes]:
-    """512x512 PNG radiographs: the real NIH sample when present, else synthetic films."""
-    files = sorted(SHARED_IMAGES.glob("*.png"))[:n] if SHARED_IMAGES.is_dir() else []
+    """512x512 PNG radiographs: the real NIH sample when present, else synthetic films.
+
+    ``CXR_BENCH_FILMS`` names another folder of PNG films (e.g. a copy of the NIH sample on a GPU box,
+    where ../shared does not exist).
+    """
+    folder = Path(os.environ.get("CXR_BENCH_FILMS") or SHARED_IMAGES)
+    files = sorted(folder.glob("*.png"))[:n] if folder.is_dir() else []
     if files:
         return [f.read_bytes() for f in files]
     from train.synthetic import PLANTED_FINDINGS, render_sample

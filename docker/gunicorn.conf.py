@@ -12,8 +12,8 @@ import os
 wsgi_app = "service.asgi:app_from_env()"
 bind = os.environ.get("CXR_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("CXR_WORKERS", "1"))
-# uvicorn-worker's worker, with a shutdown that serves connections accepted just before it (service/server.py).
-worker_class = "service.server.DrainingUvicornWorker"
+# uvicorn-worker's worker, with a shutdown that serves connections accepted just before it (service/gunicorn_worker.py).
+worker_class = "service.gunicorn_worker.DrainingUvicornWorker"
 # A worker loads the model and warms up before it serves: allow for it before the arbiter kills it.
 timeout = int(os.environ.get("CXR_WORKER_TIMEOUT_S", "180"))
 # On SIGTERM/HUP a worker stops accepting and finishes accepted requests (the app drains its batcher);

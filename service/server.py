@@ -8,19 +8,17 @@ restart). :class:`DrainingServer` stops accepting first, then gives accepted con
 to deliver their request before the stock shutdown runs: a request that arrives in that window is served,
 then its connection is closed, and the drain waits for it like any request in progress.
 
-``python -m service`` runs :class:`DrainingServer`; Gunicorn runs :class:`DrainingUvicornWorker`
-(``docker/gunicorn.conf.py``).
+``python -m service`` runs :class:`DrainingServer`; Gunicorn runs its worker,
+``service.gunicorn_worker.DrainingUvicornWorker`` (``docker/gunicorn.conf.py``), kept in its own module so
+that the plain server needs neither Gunicorn nor uvicorn-worker (Gunicorn does not even import on Windows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 
 import uvicorn
-from gunicorn.arbiter import Arbiter
-from uvicorn_worker import UvicornWorker
 
 #: Seconds between "stop accepting" and "close idle connections": loopback peers (nginx) write their request
 #: right after connecting, so this is generous; it only delays the exit of a process that is stopping.
@@ -38,15 +36,3 @@ class DrainingServer(uvicorn.Server):
         if self.server_state.connections and not self.force_exit:
             await asyncio.sleep(self.read_grace_s)
         await super().shutdown()  # closes what is still idle, waits for requests in progress, lifespan
-
-
-class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships no type hints
-    """``uvicorn_worker.UvicornWorker`` serving through :class:`DrainingServer`."""
-
-    async def _serve(self) -> None:  # the parent's body (uvicorn-worker 0.x), with the server class swapped
-        self.config.app = self.wsgi
-        server = DrainingServer(config=self.config)
-        self._install_sigquit_handler()
-        await server.serve(sockets=self.sockets)
-        if not server.started:
-            sys.exit(Arbiter.WORKER_BOOT_ERROR)

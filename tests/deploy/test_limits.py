@@ -42,7 +42,7 @@ def test_shutdown_grace_covers_the_longest_request() -> None:
     config = runpy.run_path(str(DOCKER / "gunicorn.conf.py"))
     request_timeout_s = Settings().request_timeout_s
     assert config["graceful_timeout"] > request_timeout_s
-    assert config["worker_class"] == "service.server.DrainingUvicornWorker"
+    assert config["worker_class"] == "service.gunicorn_worker.DrainingUvicornWorker"
     unit = (DOCKER / "cxr.service").read_text()
     stop_s = int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1))  # type: ignore[union-attr]
     assert stop_s > config["graceful_timeout"]

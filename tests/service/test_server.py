@@ -85,3 +85,24 @@ def test_stock_uvicorn_drops_it_which_is_why_the_draining_server_exists() -> Non
     # Documents the upstream behaviour this module works around; if uvicorn ever serves it too, the
     # workaround can go.
     assert request_sent_after_shutdown_began(uvicorn.Server) == b""
+
+
+def test_plain_server_needs_neither_gunicorn_nor_uvicorn_worker() -> None:
+    """``python -m service`` must start where only the API's packages are installed (a GPU box, Windows)."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('gunicorn', 'uvicorn_worker'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import service.__main__, service.server\n"
+        "from service.__main__ import main\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
