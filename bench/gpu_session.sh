@@ -47,16 +47,19 @@ export CXR_DECODE_WORKERS=8
 [ -n "$FILMS" ] && export CXR_BENCH_FILMS="$FILMS"
 SPY=$(command -v py-spy || echo "${PYTHONPATH%%:*}/bin/py-spy")
 
-step gpu-tests 150 $PY -m pytest tests/gpu -q -p no:cacheprovider -W default
-step serve-demo 100 $PY bench/serve.py --max-batch-images 32 --clients 64 --limit-seconds 0.5 \
-    --requests-per-client 8 --single-client-requests 12
-step serve-b0 100 $PY bench/serve.py --untrained-arch efficientnet_b0 --max-batch-images 32 --clients 64 \
-    --limit-seconds 0.5 --requests-per-client 8 --single-client-requests 12
+step gpu-tests 100 $PY -m pytest tests/gpu -q -p no:cacheprovider -W default
+SERVE="--max-batch-images 32 --clients 64 --limit-seconds 0.3 --requests-per-client 8 --single-client-requests 12"
+step serve-demo 100 $PY bench/serve.py $SERVE
+# The same with the trunk run eagerly (no CUDA graphs): what the graphs buy end to end.
+step serve-demo-eager 100 env CXR_CUDA_GRAPHS=false $PY bench/serve.py $SERVE
+step serve-b0 100 $PY bench/serve.py --untrained-arch efficientnet_b0 $SERVE
 # Where the host's time goes while the GPU serves (py-spy samples without stopping the processes; raw
-# collapsed stacks of the server and the load generator to $OUT/serve-profile.txt).
-step serve-profile 90 "$SPY" record --nonblocking --subprocesses --threads --rate 250 --format raw \
-    -o "$OUT/serve-profile.txt" -- $PY bench/serve.py --max-batch-images 32 --clients 64 --limit-seconds 0.3 \
-    --requests-per-client 8 --single-client-requests 4
+# collapsed stacks of the server and the load generator, per thread, to $OUT/serve-profile.txt).
+step serve-profile 70 "$SPY" record --nonblocking --subprocesses --threads --rate 250 --format raw \
+    -o "$OUT/serve-profile.txt" -- $PY bench/serve.py --max-batch-images 32 --clients 64 --limit-seconds 0.2 \
+    --requests-per-client 16 --single-client-requests 4
+# A server that could not capture its graphs says so in its log (it then runs the trunk eagerly).
+grep -h "CUDA graph" "${TMPDIR:-/tmp}"/bench-serve-*.log 2>/dev/null | tail -n 3 | tee -a "$LOG"
 step train-throughput 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 64 --steps 8
 step train-throughput-256 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 256 --steps 6
 step precision 45 $PY bench/precision.py ${FILMS:+--images "$FILMS"} --n 64

@@ -45,6 +45,7 @@ from timing import timed_for
 
 from bayesnet import DropoutMasks, ModelSpec, build_model, load_checkpoint, save_checkpoint, tune_allocator
 from bayesnet.checkpoint import load_spec
+from bayesnet.cudagraph import GraphedTrunk
 from bayesnet.frozen import frozen_trunk
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
@@ -79,8 +80,9 @@ def model_limits(model_dir: Path, device: torch.device, samples: int, seconds: f
 
     Sustained (images over the whole timed span, like the service's own throughput), not a best-of:
     the service's figures are sustained too. Single-forward latency is the median call. Where the service
-    runs a frozen trunk graph (CPU, head-only dropout: bayesnet/frozen.py), the model is timed both eager
-    and with that graph, and the faster counts, for (a) and for the naive passes of (c) alike.
+    runs a frozen trunk graph (CPU, head-only dropout: bayesnet/frozen.py) or CUDA graphs of the trunk
+    (bayesnet/cudagraph.py), the model is timed both eager and with that graph, and the faster counts, for
+    (a) and for the naive passes of (c) alike.
     """
     model = load_checkpoint(model_dir)[0].to(device).eval()
     size, chans = model.spec.image_size, model.spec.in_chans
@@ -102,6 +104,21 @@ def model_limits(model_dir: Path, device: torch.device, samples: int, seconds: f
                 return model(x, masks)
 
         forwards = {"fp16 autocast, channels_last": fp16}
+        if model.head_only:  # the service replays the trunk from CUDA graphs (bayesnet/cudagraph.py)
+            for batch in batches:  # cuDNN's first call per shape, outside the timings (the service warms up too)
+                with torch.inference_mode():
+                    fp16(
+                        torch.zeros(batch, chans, size, size, device=device).contiguous(memory_format=memory_format),
+                        None,
+                    )
+            graphed = GraphedTrunk(model, batches, autocast=torch.float16)
+
+            def fp16_graphed(x: torch.Tensor, masks: DropoutMasks | None) -> torch.Tensor:
+                features = graphed(x)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    return model.forward_head(model.pool(features), masks)
+
+            forwards["fp16 autocast, channels_last, CUDA-graph trunk"] = fp16_graphed
     best, best_batch, best_kind, single_ms = 0.0, 1, next(iter(forwards)), float("inf")
     for kind, forward in forwards.items():
         for batch in batches:

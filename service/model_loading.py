@@ -106,4 +106,5 @@ def build_predictor(loaded: LoadedModel, settings: Settings, *, device: torch.de
         ood=loaded.ood,
         freeze_trunk=settings.freeze_trunk,
         max_batch=max_batch,
+        cuda_graphs=settings.cuda_graphs,
     )

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from bayesnet import BayesianEfficientNet, ModelSpec, gradcam
+from bayesnet.cudagraph import CudaGraphError, GraphedTrunk
 from bayesnet.decision import Decision, decide
 from bayesnet.frozen import FrozenGraphError, frozen_trunk
 from bayesnet.gradcam import cams_from_features
@@ -74,6 +75,7 @@ class Predictor:
         freeze_trunk: bool = False,
         max_batch: int | None = None,
         pad_batches: bool | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         """``max_batch``: the most images one ``run`` gets (the batcher's limit).
 
@@ -84,6 +86,10 @@ class Predictor:
         On a CPU a new shape costs nothing and padding would only add work. With dropout inside the network
         (``mc_dropout_blocks`` > 0, not the default) the stochastic blocks still see ``B x T`` rows of every B;
         padding those too would multiply the padded work by T, so it is left for when such a model is served.
+
+        ``cuda_graphs``: with padding on CUDA and head-only dropout, :meth:`warmup` captures the trunk of each
+        bucket size as a CUDA graph (bayesnet/cudagraph.py: one replay instead of hundreds of kernel
+        launches), checked against eager; eager stays in use if capture or the check fails.
         """
         self.spec = spec
         self.device = device
@@ -98,6 +104,8 @@ class Predictor:
         self._freeze_pending = freeze_trunk and device.type == "cpu" and self.model.head_only
         pad = device.type == "cuda" if pad_batches is None else pad_batches
         self.buckets: tuple[int, ...] = batch_buckets(max_batch) if pad and max_batch else ()
+        self._graph_pending = cuda_graphs and device.type == "cuda" and self.model.head_only and bool(self.buckets)
+        self.graphed = False  # True once the trunk replays CUDA graphs
 
     def _freeze_trunk(self) -> None:
         self._freeze_pending = False
@@ -129,6 +137,18 @@ class Predictor:
         self.run([InferenceRequest(dummy, self.spec.mc_samples, AUTO), InferenceRequest(dummy, 2, (0,))])
         for bucket in self.buckets:
             self.run([InferenceRequest(dummy, self.spec.mc_samples, (0,))] * bucket)
+        if self._graph_pending:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        self._graph_pending = False
+        try:
+            self._trunk = GraphedTrunk(self.model, self.buckets, autocast=self._autocast_dtype)
+        except (CudaGraphError, RuntimeError) as err:  # graphs are an optimisation: eager stays correct
+            log.warning("CUDA graphs unavailable, running the trunk eagerly: %s", err)
+        else:
+            self.graphed = True
+            log.info("the trunk replays CUDA graphs for batch sizes %s", ", ".join(map(str, self.buckets)))
 
     def _padded(self, x: Tensor) -> Tensor:
         """``x`` with blank rows appended up to the smallest bucket that holds it (unchanged without buckets)."""

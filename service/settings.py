@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         description="On CPU, run the deterministic trunk as a frozen TorchScript graph with BatchNorm folded "
         "(bayesnet.frozen; checked against eager at start-up, eager if tracing fails)",
     )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On CUDA, replay the trunk of each padded batch size from a CUDA graph captured at warm-up "
+        "(bayesnet.cudagraph; checked against eager, eager if capture fails). Needs warmup",
+    )
     tune_allocator: bool = Field(
         default=True,
         description="Raise glibc's malloc mmap/trim thresholds at start-up (bayesnet.tune_allocator): about 1.6-2x "

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from bayesnet import load_checkpoint, load_spec, mc_predict, preprocess
+from bayesnet.cudagraph import GraphedTrunk
 from service.predictor import InferenceRequest, Predictor
 from train.fit import FitConfig, fit
 from train.synthetic import PLANTED_FINDINGS, generate, render_sample
@@ -111,6 +112,46 @@ def test_predictor_on_cuda_uses_autocast_and_its_heatmaps_match_cpu(demo) -> Non
                 assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.95, spec.labels[k]
 
 
+def test_graphed_trunk_reproduces_eager_for_every_captured_size_and_new_inputs(demo) -> None:  # type: ignore[no-untyped-def]
+    model, spec = demo
+    model.to(CUDA).to(memory_format=torch.channels_last)
+    try:
+        graphed = GraphedTrunk(model, (1, 2, 4), autocast=torch.float16)
+        assert graphed.batch_sizes == (1, 2, 4)
+        for size in (1, 4, 3, 4):  # 3 has no graph (eager); 4 twice: the static input really is refilled
+            x = torch.stack([preprocess(film(size * 10 + i), spec) for i in range(size)]).to(CUDA)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                got = graphed(x).float().clone()
+                with torch.autocast("cuda", dtype=torch.float16):
+                    want = model.forward_features(x).float()
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= 1e-2 * want.abs().max(), size
+    finally:
+        model.to("cpu").to(memory_format=torch.contiguous_format)
+
+
+def test_predictor_with_cuda_graphs_gives_the_eager_predictors_answers(demo) -> None:  # type: ignore[no-untyped-def]
+    model, spec = demo
+    eager_model, _ = load_checkpoint(DEMO)
+    graphed = Predictor(model, spec, device=CUDA, max_batch=4)
+    eager = Predictor(eager_model.float(), spec, device=CUDA, max_batch=4, cuda_graphs=False)
+    try:
+        graphed.warmup()
+        eager.warmup()
+        assert graphed.graphed and not eager.graphed and graphed.buckets == (1, 2, 4)
+        labels = tuple(range(len(spec.labels)))
+        for n in (1, 3, 4):  # padded to 1, 4, 4
+            requests = [InferenceRequest(preprocess(film(40 + n + i), spec), 100, labels) for i in range(n)]
+            for a, b in zip(eager.run(requests), graphed.run(requests), strict=True):
+                assert (np.abs(a.mean - b.mean) <= 5 * np.sqrt(2 * a.variance / 100) + 1e-2).all()
+                for k in labels:  # Grad-CAM is deterministic given the trunk: graphs must not change it
+                    if a.cams[k].std() > 1e-3:  # a flat map is all rounding once normalised
+                        assert np.corrcoef(a.cams[k].ravel(), b.cams[k].ravel())[0, 1] > 0.999, spec.labels[k]
+    finally:
+        model.to("cpu").to(memory_format=torch.contiguous_format)
+
+
 def test_service_starts_on_cuda_and_answers_a_prediction() -> None:
     from tests.service.live import live_server, tiny_settings
 
@@ -119,6 +160,7 @@ def test_service_starts_on_cuda_and_answers_a_prediction() -> None:
     with live_server(tiny_settings(DEMO, device="cuda", max_batch_images=16)) as live, live.client() as client:
         assert live.state.predictor.device.type == "cuda"  # type: ignore[attr-defined]
         assert live.state.predictor.buckets == (1, 2, 4, 8, 16)  # type: ignore[attr-defined]  # padded, warmed up
+        assert live.state.predictor.graphed  # type: ignore[attr-defined]  # the trunk replays CUDA graphs
         response = client.post("/v1/predict?cams=all", files={"file": ("cxr.png", buffer.getvalue(), "image/png")})
         assert response.status_code == 200, response.text
         body = response.json()
