@@ -143,6 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
             default_samples=settings.mc_samples or loaded.spec.mc_samples,
             timeout_s=settings.request_timeout_s,
             ood_action=settings.ood_action,
+            stage=predictor.stage,
         )
         state.ready, state.detail = True, "ready"
         log.info("ready: model %s %s on %s", loaded.spec.name, loaded.spec.version, predictor.device)

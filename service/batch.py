@@ -391,7 +391,8 @@ class BatchScorer:
         self.max_pixels = max_pixels
 
     def _decode(self, item: ScoreItem) -> tuple[DecodedImage, Tensor]:
-        return decode_for_model(item.file.read_bytes(), self.spec, max_pixels=self.max_pixels)
+        image, tensor = decode_for_model(item.file.read_bytes(), self.spec, max_pixels=self.max_pixels)
+        return image, self.predictor.stage(tensor)  # page-locked on CUDA: the batch's copies become DMAs
 
     def score(self, items: Sequence[ScoreItem], out: IO[str], progress: Progress) -> ScoreSummary:
         """Score ``items``; a file's line is appended once its batch is done, flushed once per batch."""

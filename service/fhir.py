@@ -211,7 +211,8 @@ def _media(label: str, heatmap: Heatmap, issued: str) -> JSONDict:
         },
         "note": [
             {
-                "text": "RGBA PNG at the model's input resolution; alpha carries the Grad-CAM intensity. "
+                "text": "PNG at the model's input resolution (indexed colour with a transparency table: it decodes to "
+                "RGBA); alpha carries the Grad-CAM intensity. "
                 "Stretch it over the whole radiograph to overlay it."
             }
         ],

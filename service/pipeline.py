@@ -108,8 +108,12 @@ class PredictionPipeline:
         default_samples: int,
         timeout_s: float,
         ood_action: Literal["flag", "reject"] = "flag",
+        stage: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        """``stage``: readies each preprocessed image for the model's device in the decode thread
+        (:meth:`Predictor.stage`: page-locked memory on CUDA); None leaves the tensors as they are."""
         self.spec = spec
+        self.stage = stage
         self.ood_action = ood_action
         self.model_ref = model_ref
         self.batcher = batcher
@@ -136,7 +140,12 @@ class PredictionPipeline:
 
     async def decode(self, data: bytes) -> tuple[DecodedImage, Tensor]:
         """Decode and preprocess off the event loop: ``(image, model input tensor)``."""
-        return await self._off_loop(decode_for_model, data, self.spec, max_pixels=self.max_pixels)
+
+        def work() -> tuple[DecodedImage, Tensor]:
+            image, tensor = decode_for_model(data, self.spec, max_pixels=self.max_pixels)
+            return image, tensor if self.stage is None else self.stage(tensor)
+
+        return await self._off_loop(work)
 
     async def preview(self, data: bytes) -> bytes:
         def work() -> bytes:

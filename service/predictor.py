@@ -150,10 +150,40 @@ class Predictor:
             self.graphed = True
             log.info("the trunk replays CUDA graphs for batch sizes %s", ", ".join(map(str, self.buckets)))
 
+    def stage(self, tensor: Tensor) -> Tensor:
+        """A preprocessed image made ready for this predictor's device, in the caller's (decode) thread.
+
+        On CUDA the tensor is copied into page-locked memory, so :meth:`run` moves it to the GPU by DMA,
+        asynchronously, with no host-side copy on the inference thread. Stacking a batch of 32 float images
+        (19 MB) in pageable memory and copying it over took most of that thread's time in a profile of the
+        server on an H200 (docs/benchmarks.md). Identity on CPU.
+        """
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
+    def _batch(self, requests: Sequence[InferenceRequest]) -> Tensor:
+        """The requests' images as one batch on the device, padded to its bucket (channels_last on CUDA)."""
+        shape = requests[0].tensor.shape
+        if any(r.tensor.shape != shape for r in requests):
+            raise ValueError(
+                f"images of one batch differ in shape: {sorted({tuple(r.tensor.shape) for r in requests})}"
+            )
+        if self.device.type != "cuda":
+            return self._padded(torch.stack([r.tensor for r in requests]))
+        n = len(requests)
+        x = torch.empty((self._bucket(n), *shape), device=self.device)
+        for row, request in enumerate(requests):  # from pinned memory (stage) these are asynchronous DMAs
+            x[row].copy_(request.tensor, non_blocking=True)
+        x[n:].zero_()
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def _bucket(self, n: int) -> int:
+        """The batch size ``n`` images run at: the smallest bucket that holds them (``n`` without buckets)."""
+        return next((b for b in self.buckets if b >= n), n)
+
     def _padded(self, x: Tensor) -> Tensor:
         """``x`` with blank rows appended up to the smallest bucket that holds it (unchanged without buckets)."""
         n = x.shape[0]
-        target = next((b for b in self.buckets if b >= n), n)
+        target = self._bucket(n)
         if target == n:
             return x
         return torch.cat([x, x.new_zeros((target - n, *x.shape[1:]))])
@@ -163,9 +193,7 @@ class Predictor:
         if self._freeze_pending:
             self._freeze_trunk()
         n = len(requests)
-        x = self._padded(torch.stack([r.tensor for r in requests])).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._batch(requests)
         features: Tensor | None = None
         results: list[InferenceResult | None] = [None] * n
         with torch.inference_mode(), self._precision():

@@ -27,7 +27,10 @@ class FindingPrediction(_Schema):
 
 
 class Heatmap(_Schema):
-    png_base64: str = Field(description="RGBA PNG, base64; alpha carries the Grad-CAM intensity")
+    png_base64: str = Field(
+        description="PNG, base64: 8-bit indexed colour with a transparency table, which browsers and PNG libraries "
+        "expand to RGBA (Pillow: .convert('RGBA')); alpha carries the Grad-CAM intensity"
+    )
     width: int = Field(description="Heatmap width in pixels (the model's input resolution)")
     height: int = Field(description="Heatmap height in pixels")
 

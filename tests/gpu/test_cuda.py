@@ -141,9 +141,12 @@ def test_predictor_with_cuda_graphs_gives_the_eager_predictors_answers(demo) -> 
         eager.warmup()
         assert graphed.graphed and not eager.graphed and graphed.buckets == (1, 2, 4)
         labels = tuple(range(len(spec.labels)))
-        for n in (1, 3, 4):  # padded to 1, 4, 4
-            requests = [InferenceRequest(preprocess(film(40 + n + i), spec), 100, labels) for i in range(n)]
-            for a, b in zip(eager.run(requests), graphed.run(requests), strict=True):
+        assert graphed.stage(preprocess(film(0), spec)).is_pinned()  # decode threads hand over page-locked images
+        for n in (1, 3, 4):  # padded to 1, 4, 4; staged (pinned) images for one predictor, pageable for the other
+            tensors = [preprocess(film(40 + n + i), spec) for i in range(n)]
+            pinned = [InferenceRequest(graphed.stage(t), 100, labels) for t in tensors]
+            pageable = [InferenceRequest(t, 100, labels) for t in tensors]
+            for a, b in zip(eager.run(pageable), graphed.run(pinned), strict=True):
                 assert (np.abs(a.mean - b.mean) <= 5 * np.sqrt(2 * a.variance / 100) + 1e-2).all()
                 for k in labels:  # Grad-CAM is deterministic given the trunk: graphs must not change it
                     if a.cams[k].std() > 1e-3:  # a flat map is all rounding once normalised

@@ -90,7 +90,8 @@ def test_predict_returns_the_typed_contract(client: httpx.Client) -> None:
     assert set(body.gradcam) == set(body.predictions)
     heat = body.gradcam["Edema"]
     image = Image.open(io.BytesIO(base64.b64decode(heat.png_base64)))
-    assert image.mode == "RGBA"
+    assert image.mode == "P" and "transparency" in image.info  # indexed PNG whose palette carries the alpha
+    assert np.asarray(image.convert("RGBA")).shape == (64, 64, 4)
     assert image.size == (heat.width, heat.height) == (64, 64)
     assert (body.image.format, body.image.width, body.image.height) == ("png", 256, 256)
     assert body.timing_ms.total >= body.timing_ms.inference >= 0

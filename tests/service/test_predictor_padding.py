@@ -99,3 +99,12 @@ def test_the_model_thread_count_follows_the_batch_size_on_cpu() -> None:
         assert seen[-1] == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_staging_is_identity_on_the_cpu_and_a_batch_must_share_one_shape() -> None:
+    spec = ModelSpec(arch="test_efficientnet", image_size=64)
+    predictor = Predictor(build_model(spec), spec, device=CPU, max_batch=2, pad_batches=True)
+    image = torch.zeros(3, 64, 64)
+    assert predictor.stage(image) is image
+    with pytest.raises(ValueError, match="differ in shape"):
+        predictor.run([InferenceRequest(image, 2, ()), InferenceRequest(torch.zeros(3, 32, 32), 2, ())])
