@@ -656,6 +656,8 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
         device = pick_device(settings.device, dist)
         batch_size = args.batch_size or default_batch_size(device, settings.max_batch_images)
         predictor = build_predictor(loaded, settings, device=device, max_batch=batch_size)
+        if device.type == "cuda":  # each padded batch size's cuDNN set-up and CUDA graph before the first batch
+            predictor.warmup()
         model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
         scorer = BatchScorer(
             predictor,
