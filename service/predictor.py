@@ -106,6 +106,7 @@ class Predictor:
         self.buckets: tuple[int, ...] = batch_buckets(max_batch) if pad and max_batch else ()
         self._graph_pending = cuda_graphs and device.type == "cuda" and self.model.head_only and bool(self.buckets)
         self.graphed = False  # True once the trunk replays CUDA graphs
+        self._pin = True  # stage() page-locks images on CUDA until that fails once
 
     def _freeze_trunk(self) -> None:
         self._freeze_pending = False
@@ -156,9 +157,17 @@ class Predictor:
         On CUDA the tensor is copied into page-locked memory, so :meth:`run` moves it to the GPU by DMA,
         asynchronously, with no host-side copy on the inference thread. Stacking a batch of 32 float images
         (19 MB) in pageable memory and copying it over took most of that thread's time in a profile of the
-        server on an H200 (docs/benchmarks.md). Identity on CPU.
+        server on an H200 (docs/benchmarks.md). Identity on CPU, and wherever page-locking fails (the copy is
+        then synchronous, as before, and the answers are the same).
         """
-        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+        if self.device.type != "cuda" or not self._pin:
+            return tensor
+        try:
+            return tensor.pin_memory()
+        except RuntimeError as err:  # e.g. a container that limits locked memory: fall back, say so once
+            self._pin = False
+            log.warning("page-locked staging unavailable, copying batches from pageable memory: %s", err)
+            return tensor
 
     def _batch(self, requests: Sequence[InferenceRequest]) -> Tensor:
         """The requests' images as one batch on the device, padded to its bucket (channels_last on CUDA)."""

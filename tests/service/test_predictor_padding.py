@@ -108,3 +108,22 @@ def test_staging_is_identity_on_the_cpu_and_a_batch_must_share_one_shape() -> No
     assert predictor.stage(image) is image
     with pytest.raises(ValueError, match="differ in shape"):
         predictor.run([InferenceRequest(image, 2, ()), InferenceRequest(torch.zeros(3, 32, 32), 2, ())])
+
+
+def test_staging_falls_back_to_pageable_memory_when_page_locking_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = ModelSpec(arch="test_efficientnet", image_size=64)
+    predictor = Predictor(build_model(spec), spec, device=CPU)
+    predictor.device = torch.device("cuda")  # only stage() looks at it here
+    calls: list[int] = []
+
+    def refuse(self: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("cannot lock memory")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    image = torch.zeros(3, 64, 64)
+    assert predictor.stage(image) is image and predictor.stage(image) is image
+    assert len(calls) == 1  # tried once, then pageable for good
+    assert "page-locked staging unavailable" in caplog.text
