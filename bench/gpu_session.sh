@@ -50,6 +50,8 @@ SPY=$(command -v py-spy || echo "${PYTHONPATH%%:*}/bin/py-spy")
 step gpu-tests 100 $PY -m pytest tests/gpu -q -p no:cacheprovider -W default
 SERVE="--max-batch-images 32 --clients 64 --limit-seconds 0.3 --requests-per-client 8 --single-client-requests 12"
 step serve-demo 100 $PY bench/serve.py $SERVE
+# Two Gunicorn workers sharing the GPU: the host (one Python process), not the GPU, limited one worker.
+step serve-demo-2workers 120 $PY bench/serve.py $SERVE --workers 2
 # The same with the trunk run eagerly (no CUDA graphs): what the graphs buy end to end.
 step serve-demo-eager 100 env CXR_CUDA_GRAPHS=false $PY bench/serve.py $SERVE
 step serve-b0 100 $PY bench/serve.py --untrained-arch efficientnet_b0 $SERVE

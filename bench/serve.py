@@ -189,9 +189,19 @@ def free_port() -> int:
 
 
 def start_server(
-    port: int, model_dir: Path, device: str, log_path: Path, extra_env: dict[str, str] | None = None
+    port: int,
+    model_dir: Path,
+    device: str,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    workers: int = 0,
 ) -> subprocess.Popen[bytes]:
-    """``python -m service`` on ``port``; ``extra_env`` (``CXR_*``) overrides the benchmark's settings."""
+    """The server on ``port``; ``extra_env`` (``CXR_*``) overrides the benchmark's settings.
+
+    ``workers`` 0: ``python -m service`` (one process); N >= 1: Gunicorn with N worker processes, each with
+    its own model and batcher, as ``docker/gunicorn.conf.py`` runs it in production.
+    """
     env = {
         **os.environ,
         "CXR_PORT": str(port),
@@ -201,15 +211,23 @@ def start_server(
         "CXR_MODEL_PATH": str(model_dir),
         **(extra_env or {}),
     }
+    command = [sys.executable, "-m", "service"]
+    if workers:
+        # INFO (the production default): each worker logs "ready: model ..." after its warm-up, counted below.
+        env |= {"CXR_BIND": f"127.0.0.1:{port}", "CXR_WORKERS": str(workers), "CXR_LOG_LEVEL": "INFO"}
+        command = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "docker" / "gunicorn.conf.py")]
     log = log_path.open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=log)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
         except httpx.TransportError:
-            pass
+            ready = False
+        # A Gunicorn worker accepts only once warmed up, so one answer proves one worker: count them all.
+        started = log_path.read_text(errors="replace").count("ready: model")
+        if ready and (not workers or started >= workers):
+            return process
         if process.poll() is not None:
             break
         time.sleep(0.2)
@@ -288,6 +306,12 @@ def main() -> None:
     )
     parser.add_argument("--max-wait-ms", type=float, default=None, help="CXR_MAX_WAIT_MS (default: its own)")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="0: python -m service (default); N: Gunicorn with N worker processes (docker/gunicorn.conf.py)",
+    )
+    parser.add_argument(
         "--clients", type=int, default=16, help="concurrent clients of the many-client runs (16: the CPU target)"
     )
     args = parser.parse_args()
@@ -308,7 +332,7 @@ def main() -> None:
         server_env["CXR_MAX_BATCH_IMAGES"] = str(args.max_batch_images)
     if args.max_wait_ms is not None:
         server_env["CXR_MAX_WAIT_MS"] = str(args.max_wait_ms)
-    server = start_server(port, args.model, args.device, log_path, server_env)
+    server = start_server(port, args.model, args.device, log_path, server_env, workers=args.workers)
     try:
         asyncio.run(load(port, images, 4, 2, "auto"))  # warm the server's allocator and thread pools
         runs = {
@@ -331,7 +355,8 @@ def main() -> None:
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, T={args.samples}, 512x512 PNG uploads")
     spec = load_spec(args.model)
     print(f"model {spec.arch} ({spec.name} {spec.version}) from {args.model}, {spec.image_size} px")
-    print(f"server: max batch {max_batch} images, max wait {max_wait} ms")
+    processes = f"Gunicorn, {args.workers} workers" if args.workers else "python -m service"
+    print(f"server: {processes}, max batch {max_batch} images, max wait {max_wait} ms")
     print(
         f"(a) raw model(x): {a:.1f} images/s at batch {limits['raw_best_batch']:.0f} ({limits['raw_kind']}); "
         f"single-image forward {limits['single_forward_ms']:.1f} ms"
