@@ -101,7 +101,12 @@ def _state(request: Request) -> ServiceState:
     return state
 
 
-def require_api_key(request: Request) -> None:
+# The dependencies below are ``async def`` although they never await: FastAPI runs a plain ``def``
+# dependency in a worker thread, i.e. three thread round trips per prediction for a few header reads (a
+# py-spy profile of the server showed them; docs/benchmarks.md). None of them may block.
+
+
+async def require_api_key(request: Request) -> None:
     """When API keys are configured, accept ``X-API-Key: k`` or ``Authorization: Bearer k``."""
     keys = _state(request).settings.api_keys
     if not keys:
@@ -122,7 +127,7 @@ def require_api_key(request: Request) -> None:
         )
 
 
-def ready_pipeline(request: Request) -> PredictionPipeline:
+async def ready_pipeline(request: Request) -> PredictionPipeline:
     state = _state(request)
     if not state.ready or state.pipeline is None or state.batcher is None or not state.batcher.alive:
         raise NotReadyError(f"The service is not ready ({state.detail}); retry shortly.", headers={"Retry-After": "5"})
@@ -133,7 +138,7 @@ def ready_pipeline(request: Request) -> PredictionPipeline:
 Pipeline = Annotated[PredictionPipeline, Depends(ready_pipeline)]
 
 
-def negotiated_media_type(request: Request) -> str:
+async def negotiated_media_type(request: Request) -> str:
     """``JSON`` or ``FHIR_JSON`` as the Accept header prefers (JSON when it allows both equally); else 406.
 
     Checked before the upload is read, so a client that cannot use either answer costs no inference.
