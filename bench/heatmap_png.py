@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
+import struct
 import zlib
 
 import numpy as np
@@ -24,7 +25,7 @@ from bayesnet import load_checkpoint
 from bayesnet.gradcam import cams_from_features
 from bayesnet.imaging import decode_image
 from bayesnet.preprocess import preprocess
-from service.png import heatmap_png, heatmap_rgba
+from service.png import _PNG_SIGNATURE, _chunk, heatmap_png, heatmap_rgba
 from service.settings import DEFAULT_MODEL_DIR
 
 CPU = torch.device("cpu")
@@ -52,13 +53,9 @@ def rgba_sub_png(intensity: np.ndarray) -> bytes:
     lines[:, 0] = 1
     lines[:, 1:5] = rows[:, :4]
     np.subtract(rows[:, 4:], rows[:, :-4], out=lines[:, 5:])
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 6, 0, 0, 0])
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
-
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
     idat = zlib.compress(lines.tobytes(), 1)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
 def pillow_rgba_png(intensity: np.ndarray) -> bytes:

@@ -105,12 +105,7 @@ def model_limits(model_dir: Path, device: torch.device, samples: int, seconds: f
 
         forwards = {"fp16 autocast, channels_last": fp16}
         if model.head_only:  # the service replays the trunk from CUDA graphs (bayesnet/cudagraph.py)
-            for batch in batches:  # cuDNN's first call per shape, outside the timings (the service warms up too)
-                with torch.inference_mode():
-                    fp16(
-                        torch.zeros(batch, chans, size, size, device=device).contiguous(memory_format=memory_format),
-                        None,
-                    )
+            # Capturing runs every size eagerly first, so cuDNN's first call per shape stays out of the timings.
             graphed = GraphedTrunk(model, batches, autocast=torch.float16)
 
             def fp16_graphed(x: torch.Tensor, masks: DropoutMasks | None) -> torch.Tensor:
