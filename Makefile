@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-batch bench-allocator reliability demo-model wheelhouse image-smoke clean
+.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-archive bench-allocator reliability demo-model wheelhouse image-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service
 
-bench: bench-mc bench-serve bench-train bench-batch bench-allocator
+bench: bench-mc bench-serve bench-train bench-archive bench-allocator
 
 bench-allocator: $(STAMP)
 	$(PY) bench/allocator.py
@@ -48,8 +48,8 @@ bench-serve: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) bench/train_throughput.py
 
-bench-batch: $(STAMP)
-	$(PY) bench/batch_scorer.py
+bench-archive: $(STAMP)
+	$(PY) bench/archive_scorer.py
 
 # Load, overload, faults and hostile input against a fresh server with the demo model; one summary table,
 # non-zero on any lost request, 5xx on bad input, memory growth or no recovery. The fast checks are tests in

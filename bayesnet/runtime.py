@@ -10,7 +10,7 @@ and batch-4 throughput went from 64 to 151 images/s, with the same peak RSS (abo
 measured with the demo model, see docs/benchmarks.md). Allocators such as jemalloc or tcmalloc achieve the
 same through ``LD_PRELOAD``; this needs nothing installed.
 
-Entry points call :func:`tune_allocator` once at start-up (the service's lifespan, the batch scorer,
+Entry points call :func:`tune_allocator` once at start-up (the service's lifespan, the archive scorer,
 ``train fit``, the benchmarks). Importing this module changes nothing.
 
 The second trap is OpenMP (PyTorch's CPU thread pool on Linux). Every thread that runs a parallel tensor

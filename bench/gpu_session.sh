@@ -65,6 +65,6 @@ grep -h "CUDA graph" "${TMPDIR:-/tmp}"/bench-serve-*.log 2>/dev/null | tail -n 3
 step train-throughput 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 64 --steps 8
 step train-throughput-256 60 $PY bench/train_throughput.py --arch efficientnet_b0 --batch 256 --steps 6
 step precision 45 $PY bench/precision.py ${FILMS:+--images "$FILMS"} --n 64
-step batch-scorer 75 env CXR_MAX_BATCH_IMAGES=32 $PY bench/batch_scorer.py --images 64 --repeats 1 --sweep 32,64
+step archive-scorer 75 env CXR_MAX_BATCH_IMAGES=32 $PY bench/archive_scorer.py --images 64 --repeats 1 --sweep 32,64
 step mc-cost 30 $PY bench/mc_cost.py --batch 32
 date -u | tee -a "$LOG"

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--naive-repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    tune_allocator()  # as the service, the batch scorer and train fit do at start-up (bayesnet/runtime.py)
+    tune_allocator()  # as the service, the archive scorer and train fit do at start-up (bayesnet/runtime.py)
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -310,7 +310,7 @@ def main() -> None:
         "--clients", type=int, default=16, help="concurrent clients of the many-client runs (16: the CPU target)"
     )
     args = parser.parse_args()
-    tune_allocator()  # as the service, the batch scorer and train fit do at start-up (bayesnet/runtime.py)
+    tune_allocator()  # as the service, the archive scorer and train fit do at start-up (bayesnet/runtime.py)
 
     device = torch.device(args.device)
     if args.untrained_arch:

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    tune_allocator()  # as the service, the batch scorer and train fit do at start-up (bayesnet/runtime.py)
+    tune_allocator()  # as the service, the archive scorer and train fit do at start-up (bayesnet/runtime.py)
     device = torch.device(args.device)
     modes: dict[str, torch.dtype | None] = {"fp32": None, "bf16 autocast": torch.bfloat16}
     if device.type == "cuda":

@@ -2,7 +2,7 @@
 
 ``PredictionPipeline`` is the service object the routes call. It never blocks the event loop: decoding,
 preprocessing and PNG encoding run in a bounded thread pool, model work in the batcher's worker thread.
-Decoding and response building are the shared functions of ``service.responses`` (the batch scorer uses them too).
+Decoding (``service.decoding``) and response building (``service.responses``) are shared with the archive scorer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from bayesnet import DecodedImage, ModelSpec, decode_image
 from service.batcher import BatcherError, MicroBatcher
+from service.decoding import decode_for_model
 from service.errors import (
     BadRequestParameterError,
     InferenceFailedError,
@@ -29,7 +30,7 @@ from service.errors import (
     OutOfDistributionError,
 )
 from service.predictor import InferenceRequest, InferenceResult, Predictor
-from service.responses import CamSelectionError, build_response, decode_for_model, heatmaps, ood_result, parse_cams
+from service.responses import CamSelectionError, build_response, heatmaps, ood_result, parse_cams
 from service.schemas import ModelRef, PredictionResponse
 
 P = ParamSpec("P")

@@ -1,8 +1,8 @@
-"""From bytes to model input, and from model numbers to the API's response: shared by HTTP and batch scoring.
+"""From model numbers to the API's response: shared by HTTP and archive scoring.
 
-The HTTP pipeline (``service.pipeline``) and the offline batch scorer (``service.batch``) both call these
-functions, so a radiograph scored from an archive gets exactly the preprocessing, decisions and response
-shape it would get over HTTP. Nothing here imports FastAPI: the batch scorer runs where only the core
+The HTTP pipeline (``service.pipeline``) and the offline archive scorer (``service.archive``) both call these
+functions, so a radiograph scored from an archive gets exactly the decisions and response
+shape it would get over HTTP. Nothing here imports FastAPI: the archive scorer runs where only the core
 library, pydantic and torch are installed.
 """
 
@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 from typing import Literal
 
-from torch import Tensor
-
-from bayesnet import DecodedImage, ModelSpec, check_radiograph_geometry, decode_image, preprocess
+from bayesnet import DecodedImage, ModelSpec
 from service.png import heatmap_png
 from service.predictor import AUTO, InferenceResult
 from service.schemas import (
@@ -55,17 +53,6 @@ def parse_cams(value: str, spec: ModelSpec) -> str | tuple[int, ...]:
             )
         chosen.append(trained[name])
     return tuple(dict.fromkeys(chosen))
-
-
-def decode_for_model(data: bytes, spec: ModelSpec, *, max_pixels: int) -> tuple[DecodedImage, Tensor]:
-    """Decode (format sniffed from content) and preprocess from the spec: ``(image, (C, S, S) tensor)``.
-
-    Raises:
-        bayesnet.ImageError: the bytes are not a usable PNG, JPEG or DICOM radiograph.
-    """
-    image = decode_image(data, max_pixels=max_pixels)
-    check_radiograph_geometry(image)  # a 1 x 1 icon or a strip would still get confident-looking numbers
-    return image, preprocess(image, spec)
 
 
 def ood_result(result: InferenceResult, spec: ModelSpec) -> OODResult | None:

@@ -163,9 +163,9 @@ def _add_evaluate(subparsers: _Subparsers) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from train.evaluate import calibrate
+    from train.calibrate import calibrate_checkpoint
 
-    spec = calibrate(args.checkpoint, args.data, out=args.out, mc_samples=args.mc_samples)
+    spec = calibrate_checkpoint(args.checkpoint, args.data, out=args.out, mc_samples=args.mc_samples)
     print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -28,9 +29,13 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit
 from sklearn.metrics import roc_curve
 
+from bayesnet import load_checkpoint, save_checkpoint
+from bayesnet.checkpoint import SPEC_FILE, read_checkpoint_document
 from bayesnet.decision import disagreement
+from bayesnet.ood import copy_ood_gate
 from bayesnet.spec import ModelSpec, per_label
-from train.metrics import NLL_EPS, FloatArray, as_targets, json_floats
+from train.metrics import NLL_EPS, FloatArray, as_targets, ece, json_floats
+from train.predict import collect, policy_of, sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -305,3 +310,44 @@ def calibrated_spec(
         version=bump_version(spec.version, version_suffix),
         extra={**spec.extra, "calibration": record},
     )
+
+
+def calibrate_checkpoint(
+    checkpoint: Path,
+    csv: Path,
+    *,
+    out: Path | None = None,
+    mc_samples: int = 20,
+    target_referral: float = 0.1,
+    seed: int = 0,
+) -> ModelSpec:
+    """Fit temperature, thresholds and the uncertainty rule on ``csv``; save the spec as a new version."""
+    model, spec = load_checkpoint(checkpoint)
+    preds = collect(model, spec, csv, policy=policy_of(checkpoint), mc_samples=mc_samples, seed=seed)
+    temperature = fit_temperature(preds.mc_logits, preds.y)
+    samples = sigmoid(preds.mc_logits / temperature)
+    p_before = sigmoid(preds.mc_logits).mean(axis=0)
+    p_after = samples.mean(axis=0)
+    thresholds = fit_thresholds(preds.y, p_after)
+    uncertainty = fit_uncertainty_thresholds(
+        preds.y, samples.astype(np.float32), thresholds, target_referral=target_referral
+    )
+    new_spec = calibrated_spec(
+        spec,
+        temperature=temperature,
+        threshold=thresholds,
+        uncertainty_threshold=uncertainty,
+        n_images=len(preds.y),
+        ece_before=ece(preds.y, p_before),
+        ece_after=ece(preds.y, p_after),
+        details={"data": csv.name, "mc_samples": mc_samples, "target_referral": target_referral},
+    )
+    document = read_checkpoint_document(checkpoint)
+    target = out or checkpoint
+    save_checkpoint(model, new_spec, target, metadata=document.get("metadata") or {})
+    copy_ood_gate(checkpoint, target, new_spec)
+    card = checkpoint / "MODEL_CARD.md"
+    if out is not None and card.is_file():
+        (out / "MODEL_CARD.md").write_text(card.read_text())
+    logger.info("calibrated spec %s written to %s", new_spec.version, target / SPEC_FILE)
+    return new_spec

@@ -237,14 +237,9 @@ def load_source(source: Path, policy: Any, *, max_samples: int | None = None, se
 
 def fit(cfg: FitConfig) -> FitResult:
     """Train per ``cfg``; writes ``out/best`` and ``out/last`` checkpoints, ``history.jsonl``, ``config.json``."""
-    from train.data import (
-        dataset_annotated_labels,
-        make_loader,
-        parse_uncertain_policy,
-        patient_split,
-        positive_rates,
-        set_loader_epoch,
-    )
+    from train.chexpert_csv import parse_uncertain_policy
+    from train.data import dataset_annotated_labels, patient_split, positive_rates
+    from train.loader import make_loader, set_loader_epoch
     from train.metrics import per_label_auc, print_auc_table
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)

@@ -196,7 +196,8 @@ def csv_features(
     model: BayesianEfficientNet, spec: ModelSpec, csv: Path, *, max_samples: int | None = None, batch_size: int = 16
 ) -> FloatArray:
     """Trunk features of the frontal (AP/PA) images a CheXpert-layout CSV lists."""
-    from train.data import load_chexpert, make_loader
+    from train.data import load_chexpert
+    from train.loader import make_loader
 
     ds = load_chexpert(csv, max_samples=max_samples)
     loader = make_loader(ds, spec, train=False, batch_size=batch_size, workers=0)

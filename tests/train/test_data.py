@@ -1,4 +1,5 @@
-"""The training data module: CheXpert CSV reading, label policies, splits, and the shared-preprocessing loader."""
+"""Training data: CheXpert CSV reading and label policies (train.chexpert_csv), datasets and splits (train.data), the
+shared-preprocessing loader (train.loader)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,16 @@ from PIL import Image
 
 from bayesnet import ModelSpec, decode_image, preprocess
 from bayesnet.labels import CHEXPERT_LABELS
+from train.chexpert_csv import annotated_labels, parse_patient_id, parse_uncertain_policy
 from train.data import (
-    Augment,
-    ChexpertTorchDataset,
-    RadiographTransform,
-    annotated_labels,
     dataset_annotated_labels,
     dataset_uncertain_policy,
     load_chexpert,
     load_chexpert_hub,
-    make_loader,
-    parse_patient_id,
-    parse_uncertain_policy,
     patient_split,
     positive_rates,
-    set_loader_epoch,
 )
+from train.loader import Augment, ChexpertTorchDataset, RadiographTransform, make_loader, set_loader_epoch
 from train.synthetic import SyntheticPaths, generate
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

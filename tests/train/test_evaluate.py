@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from bayesnet import load_checkpoint
+from train.calibrate import calibrate_checkpoint as calibrate
 from train.card import export
-from train.evaluate import calibrate, evaluate
+from train.evaluate import evaluate
 from train.fit import FitConfig, fit
 from train.synthetic import generate
 

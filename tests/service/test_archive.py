@@ -1,4 +1,4 @@
-"""``python -m service.batch``: archive scoring without HTTP, on real radiographs and a real tiny checkpoint."""
+"""``python -m service.archive``: archive scoring without HTTP, on real radiographs and a real tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from bayesnet import ModelSpec, build_model, save_checkpoint
-from service.batch import (
+from service.archive import (
+    ArchiveScorer,
     BatchInputError,
-    BatchScorer,
     DistInfo,
     LogProgress,
     ResultsFileError,
@@ -197,7 +197,7 @@ def test_a_batch_failing_in_the_model_fails_only_its_files(
         return real_run(requests)
 
     predictor.run = fail_first_batch  # type: ignore[method-assign]
-    scorer = BatchScorer(
+    scorer = ArchiveScorer(
         predictor,
         ModelRef(name="m", version="1", sha256="x"),
         n_samples=4,
@@ -295,7 +295,7 @@ def test_demo_model_gate_flags_or_rejects_an_off_target_film(shared_data: Path, 
 
 
 def test_scorer_imports_without_fastapi() -> None:
-    blocker = "import sys; sys.modules.update(fastapi=None, starlette=None, uvicorn=None); import service.batch"
+    blocker = "import sys; sys.modules.update(fastapi=None, starlette=None, uvicorn=None); import service.archive"
     completed = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
 
@@ -314,7 +314,7 @@ def test_torchrun_two_ranks_score_their_shards_and_merge(
     out = tmp_path / "results.jsonl"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
-        *("-m", "service.batch", "--input", str(archive), "--out", str(out)),
+        *("-m", "service.archive", "--input", str(archive), "--out", str(out)),
         *("--model", str(tiny_service_checkpoint), "--batch-size", "2", "--torch-threads", "1"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""``python -m service.batch --input DIR_OR_CSV_OR_LIST --out results.jsonl``: score an archive without HTTP.
+"""``python -m service.archive --input DIR_OR_CSV_OR_LIST --out results.jsonl``: score an archive without HTTP.
 
 The same model loading (``load_model``), decoding and preprocessing (``service.responses``), batched model
 work (``Predictor.run``: trunk once, B x T stochastic rows, Grad-CAM) and response shape
@@ -13,7 +13,7 @@ Input (``--input``):
     ``.png`` holding text becomes an error line. Other files (``README.txt``, ``labels.csv``) are skipped
     and counted. The ``path`` written is the file's path relative to the directory.
   * a ``.csv`` with a ``Path`` column (CheXpert layout): paths relative to the parent of the CSV's folder,
-    as ``train/data.py`` reads them; ``path`` is the value as written.
+    as ``train.data.load_chexpert`` reads them; ``path`` is the value as written.
   * any other file: a list of paths, one per line (blank lines and ``#`` comments ignored), relative to
     the list's folder unless absolute; ``path`` is the line as written.
 
@@ -31,7 +31,7 @@ Resume: a rerun reads the existing output, truncates a torn last line (a crash m
 path already present (results and errors alike) and appends. Lines are flushed once per batch, so a kill
 loses at most one batch.
 
-Several GPUs or nodes: ``torchrun --nproc_per_node N -m service.batch ...``. Each rank takes the
+Several GPUs or nodes: ``torchrun --nproc_per_node N -m service.archive ...``. Each rank takes the
 shard ``sorted(paths)[RANK::WORLD_SIZE]``, runs on ``cuda:LOCAL_RANK`` when CUDA is present (``--device
 auto``) and writes ``<out stem>.rank<R><suffix>`` beside ``--out``; after a gloo barrier rank 0 merges the
 shards into ``--out`` (atomically, de-duplicated by path) and deletes them. Every rank skips the paths
@@ -62,12 +62,12 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from bayesnet import CheckpointError, DecodedImage, ModelSpec, single_threaded_torch, sniff_format, tune_allocator
+from service.decoding import decode_for_model
 from service.model_loading import LoadedModel, build_predictor, load_model
 from service.predictor import InferenceRequest, InferenceResult, Predictor, resolve_device
 from service.responses import (
     CamSelectionError,
     build_response,
-    decode_for_model,
     heatmaps,
     ood_result,
     parse_cams,
@@ -75,7 +75,7 @@ from service.responses import (
 from service.schemas import ModelRef
 from service.settings import Settings
 
-log = logging.getLogger("service.batch")
+log = logging.getLogger("service.archive")
 
 #: File names scored when walking a directory (besides suffix-less files and content-sniffed images).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
@@ -360,7 +360,7 @@ class _Inferred:
     inference_s: float
 
 
-class BatchScorer:
+class ArchiveScorer:
     """Decode ahead in a thread pool, run full batches through the predictor, append one line per file.
 
     Three stages overlap: the decode pool prepares the next images, the calling thread runs the model on
@@ -542,7 +542,7 @@ def default_batch_size(device: torch.device, max_batch_images: int) -> int:
 
     On a CPU, the server's ``max_batch_images`` (CXR_MAX_BATCH_IMAGES, 4 by default): on the 2-core
     development CPU small batches are fastest per image (4 in bench/serve.py's raw sweep; 8 beat 16 and 32
-    in ``bench/batch_scorer.py --sweep``; docs/benchmarks.md). On a GPU
+    in ``bench/archive_scorer.py --sweep``; docs/benchmarks.md). On a GPU
     larger batches keep the card busy: 64, a conservative choice at 224 px, not yet measured (no GPU here).
     """
     return 64 if device.type == "cuda" else max_batch_images
@@ -550,7 +550,7 @@ def default_batch_size(device: torch.device, max_batch_images: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.batch",
+        prog="python -m service.archive",
         description="Score a folder, CSV or list of radiographs with the service's model, no HTTP.",
         epilog="Defaults not given here come from the service's CXR_* settings. See the module docstring.",
     )
@@ -659,7 +659,7 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
         if device.type == "cuda":  # each padded batch size's cuDNN set-up and CUDA graph before the first batch
             predictor.warmup()
         model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
-        scorer = BatchScorer(
+        scorer = ArchiveScorer(
             predictor,
             model_ref,
             n_samples=settings.mc_samples or loaded.spec.mc_samples,

@@ -1,7 +1,7 @@
 """Archive scoring without HTTP vs the HTTP service, on the same machine, the same model and the same films, in ONE run.
 
 Prints images/s of
-  (a) the batch scorer (``service.batch.BatchScorer``: decode-ahead thread pool, full batches, JSON lines
+  (a) the archive scorer (``service.archive.ArchiveScorer``: decode-ahead thread pool, full batches, JSON lines
       written to a file), in this process after the model is loaded and warmed up;
   (b) the service over HTTP on loopback (a separate server process started as ``bench/serve.py`` does,
       with the service's default settings), 16 concurrent clients posting the same files;
@@ -9,7 +9,7 @@ for ``cams=none`` and ``cams=auto`` at T=20, and the ratio a/b; first the scorer
 (``--sweep``), which is how its default batch size was chosen. Each measurement is repeated (``--repeats``)
 alternating a and b, and the best of each is compared, because the machine may be shared.
 
-    python bench/batch_scorer.py [--model DIR] [--device cpu|cuda] [--images 64] [--batch-size N]
+    python bench/archive_scorer.py [--model DIR] [--device cpu|cuda] [--images 64] [--batch-size N]
 
 The films are the real NIH sample in ../shared (512x512 PNG) when present, else synthetic films of the
 same size. Absolute numbers depend on the machine; read the ratio.
@@ -29,7 +29,7 @@ import torch
 from serve import free_port, load, radiographs, start_server
 
 from bayesnet import tune_allocator
-from service.batch import BatchScorer, LogProgress, ScoreItem, default_batch_size
+from service.archive import ArchiveScorer, LogProgress, ScoreItem, default_batch_size
 from service.model_loading import LoadedModel, build_predictor, load_model
 from service.predictor import Predictor
 from service.responses import parse_cams
@@ -39,13 +39,13 @@ from service.settings import DEFAULT_MODEL_DIR, Settings
 CLIENTS = 16
 
 
-def batch_rate(scorer: BatchScorer, items: list[ScoreItem], out_dir: Path) -> float:
-    """Images/s of one pass of the batch scorer over ``items`` (a fresh output file each time)."""
+def batch_rate(scorer: ArchiveScorer, items: list[ScoreItem], out_dir: Path) -> float:
+    """Images/s of one pass of the archive scorer over ``items`` (a fresh output file each time)."""
     out = out_dir / f"results-{time.monotonic_ns()}.jsonl"
     with out.open("w") as handle:
         summary = scorer.score(items, handle, LogProgress(len(items), every_s=1e9))
     if summary.failed:
-        raise RuntimeError(f"{summary.failed} films failed in the batch scorer; see {out}")
+        raise RuntimeError(f"{summary.failed} films failed in the archive scorer; see {out}")
     return summary.scored / summary.seconds
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sweep", default="8,16,32", help="batch sizes to time the scorer at (cams=none); '' skips")
     args = parser.parse_args()
-    tune_allocator()  # as the service, the batch scorer and train fit do at start-up (bayesnet/runtime.py)
+    tune_allocator()  # as the service, the archive scorer and train fit do at start-up (bayesnet/runtime.py)
 
     settings = Settings(model_path=args.model, device=args.device)
     loaded = load_model(settings)
@@ -68,7 +68,7 @@ def main() -> None:
     predictor.warmup()
     model_ref = ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)
     films = radiographs(args.images)
-    work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-archive-"))
     try:
         measure(args, predictor, loaded, settings, model_ref, films, work)
     finally:
@@ -95,7 +95,7 @@ def measure(
         (work / f"film{i:04d}.png").write_bytes(data)
         items.append(ScoreItem(f"film{i:04d}.png", work / f"film{i:04d}.png"))
     scorers = {
-        cams: BatchScorer(
+        cams: ArchiveScorer(
             predictor,
             model_ref,
             n_samples=loaded.spec.mc_samples,
@@ -109,7 +109,7 @@ def measure(
     per_client = max(1, args.images // CLIENTS)
     sweep = sweep_sizes(args)
     sweepers = {
-        size: BatchScorer(
+        size: ArchiveScorer(
             predictor,
             model_ref,
             n_samples=loaded.spec.mc_samples,
@@ -122,14 +122,14 @@ def measure(
     }
 
     port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-batch-serve-{port}.log"
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-archive-serve-{port}.log"
     runs: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.repeats):
         for size, scorer in sweepers.items():
             runs.setdefault(("sweep", str(size)), []).append(batch_rate(scorer, items[: CLIENTS * per_client], work))
         for cams, scorer in scorers.items():
             runs.setdefault(("batch", cams), []).append(batch_rate(scorer, items[: CLIENTS * per_client], work))
-        # The server runs only while it is measured, so it never competes with the batch scorer for the CPU.
+        # The server runs only while it is measured, so it never competes with the archive scorer for the CPU.
         server = start_server(port, args.model, args.device, log_path)
         try:
             asyncio.run(load(port, films, 4, 2, "auto"))  # warm the server's allocator and thread pools
@@ -154,17 +154,17 @@ def measure(
 
     if sweep:
         print(
-            "batch scorer by batch size (cams=none): "
+            "archive scorer by batch size (cams=none): "
             + "; ".join(f"{s}: {runs_text(('sweep', str(s)))}" for s in sweep)
         )
     for cams in scorers:
         a, b = max(runs[("batch", cams)]), max(runs[("http", cams)])
         print(
-            f"cams={cams}: batch scorer {runs_text(('batch', cams))} images/s; HTTP, 16 clients "
+            f"cams={cams}: archive scorer {runs_text(('batch', cams))} images/s; HTTP, 16 clients "
             f"{runs_text(('http', cams))} images/s; batch/HTTP = {a / b:.2f}"
         )
     print(
-        f"(batch scorer: batch size {batch_size}, {settings.decode_workers} decode threads; "
+        f"(archive scorer: batch size {batch_size}, {settings.decode_workers} decode threads; "
         f"server: max batch {settings.max_batch_images})"
     )
 

@@ -1,0 +1,76 @@
+"""The decoders' common result: :class:`DecodedImage`, its warning strings and the luminance reduction.
+
+Every decoder (:mod:`~bayesnet.imaging.raster`, :mod:`~bayesnet.imaging.dicom`) returns a
+:class:`DecodedImage` and notes in its ``warnings`` what a conversion changed or assumed. Colour is
+reduced to gray in the same way for every format, by :func:`luminance`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+# Human-readable notes carried in DecodedImage.warnings; fixed strings so callers can match them.
+WARN_COLOUR: Final[str] = "colour image converted to grayscale"
+WARN_ALPHA: Final[str] = "alpha channel ignored"
+WARN_MONOCHROME1: Final[str] = "MONOCHROME1 inverted for display"
+WARN_NO_VOI: Final[str] = "no VOI window: full BitsStored range used"
+
+# Luminance weights (ITU-R BT.601), the same ones Pillow's "L" conversion uses, applied in float.
+_LUMA_WEIGHTS: Final[tuple[float, float, float]] = (0.299, 0.587, 0.114)
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """One decoded radiograph, ready for model preprocessing.
+
+    ``pixels`` is ``float32`` ``(H, W)`` in ``[0, 1]``, display orientation (bone bright, lungs dark),
+    after EXIF rotation for PNG/JPEG; ``width``/``height`` describe that array. The array belongs to
+    the caller (it is writable and not shared). ``eq=False`` because array fields make field-wise
+    equality ambiguous; compare ``pixels`` explicitly.
+
+    ``bit_depth`` is the stored bits per sample (8 or 16 for PNG/JPEG, BitsStored for DICOM, e.g.
+    15). ``photometric`` is the Pillow mode read for PNG/JPEG (``"L"``, ``"I;16"``, ``"RGBA"``...)
+    and the PhotometricInterpretation for DICOM. ``warnings`` are human-readable notes about
+    conversions that changed or assumed something. ``modality``, ``body_part`` and
+    ``view_position`` are copied from DICOM (None when absent or for PNG/JPEG); none of them
+    identifies a patient.
+    """
+
+    pixels: npt.NDArray[np.float32]
+    format: str
+    width: int
+    height: int
+    bit_depth: int
+    photometric: str
+    warnings: tuple[str, ...]
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+
+    def __post_init__(self) -> None:
+        """Check the invariants every consumer relies on (cheap: shape and dtype only)."""
+        if self.pixels.dtype != np.float32 or self.pixels.shape != (self.height, self.width):
+            raise ValueError(
+                f"DecodedImage.pixels must be float32 of shape (height, width) = "
+                f"({self.height}, {self.width}), got {self.pixels.dtype} {self.pixels.shape}"
+            )
+
+
+def luminance(rgb: npt.NDArray[np.generic], warnings: list[str]) -> FloatArray:
+    """Float luminance ``0.299 R + 0.587 G + 0.114 B`` of ``(H, W, 3)`` samples, in sample units.
+
+    Images whose three channels are identical (gray stored as colour) are returned as-is with no
+    warning: nothing was lost.
+    """
+    r, g, b = (rgb[..., i] for i in range(3))
+    if np.array_equal(r, g) and np.array_equal(g, b):
+        return np.asarray(r, dtype=np.float64)
+    warnings.append(WARN_COLOUR)
+    wr, wg, wb = _LUMA_WEIGHTS
+    return wr * r.astype(np.float64) + wg * g.astype(np.float64) + wb * b.astype(np.float64)
