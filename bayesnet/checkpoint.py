@@ -82,6 +82,28 @@ def save_checkpoint(
     return out
 
 
+def replace_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
+    """Rewrite only the spec of a checkpoint (e.g. after calibration); the weights file is not touched.
+
+    The new spec must describe the same architecture, labels, channels and MC layout as the old one. The
+    file is replaced atomically, so a reader sees the old spec or the new one, never half of either.
+    """
+    root = Path(path)
+    document = read_checkpoint_document(root)
+    old = load_spec(root)
+    if (spec.arch, spec.labels, spec.in_chans, spec.mc_dropout_blocks) != (
+        old.arch,
+        old.labels,
+        old.in_chans,
+        old.mc_dropout_blocks,
+    ):
+        raise CheckpointError(f"{root / SPEC_FILE}: the new spec does not describe these weights")
+    document["spec"] = spec.to_dict()
+    tmp = root / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(root / SPEC_FILE)
+
+
 def read_checkpoint_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``model.json`` of a checkpoint directory, with its format checked."""
     spec_path = Path(path) / SPEC_FILE

@@ -80,6 +80,87 @@ class OODSpec:
             raise SpecError(f"invalid OOD spec: {err}") from err
 
 
+ReferralScore = Literal["mean", "interval"]
+
+#: The findings a study-level rule combines: every trained label except "No Finding" (which is the absence of them).
+NO_FINDING: Final = "No Finding"
+
+
+@dataclass(frozen=True)
+class ReferralSpec:
+    """A risk-controlled triage rule fitted by ``python -m train calibrate --referral conformal``.
+
+    Per label ``k`` (see :mod:`bayesnet.referral`): the finding is ``negative`` (auto-cleared) when its
+    negative-side score is below ``negative_threshold[k]``, ``positive`` when its positive-side score is at least
+    ``positive_threshold[k]``, ``uncertain`` otherwise (also when both hold). ``None`` means the calibration films
+    could not support that side of the rule at the chosen levels: it never fires. ``score`` says what is
+    thresholded: ``"mean"`` the MC mean probability on both sides, ``"interval"`` the 95th percentile of the MC
+    samples for clearing and the 5th for calling positive (the whole MC interval must lie on one side).
+
+    Guarantees (Learn-then-Test with fixed-sequence testing, Angelopoulos et al. 2021), each with probability at
+    least ``1 - delta`` over the draw of calibration films, for new films exchangeable with them: per label, the
+    fraction of positive films decided negative is at most ``alpha``; where ``alpha_positive`` is set, the fraction
+    of negative films decided positive is at most ``alpha_positive``; at study level, the fraction of abnormal
+    films (any of ``study_labels`` positive) cleared as normal (study score below ``study_threshold``) is at most
+    ``study_alpha``. ``calibration`` records the films the rule was fitted on (size, prevalence, how they were
+    chosen) and ``expected_*`` what the rule did on them.
+    """
+
+    alpha: float
+    study_alpha: float
+    delta: float
+    negative_threshold: tuple[float | None, ...]
+    positive_threshold: tuple[float | None, ...]
+    study_labels: tuple[str, ...]
+    study_threshold: float | None
+    score: ReferralScore = "mean"
+    alpha_positive: float | None = None
+    expected_study_referral_rate: float = 1.0
+    expected_normal_clearance_rate: float = 0.0
+    method: str = "learn-then-test, fixed-sequence, Hoeffding-Bentkus p-values (MAPIE risk_control)"
+    calibration: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("negative_threshold", "positive_threshold", "study_labels"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("alpha", "study_alpha", "delta"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise SpecError(f"ReferralSpec.{name} must be in (0, 1), got {value}")
+        if self.alpha_positive is not None and not 0.0 < self.alpha_positive < 1.0:
+            raise SpecError(f"ReferralSpec.alpha_positive must be in (0, 1) or None, got {self.alpha_positive}")
+        if self.score not in ("mean", "interval"):
+            raise SpecError(f"ReferralSpec.score must be 'mean' or 'interval', got {self.score!r}")
+        for name in ("negative_threshold", "positive_threshold"):
+            for value in getattr(self, name):
+                if value is not None and not 0.0 <= value <= 1.0:
+                    raise SpecError(f"ReferralSpec.{name} values must be in [0, 1] or None, got {value}")
+        if self.study_threshold is not None and not 0.0 <= self.study_threshold <= 1.0:
+            raise SpecError(f"ReferralSpec.study_threshold must be in [0, 1] or None, got {self.study_threshold}")
+        for name in ("expected_study_referral_rate", "expected_normal_clearance_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SpecError(f"ReferralSpec.{name} must be a fraction, got {getattr(self, name)}")
+        object.__setattr__(self, "calibration", dict(self.calibration))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in ("negative_threshold", "positive_threshold", "study_labels"):
+            data[name] = list(data[name])
+        data["calibration"] = dict(self.calibration)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReferralSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"referral spec has unknown fields {sorted(unknown)} (written by a newer version?)")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise SpecError(f"invalid referral spec: {err}") from err
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A frozen description of one model: architecture, labels, preprocessing, MC dropout and calibration.
@@ -112,6 +193,7 @@ class ModelSpec:
     provenance: str = "untrained: random initialisation"
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     ood: OODSpec | None = None
+    referral: ReferralSpec | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -166,6 +248,23 @@ class ModelSpec:
             object.__setattr__(self, "ood", OODSpec.from_dict(self.ood))
         if self.ood is not None and not isinstance(self.ood, OODSpec):
             raise SpecError(f"ModelSpec.ood must be an OODSpec or None, got {type(self.ood).__name__}")
+        if isinstance(self.referral, Mapping):
+            object.__setattr__(self, "referral", ReferralSpec.from_dict(self.referral))
+        if self.referral is not None:
+            self._check_referral(self.referral)
+
+    def _check_referral(self, referral: ReferralSpec) -> None:
+        if not isinstance(referral, ReferralSpec):
+            raise SpecError(f"ModelSpec.referral must be a ReferralSpec or None, got {type(referral).__name__}")
+        n = len(self.labels)
+        for name in ("negative_threshold", "positive_threshold"):
+            if len(getattr(referral, name)) != n:
+                raise SpecError(f"ModelSpec.referral.{name} has {len(getattr(referral, name))} values for {n} labels")
+        unknown = set(referral.study_labels) - set(self.trained_labels)
+        if unknown:
+            raise SpecError(
+                f"ModelSpec.referral.study_labels names labels the model was not trained on: {sorted(unknown)}"
+            )
 
     # --- derived views --------------------------------------------------------------------------
 
@@ -202,6 +301,7 @@ class ModelSpec:
             data[f.name] = list(value) if isinstance(value, tuple) else value
         data["extra"] = dict(self.extra)
         data["ood"] = self.ood.to_dict() if self.ood is not None else None
+        data["referral"] = self.referral.to_dict() if self.referral is not None else None
         return data
 
     @classmethod

@@ -145,7 +145,7 @@ def _observation(label: str, prediction: FindingPrediction, response: Prediction
     }
     if prediction.decision == "uncertain":
         observation["note"] = [
-            {"text": "The Monte-Carlo samples fall on both sides of the decision threshold: refer to a radiologist."}
+            {"text": "Neither cleared nor called positive by the model's referral rule: refer to a radiologist."}
         ]
     return observation
 
@@ -176,8 +176,8 @@ def _ood_observation(ood: OODResult, issued: str) -> JSONDict:
 
 
 def _refer(response: PredictionResponse) -> bool:
-    """Refer when any finding is uncertain or the image failed the out-of-distribution gate."""
-    return response.uncertain or (response.ood is not None and not response.ood.in_distribution)
+    """The response's own triage outcome (``referral.refer``): every reason it lists sends the film to a reader."""
+    return response.referral.refer
 
 
 def _device(response: PredictionResponse) -> JSONDict:
@@ -231,11 +231,14 @@ def conclusion(response: PredictionResponse) -> str:
     parts = [f"Preliminary AI result from model {response.model.name} {response.model.version}."]
     if response.ood is not None and not response.ood.in_distribution:
         parts.append(OOD_WARNING)
-    parts.append(f"Positive: {listing(positive)}." if positive else "No finding reached its decision threshold.")
+    parts.append(f"Positive: {listing(positive)}." if positive else "No finding was decided positive.")
     if uncertain:
-        parts.append(f"Uncertain (the model's samples disagree): {listing(uncertain)}.")
+        parts.append(f"Uncertain (neither cleared nor positive under the referral rule): {listing(uncertain)}.")
     if _refer(response):
-        parts.append("Refer to a radiologist for review.")
+        reasons = ", ".join(reason.replace("_", " ") for reason in response.referral.reasons)
+        parts.append(f"Refer to a radiologist for review ({reasons}).")
+    else:
+        parts.append("Cleared as normal under the model's risk-controlled referral rule.")
     parts.append(DISCLAIMER)
     return " ".join(parts)
 

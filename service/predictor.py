@@ -24,6 +24,7 @@ from bayesnet.frozen import FrozenGraphError, frozen_trunk
 from bayesnet.gradcam import cams_from_features
 from bayesnet.mc import MCPrediction, mc_from_trunk
 from bayesnet.ood import OODGate
+from bayesnet.referral import study_cleared
 
 log = logging.getLogger("service.predictor")
 
@@ -53,6 +54,7 @@ class InferenceResult:
     decisions: tuple[Decision, ...]
     cams: dict[int, np.ndarray]  # label index -> (S, S) float32 in [0, 1]
     ood_score: float | None = None  # the OOD gate's score; None when the checkpoint has no gate
+    cleared: bool = False  # the study-level referral rule clears the film as normal (bayesnet.referral)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -239,6 +241,7 @@ class Predictor:
         assert pred.samples is not None
         samples = pred.samples.float()  # (T, G, K)
         decisions = decide(samples, self.spec)
+        cleared = study_cleared(samples, self.spec)
         q = torch.tensor([0.05, 0.95], device=samples.device)
         interval = torch.quantile(samples, q, dim=0).permute(1, 2, 0)  # (G, K, 2)
         mean, variance, std, mi, interval_np = (
@@ -254,6 +257,7 @@ class Predictor:
                 decisions=tuple(decisions[g]),
                 cams={},
                 ood_score=None if ood_scores is None else ood_scores[g],
+                cleared=cleared[g],
             )
             for g in range(samples.shape[1])
         ]

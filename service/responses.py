@@ -12,6 +12,7 @@ import base64
 from typing import Literal
 
 from bayesnet import DecodedImage, ModelSpec
+from bayesnet.referral import describe, referral_reasons
 from service.png import heatmap_png
 from service.predictor import AUTO, InferenceResult
 from service.schemas import (
@@ -22,6 +23,9 @@ from service.schemas import (
     OODGateInfo,
     OODResult,
     PredictionResponse,
+    Referral,
+    ReferralCalibration,
+    ReferralInfo,
     Timing,
 )
 
@@ -80,6 +84,47 @@ def ood_gate_info(spec: ModelSpec, action: Literal["flag", "reject"]) -> OODGate
     )
 
 
+def referral_info(spec: ModelSpec) -> ReferralInfo | None:
+    """What ``/v1/model`` says about the referral rule (None: the model has none)."""
+    rule = spec.referral
+    if rule is None:
+        return None
+    known = {f for f in ReferralCalibration.model_fields}
+    return ReferralInfo(
+        method=rule.method,
+        score=rule.score,
+        alpha=rule.alpha,
+        alpha_positive=rule.alpha_positive,
+        study_alpha=rule.study_alpha,
+        delta=rule.delta,
+        expected_study_referral_rate=rule.expected_study_referral_rate,
+        expected_normal_clearance_rate=rule.expected_normal_clearance_rate,
+        negative_threshold={lb: rule.negative_threshold[spec.label_index(lb)] for lb in spec.trained_labels},
+        positive_threshold={lb: rule.positive_threshold[spec.label_index(lb)] for lb in spec.trained_labels},
+        study_labels=list(rule.study_labels),
+        study_threshold=rule.study_threshold,
+        calibration=ReferralCalibration(**{k: v for k, v in rule.calibration.items() if k in known}),
+        summary=describe(rule),
+    )
+
+
+def referral(result: InferenceResult, spec: ModelSpec, image: DecodedImage) -> Referral:
+    """The film's triage outcome: the study rule, the findings' decisions and the gates."""
+    verdict = ood_result(result, spec)
+    outcome = referral_reasons(
+        [result.decisions[spec.label_index(label)] for label in spec.trained_labels],
+        cleared=result.cleared,
+        has_rule=spec.referral is not None,
+        out_of_distribution=verdict is not None and not verdict.in_distribution,
+        outside_population=bool(image.population_flags),
+    )
+    return Referral(
+        refer=outcome.refer,
+        reasons=list(outcome.reasons),  # type: ignore[arg-type]
+        population=list(image.population_flags),  # type: ignore[arg-type]
+    )
+
+
 def heatmaps(result: InferenceResult, spec: ModelSpec) -> dict[str, Heatmap]:
     """The result's Grad-CAM maps as base64 PNGs keyed by label name (PNG encoding: call off the event loop)."""
     out = {}
@@ -128,6 +173,7 @@ def build_response(
         mc_samples=n_samples,
         predictions=predictions,
         uncertain=any(p.decision == "uncertain" for p in predictions.values()),
+        referral=referral(result, spec, image),
         ood=ood_result(result, spec),
         gradcam=heatmaps,
         image=ImageInfo(

@@ -26,7 +26,7 @@ from service.errors import (
 )
 from service.negotiation import FHIR_JSON, FHIR_JSON_R4, JSON, choose_media_type
 from service.pipeline import PredictionPipeline
-from service.responses import ood_gate_info
+from service.responses import ood_gate_info, referral_info
 from service.schemas import (
     BatchItem,
     BatchItemError,
@@ -312,6 +312,7 @@ async def model_card(request: Request) -> ModelCard:
         metrics=dict(metrics),
         card_markdown=loaded.card_markdown,
         ood=ood_gate_info(spec, state.settings.ood_action),
+        referral=referral_info(spec),
     )
 
 

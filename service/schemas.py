@@ -22,8 +22,17 @@ class FindingPrediction(_Schema):
     std: float = Field(description="Standard deviation of the MC sample probabilities", ge=0)
     interval: tuple[float, float] = Field(description="5th and 95th percentile of the MC sample probabilities")
     mutual_information: float = Field(description="Epistemic uncertainty (nats): H(mean) - mean(H(sample))", ge=0)
-    decision: DecisionName = Field(description="positive | negative | uncertain (the MC samples disagree)")
-    threshold: float = Field(description="Decision threshold applied to conf", gt=0, lt=1)
+    decision: DecisionName = Field(
+        description="positive | negative (auto-cleared) | uncertain (refer). With a referral rule (GET /v1/model "
+        "referral), the risk-controlled rule decides: negative only where its guarantee allows clearing; "
+        "without one, uncertain means the MC samples disagree about the threshold"
+    )
+    threshold: float = Field(
+        description="The label's point-estimate threshold on conf (Youden's J on the calibration films); the "
+        "referral rule's own thresholds are in GET /v1/model referral",
+        gt=0,
+        lt=1,
+    )
 
 
 class Heatmap(_Schema):
@@ -68,12 +77,44 @@ class OODResult(_Schema):
     )
 
 
+ReferralReason = Literal[
+    "possible_finding",
+    "uncertain_finding",
+    "not_cleared_as_normal",
+    "out_of_distribution",
+    "outside_intended_population",
+    "no_referral_rule",
+]
+
+
+class Referral(_Schema):
+    refer: bool = Field(
+        description="Send the film to a radiologist. False only for a film the study-level rule cleared as normal, "
+        "with no finding positive or uncertain and no gate raised"
+    )
+    reasons: list[ReferralReason] = Field(
+        description="Why it is referred: possible_finding (a finding decided positive), uncertain_finding (neither "
+        "cleared nor positive under the rule), not_cleared_as_normal (no single finding, but the film as a whole is "
+        "not confidently normal), out_of_distribution (the OOD gate), outside_intended_population (DICOM header: "
+        "child, lateral or oblique view, not a chest), no_referral_rule (the model has no fitted rule)"
+    )
+    population: list[Literal["paediatric", "lateral_or_oblique_view", "non_chest_body_part"]] = Field(
+        default_factory=list,
+        description="For outside_intended_population: which header check fired (the header values are never "
+        "returned or logged)",
+    )
+
+
 class PredictionResponse(_Schema):
     request_id: str
     model: ModelRef
     mc_samples: int
     predictions: dict[str, FindingPrediction] = Field(description="One entry per trained label, by label name")
-    uncertain: bool = Field(description="True when any finding is uncertain: refer to a radiologist")
+    uncertain: bool = Field(
+        description="True when any finding's decision is uncertain (kept for older clients; referral.refer is the "
+        "workflow flag: it is also true for positive findings, gates and films not cleared as normal)"
+    )
+    referral: Referral = Field(description="The triage outcome for the whole film and its reasons")
     ood: OODResult | None = Field(
         default=None,
         description="Out-of-distribution gate: does the image look like a frontal chest radiograph? null when the "
@@ -113,6 +154,45 @@ class OODGateInfo(_Schema):
     )
 
 
+class ReferralCalibration(_Schema):
+    n_films: int = Field(description="Labelled films the rule was fitted on")
+    n_abnormal: int = Field(description="Of them, films with any study finding positive")
+    n_normal: int = Field(description="Of them, films with every study finding known and negative")
+    prevalence: dict[str, float] = Field(description="Per label: fraction of positive films among those labelled")
+    positives: dict[str, int] = Field(description="Per label: number of positive calibration films")
+    data: str | None = Field(default=None, description="Name of the calibration file")
+    fitted_with: str | None = Field(default=None, description="How the calibration films relate to the others")
+
+
+class ReferralInfo(_Schema):
+    method: str = Field(description="The statistical procedure behind the guarantees")
+    score: Literal["mean", "interval"] = Field(
+        description="mean: the MC mean is thresholded; interval: a finding is cleared only when the 95th "
+        "percentile of its MC samples is below the threshold, called positive only when the 5th reaches it"
+    )
+    alpha: float = Field(description="Per finding: at most this fraction of positive films is decided negative")
+    alpha_positive: float | None = Field(
+        description="Per finding: at most this fraction of negative films is decided positive (null: not controlled)"
+    )
+    study_alpha: float = Field(description="At most this fraction of abnormal films is cleared as normal")
+    delta: float = Field(description="Each guarantee holds with probability at least 1 - delta")
+    expected_study_referral_rate: float = Field(description="Fraction of calibration films referred by the rule")
+    expected_normal_clearance_rate: float = Field(description="Fraction of normal calibration films cleared")
+    negative_threshold: dict[str, float | None] = Field(
+        description="Per label: negative when the score is below this (null: never cleared at these levels)"
+    )
+    positive_threshold: dict[str, float | None] = Field(
+        description="Per label: positive when the score reaches this (null: never called positive)"
+    )
+    study_labels: list[str] = Field(description="Findings whose presence makes a film abnormal")
+    study_threshold: float | None = Field(
+        description="A film is cleared as normal when 1 - prod(1 - score) over the study findings is below this "
+        "(null: no film can be cleared at these levels)"
+    )
+    calibration: ReferralCalibration
+    summary: str = Field(description="The guarantee in plain words")
+
+
 class ModelCard(_Schema):
     name: str
     version: str
@@ -136,6 +216,10 @@ class ModelCard(_Schema):
     card_markdown: str | None = Field(default=None, description="MODEL_CARD.md shipped with the checkpoint")
     ood: OODGateInfo | None = Field(
         default=None, description="The out-of-distribution gate; null: this checkpoint has none (nothing is flagged)"
+    )
+    referral: ReferralInfo | None = Field(
+        default=None,
+        description="The risk-controlled referral rule and its guarantees; null: none fitted (every film is referred)",
     )
 
 

@@ -162,20 +162,167 @@ def _add_evaluate(subparsers: _Subparsers) -> None:
     parser.set_defaults(handler=_run_evaluate)
 
 
-def _run_calibrate(args: argparse.Namespace) -> int:
-    from train.calibrate import calibrate_checkpoint
+def _run_crossfit(args: argparse.Namespace) -> int:
+    import logging
 
-    spec = calibrate_checkpoint(args.checkpoint, args.data, out=args.out, mc_samples=args.mc_samples)
-    print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
+    from bayesnet import tune_allocator
+    from train.crossfit import crossfit
+    from train.fit import FitConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    tune_allocator()
+    recipe = FitConfig(
+        train_csv=args.data[0],
+        out=args.out,
+        arch=args.arch,
+        init=args.init,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        freeze_epochs=args.freeze_epochs,
+        image_size=args.image_size,
+        dropout=args.dropout,
+        mc_dropout_blocks=args.mc_dropout_blocks,
+        patience=args.patience,
+        workers=args.workers,
+        progress=False,
+    )
+    path = crossfit(
+        args.data,
+        args.out,
+        recipe,
+        folds=args.folds,
+        seed=args.seed,
+        mc_samples=args.mc_samples,
+        ensemble=args.ensemble,
+        tta=args.tta,
+    )
+    print(f"crossfit: out-of-fold predictions of every film in {path}")
+    return 0
+
+
+def _add_crossfit(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "crossfit",
+        help="K-fold out-of-fold predictions (MC, deterministic, ensemble heads, TTA) for every film",
+        description="Pool the films of the CSVs, train one model per fold on the others (inner 15%% patient split for "
+        "early stopping, temperature and thresholds) and record every estimator's predictions on the held-out fold.",
+    )
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="CheXpert-layout CSVs to pool")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mc-samples", type=int, default=20)
+    parser.add_argument("--ensemble", type=int, default=5, help="linear heads refitted on the frozen trunk")
+    parser.add_argument("--tta", type=int, default=4, help="test-time augmentation passes")
+    parser.add_argument("--arch", default="tf_efficientnet_lite0")
+    parser.add_argument("--init", choices=["imagenet-lite0", "hub", "none"], default="imagenet-lite0")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--freeze-epochs", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--mc-dropout-blocks", type=int, default=0)
+    parser.add_argument("--patience", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.set_defaults(handler=_run_crossfit)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from train.uncertainty_study import run_study
+
+    levels = [(a, a, args.delta, args.alpha_positive, score) for a in args.alpha for score in args.referral_score]
+    run_study(args.cv, args.out, levels=levels)
+    print((args.out / "study.md").read_text())
+    return 0
+
+
+def _add_study(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "study",
+        help="estimator comparison and nested referral check from crossfit's out-of-fold predictions",
+        description="Read OUT/oof.npz of `python -m train crossfit` and write study.json and study.md.",
+    )
+    parser.add_argument("--cv", type=Path, required=True, help="the crossfit output directory")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.2], help="alpha = study_alpha levels")
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--alpha-positive", type=float, default=0.1)
+    parser.add_argument("--referral-score", nargs="+", choices=("mean", "interval"), default=["mean", "interval"])
+    parser.set_defaults(handler=_run_study)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from bayesnet import tune_allocator
+    from train.calibrate import calibrate_checkpoint, tradeoff_table
+    from train.conformal import ReferralInputError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    tune_allocator()
+    try:
+        spec = calibrate_checkpoint(
+            args.checkpoint,
+            args.data,
+            out=args.out,
+            mc_samples=args.mc_samples,
+            referral=args.referral,
+            alpha=args.alpha,
+            delta=args.delta,
+            study_alpha=args.study_alpha,
+            alpha_positive=args.alpha_positive,
+            referral_score=args.referral_score,
+        )
+    except ReferralInputError as err:
+        print(f"calibrate: {err}", file=sys.stderr)
+        return 2
+    target = args.out or args.checkpoint
+    if spec.referral is not None:
+        report = json.loads((target / "referral_report.json").read_text())
+        print(tradeoff_table(report["tradeoff"], spec.referral))
+        print(f"trade-off plot: {target / 'referral_tradeoff.png'}")
+    print(f"calibrate: spec {spec.name} {spec.version} written to {target}")
     return 0
 
 
 def _add_calibrate(subparsers: _Subparsers) -> None:
-    parser = subparsers.add_parser("calibrate", help="fit temperature, thresholds and the uncertainty rule")
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="fit temperature, thresholds and the referral rule (also: recalibrate for a site)",
+        description="Fit per-label temperature and thresholds, and the risk-controlled referral rule, on held-out "
+        "labelled films; writes a new spec version (weights untouched). A site recalibrates the shipped model on a "
+        "few hundred of its own labelled films with --data site.csv --out models/site.",
+    )
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="held-out CheXpert-layout CSV")
+    parser.add_argument("--data", type=Path, required=True, help="held-out CheXpert-layout CSV with labels")
     parser.add_argument("--out", type=Path, default=None, help="write here instead of updating the checkpoint")
     parser.add_argument("--mc-samples", type=int, default=20)
+    parser.add_argument(
+        "--referral",
+        choices=("conformal", "disagreement"),
+        default="conformal",
+        help="conformal: risk-controlled triage with guarantees (default); disagreement: the older MC rule",
+    )
+    parser.add_argument("--alpha", type=float, default=0.1, help="per finding: max fraction of positives cleared")
+    parser.add_argument(
+        "--study-alpha", type=float, default=0.1, help="per film: max fraction of abnormal films cleared as normal"
+    )
+    parser.add_argument("--delta", type=float, default=0.1, help="the guarantees hold with probability 1 - delta")
+    parser.add_argument(
+        "--alpha-positive",
+        type=float,
+        default=0.1,
+        help="per finding: max fraction of negative films called positive",
+    )
+    parser.add_argument(
+        "--referral-score",
+        choices=("mean", "interval"),
+        default="mean",
+        help="mean: threshold the MC mean; interval: clear only when the 95th MC percentile is below the threshold",
+    )
     parser.set_defaults(handler=_run_calibrate)
 
 
@@ -252,6 +399,8 @@ _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_fit,
     _add_evaluate,
     _add_calibrate,
+    _add_crossfit,
+    _add_study,
     _add_export,
     _add_ood,
 )

@@ -1,6 +1,7 @@
 """Fitting the spec's per-label calibration on a validation set: temperature, threshold, referral rule.
 
-Three parameters per label, each stored in :class:`~bayesnet.spec.ModelSpec` and applied at inference:
+``python -m train calibrate`` (:func:`calibrate_checkpoint`) fits, in order, three parameters per label, each
+stored in :class:`~bayesnet.spec.ModelSpec` and applied at inference:
 
 1. ``temperature`` T: the service reports ``sigmoid(logit / T)`` (per MC sample, see :mod:`bayesnet.mc`).
    Fitted by minimising the validation NLL (:func:`fit_temperature`).
@@ -11,13 +12,18 @@ Three parameters per label, each stored in :class:`~bayesnet.spec.ModelSpec` and
    referral budget (:func:`fit_uncertainty_thresholds`).
 
 Fit them in that order: the threshold depends on calibrated probabilities, u on both. Labels without
-usable targets keep neutral values. Array conventions are those of :mod:`train.metrics`.
+usable targets keep neutral values. Array conventions are those of :mod:`train.metrics`. Then, with
+``--referral conformal`` (the default), the risk-controlled referral rule of :mod:`train.conformal`, which
+replaces u in the decisions (:mod:`bayesnet.decision`); u is still fitted, for older clients and comparison.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -29,11 +35,10 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit
 from sklearn.metrics import roc_curve
 
-from bayesnet import load_checkpoint, save_checkpoint
-from bayesnet.checkpoint import SPEC_FILE, read_checkpoint_document
+from bayesnet import load_checkpoint
+from bayesnet.checkpoint import SPEC_FILE, load_spec, replace_spec
 from bayesnet.decision import disagreement
-from bayesnet.ood import copy_ood_gate
-from bayesnet.spec import ModelSpec, per_label
+from bayesnet.spec import ModelSpec, ReferralSpec, per_label
 from train.metrics import NLL_EPS, FloatArray, as_targets, ece, json_floats
 from train.predict import collect, policy_of, sigmoid
 
@@ -312,6 +317,12 @@ def calibrated_spec(
     )
 
 
+ReferralMethod = Literal["conformal", "disagreement"]
+
+#: Levels at which ``calibrate`` tabulates and plots the trade-off between the guarantee and films referred.
+TRADEOFF_ALPHAS: Final[tuple[float, ...]] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
 def calibrate_checkpoint(
     checkpoint: Path,
     csv: Path,
@@ -319,9 +330,45 @@ def calibrate_checkpoint(
     out: Path | None = None,
     mc_samples: int = 20,
     target_referral: float = 0.1,
+    referral: ReferralMethod = "conformal",
+    alpha: float = 0.1,
+    delta: float = 0.1,
+    study_alpha: float = 0.1,
+    alpha_positive: float | None = 0.1,
+    referral_score: Literal["mean", "interval"] = "mean",
     seed: int = 0,
 ) -> ModelSpec:
-    """Fit temperature, thresholds and the uncertainty rule on ``csv``; save the spec as a new version."""
+    """Fit temperature, thresholds and the referral rule on ``csv``; write the spec as a new version.
+
+    ``referral="conformal"`` (:mod:`train.conformal`) fits the risk-controlled rule at ``alpha`` / ``study_alpha``
+    / ``delta`` and writes ``referral_report.json`` and ``referral_tradeoff.png`` beside the spec;
+    ``"disagreement"`` keeps the older MC-disagreement rule (:func:`fit_uncertainty_thresholds`). The weights file
+    is copied byte for byte (never re-encoded). Everything is fitted before anything is written, and ``out`` is
+    assembled in a temporary directory and moved into place, so a failure leaves nothing half-written.
+
+    Raises:
+        train.conformal.ReferralInputError: levels outside (0, 1), a CSV without the model's label columns, or
+            calibration films that cannot support the rule (e.g. a trained label with no positive film).
+    """
+    from train.card import REFERRAL_HEADING, referral_section, with_section
+    from train.chexpert_csv import annotated_labels
+    from train.conformal import ReferralInputError, fit_referral, tradeoff
+    from train.plots import referral_tradeoff_plot
+
+    if referral not in ("conformal", "disagreement"):
+        raise ReferralInputError(f"unknown referral method {referral!r}; use 'conformal' or 'disagreement'")
+    for name, value in (("alpha", alpha), ("delta", delta), ("study_alpha", study_alpha)):
+        if not 0.0 < value < 1.0:
+            raise ReferralInputError(f"--{name.replace('_', '-')} must be strictly between 0 and 1, got {value}")
+    if alpha_positive is not None and not 0.0 < alpha_positive < 1.0:
+        raise ReferralInputError(f"--alpha-positive must be strictly between 0 and 1, got {alpha_positive}")
+    spec = load_spec(checkpoint)
+    present = set(annotated_labels(csv))
+    if not present & set(spec.trained_labels):
+        raise ReferralInputError(
+            f"{csv} has no label column for any finding this model was trained on ({', '.join(spec.trained_labels)}): "
+            "calibration needs labelled films"
+        )
     model, spec = load_checkpoint(checkpoint)
     preds = collect(model, spec, csv, policy=policy_of(checkpoint), mc_samples=mc_samples, seed=seed)
     temperature = fit_temperature(preds.mc_logits, preds.y)
@@ -332,6 +379,7 @@ def calibrate_checkpoint(
     uncertainty = fit_uncertainty_thresholds(
         preds.y, samples.astype(np.float32), thresholds, target_referral=target_referral
     )
+    details: dict[str, Any] = {"data": csv.name, "mc_samples": mc_samples, "referral": referral}
     new_spec = calibrated_spec(
         spec,
         temperature=temperature,
@@ -340,14 +388,91 @@ def calibrate_checkpoint(
         n_images=len(preds.y),
         ece_before=ece(preds.y, p_before),
         ece_after=ece(preds.y, p_after),
-        details={"data": csv.name, "mc_samples": mc_samples, "target_referral": target_referral},
+        details={**details, "target_referral": target_referral} if referral == "disagreement" else details,
     )
-    document = read_checkpoint_document(checkpoint)
+    extra_files: dict[str, bytes] = {}
+    if referral == "conformal":
+        notes = {
+            "data": csv.name,
+            "mc_samples": mc_samples,
+            "fitted_with": "the same films as the temperature and thresholds (see docs/uncertainty.md)",
+        }
+        fitted = fit_referral(
+            samples,
+            preds.y,
+            new_spec,
+            alpha=alpha,
+            delta=delta,
+            study_alpha=study_alpha,
+            alpha_positive=alpha_positive,
+            score=referral_score,
+            calibration_notes=notes,
+        )
+        rows = tradeoff(samples, preds.y, new_spec, alphas=TRADEOFF_ALPHAS, delta=delta, score=referral_score)
+        new_spec = new_spec.replace(referral=fitted.spec)
+        report = {"rule": fitted.spec.to_dict(), "fit": fitted.report, "tradeoff": rows}
+        extra_files["referral_report.json"] = (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()
+        extra_files["referral_tradeoff.png"] = referral_tradeoff_plot(rows, chosen=alpha)
+        card = checkpoint / "MODEL_CARD.md"
+        if card.is_file():
+            section = referral_section(fitted.spec, report)
+            extra_files["MODEL_CARD.md"] = with_section(card.read_text(), REFERRAL_HEADING, section).encode()
+        logger.info("%s", tradeoff_table(rows, fitted.spec))
+    else:
+        new_spec = new_spec.replace(referral=None)
     target = out or checkpoint
-    save_checkpoint(model, new_spec, target, metadata=document.get("metadata") or {})
-    copy_ood_gate(checkpoint, target, new_spec)
-    card = checkpoint / "MODEL_CARD.md"
-    if out is not None and card.is_file():
-        (out / "MODEL_CARD.md").write_text(card.read_text())
+    _write_calibrated(checkpoint, target, new_spec, extra_files)
     logger.info("calibrated spec %s written to %s", new_spec.version, target / SPEC_FILE)
     return new_spec
+
+
+def tradeoff_table(rows: list[dict[str, float]], rule: ReferralSpec) -> str:
+    """The operating points a site can choose from, and the one chosen, as text for the command line."""
+    lines = [
+        f"referral trade-off on the {rule.calibration.get('n_films', '?')} calibration films "
+        f"(alpha = study_alpha, delta = {rule.delta}):",
+        "  alpha  films referred  normal films cleared  findings cleared",
+    ]
+    for row in rows:
+        lines.append(
+            f"  {row['alpha']:5.2f}  {row['study_referral_rate']:14.1%}  {row['normal_clearance_rate']:20.1%}"
+            f"  {row['finding_cleared_rate']:16.1%}"
+        )
+    lines.append(
+        f"chosen: alpha {rule.alpha}, study_alpha {rule.study_alpha}, delta {rule.delta}: "
+        f"{rule.expected_study_referral_rate:.1%} of films referred, "
+        f"{rule.expected_normal_clearance_rate:.1%} of normal films cleared"
+    )
+    if rule.study_threshold is None:
+        lines.append(
+            "  no study-level threshold is supported at these levels by these films: every film is referred. "
+            "More labelled films, or a looser study_alpha, are the only honest ways to clear any."
+        )
+    return "\n".join(lines)
+
+
+def _write_calibrated(source: Path, target: Path, spec: ModelSpec, extra_files: Mapping[str, bytes]) -> None:
+    """Write the calibrated checkpoint: weights and gate copied byte for byte, the new spec, the extra files."""
+    if target.resolve() == source.resolve():
+        for name, data in extra_files.items():
+            tmp = target / (name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target / name)
+        replace_spec(target, spec)
+        return
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent if target.parent.exists() else None))
+    try:
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copy2(item, staging / item.name)
+        for name, data in extra_files.items():
+            (staging / name).write_bytes(data)
+        replace_spec(staging, spec)
+        staging.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), str(target))
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

@@ -11,6 +11,8 @@ import torch
 from bayesnet import load_checkpoint, save_checkpoint
 from bayesnet.checkpoint import read_checkpoint_document
 from bayesnet.ood import copy_ood_gate
+from bayesnet.referral import describe
+from bayesnet.spec import ReferralSpec
 
 NIH_CITATION = (
     'Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. "ChestX-ray8: Hospital-scale Chest X-ray Database '
@@ -125,17 +127,64 @@ validation films.
 """
 
 
-def with_ood_section(card: str, report: dict[str, Any]) -> str:
-    """``card`` with its out-of-distribution section replaced (or inserted before "## Limitations")."""
-    section = ood_section(report)
-    start = card.find(OOD_HEADING)
+def with_section(card: str, heading: str, section: str) -> str:
+    """``card`` with the section under ``heading`` replaced by ``section`` (or inserted before "## Limitations")."""
+    start = card.find(heading)
     if start >= 0:
-        end = card.find("\n## ", start + len(OOD_HEADING))
+        end = card.find("\n## ", start + len(heading))
         return card[:start] + section + (card[end + 1 :] if end >= 0 else "")
     anchor = card.find("## Limitations")
     if anchor < 0:
         return card.rstrip("\n") + "\n\n" + section
     return card[:anchor] + section + "\n" + card[anchor:]
+
+
+def with_ood_section(card: str, report: dict[str, Any]) -> str:
+    """``card`` with its out-of-distribution section replaced (or inserted before "## Limitations")."""
+    return with_section(card, OOD_HEADING, ood_section(report))
+
+
+REFERRAL_HEADING = "## Referral rule"
+
+
+def referral_section(rule: ReferralSpec, report: dict[str, Any]) -> str:
+    """The card's account of the referral rule: the guarantee in words, what it cost, per finding, the trade-off.
+
+    ``report`` is the ``referral_report.json`` that ``python -m train calibrate`` writes beside the spec.
+    """
+    rows = []
+    for label, row in report["fit"]["per_label"].items():
+        rows.append(
+            f"| {label} | {row['positives']} / {row['n']} | {_fmt(row['negative_threshold'])} | "
+            f"{_fmt(row['positive_threshold'])} | {row['cleared_fraction']:.0%} | {row['miss_rate']:.0%} |"
+        )
+    tradeoff = "\n".join(
+        f"| {r['alpha']:.2f} | {r['study_referral_rate']:.0%} | {r['normal_clearance_rate']:.0%} | "
+        f"{r['finding_cleared_rate']:.0%} |"
+        for r in report["tradeoff"]
+    )
+    calibration = rule.calibration
+    return f"""{REFERRAL_HEADING}
+{describe(rule)}
+
+Method: {rule.method}; score: {rule.score} (see docs/uncertainty.md).
+Calibration films: {calibration.get("n_films")} ({calibration.get("n_abnormal")} abnormal, \
+{calibration.get("n_normal")} normal) from `{calibration.get("data", "?")}`; {calibration.get("fitted_with", "")}.
+The guarantee holds only while the films a site sends are exchangeable with these: a new site, scanner or
+population needs its own `python -m train calibrate --data site.csv`.
+
+| finding | positives / films | clear below | positive from | cleared | missed (calibration) |
+|---|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+"n/a": the calibration films cannot support that side of the rule at these levels; it never fires.
+
+Trade-off on the calibration films (alpha = study_alpha, delta = {rule.delta}), `referral_tradeoff.png`:
+
+| alpha | films referred | normal films cleared | findings cleared |
+|---:|---:|---:|---:|
+{tradeoff}
+"""
 
 
 def export(checkpoint: Path, report: Path, out: Path, *, data_notes: str, training_notes: str) -> Path:
@@ -159,5 +208,13 @@ def export(checkpoint: Path, report: Path, out: Path, *, data_notes: str, traini
     card = model_card(metrics, data_notes=data_notes, training_notes=training_notes)
     if spec.ood is not None and isinstance(metadata.get("ood"), dict):
         card = with_ood_section(card, metadata["ood"])
+    referral_report = checkpoint / "referral_report.json"
+    if spec.referral is not None and referral_report.is_file():
+        card = with_section(
+            card, REFERRAL_HEADING, referral_section(spec.referral, json.loads(referral_report.read_text()))
+        )
+        for name in ("referral_report.json", "referral_tradeoff.png"):
+            if (checkpoint / name).is_file() and (checkpoint / name).resolve() != (out / name).resolve():
+                (out / name).write_bytes((checkpoint / name).read_bytes())
     (out / "MODEL_CARD.md").write_text(card)
     return out

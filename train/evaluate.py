@@ -3,8 +3,10 @@
 ``python -m train evaluate``: per-label ROC-AUC with bootstrap 95% CIs (deterministic and MC-mean side by
 side), calibration (ECE with 15 equal-width bins, Brier, NLL) before and after temperature scaling,
 reliability diagrams, ROC curves, and whether the MC uncertainty finds the errors (AUC vs coverage when
-the most uncertain images are referred first, against random referral). Writes ``report.md``,
-``metrics.json`` and the PNGs.
+the most uncertain images are referred first, against random referral), and selective prediction
+(:mod:`train.selective`): for every registered uncertainty score, risk-coverage curves and AURC, the AUROC,
+sensitivity and specificity of the films kept at several coverages with bootstrap CIs, the referral gain, and
+what per-finding referral means per film. Writes ``report.md``, ``metrics.json`` and the PNGs.
 
 Calibration (``python -m train calibrate``) lives in :mod:`train.calibrate`; both start from
 :func:`train.predict.collect`.
@@ -32,6 +34,7 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``metrics.json`` and the PNGs for ``checkpoint`` on ``csv``; return the metrics."""
+    from bayesnet.spec import NO_FINDING
     from train.calibrate import fit_temperature
     from train.metrics import (
         bootstrap_auc,
@@ -44,7 +47,8 @@ def evaluate(
         referral_curve,
         summary_table,
     )
-    from train.plots import referral_plot, reliability_grid, roc_grid
+    from train.plots import referral_plot, reliability_grid, risk_coverage_plot, roc_grid, selective_auroc_plot
+    from train.selective import selective_markdown, selective_report
 
     out.mkdir(parents=True, exist_ok=True)
     model, spec = load_checkpoint(checkpoint)
@@ -75,6 +79,14 @@ def evaluate(
     reliability_grid(preds.y, p_mc_raw, p_mc, labels, out / "reliability.png")
     roc_grid(preds.y, p_mc, labels, out / "roc.png", auc=auc_mc, ci=(lo_mc, hi_mc))
     referral_plot(curve, random_curve, out / "referral.png")
+    # Selective prediction, per finding, judged with the spec's decision thresholds; a film is abnormal when a
+    # trained finding other than "No Finding" is positive.
+    findings = np.array([label in spec.trained_labels and label != NO_FINDING for label in labels])
+    selective = selective_report(
+        preds.y, samples, p_det, np.array(spec.threshold), labels, findings=findings, n_boot=n_boot, seed=seed
+    )
+    risk_coverage_plot(selective, out / "risk_coverage.png")
+    selective_auroc_plot(selective, out / "selective_auroc.png")
 
     def per_label(values: np.ndarray) -> dict[str, float | None]:
         return dict(zip(labels, json_floats(values), strict=True))
@@ -106,6 +118,7 @@ def evaluate(
         "random_referral_curve": json.loads(json.dumps(random_curve, default=float)),
         "seconds_per_image": preds.seconds_per_image,
         "untrained_labels": list(spec.untrained_labels),
+        "selective": selective,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     table = summary_table(
@@ -147,6 +160,23 @@ Images are referred most-uncertain first (score: {metrics["referral_score"]}); t
 AUC on the images kept, against referring the same number at random.
 
 ![referral](referral.png)
+
+## Selective prediction
+
+Each finding is referred on its own: label k keeps the fraction c (coverage) of its films with the lowest
+uncertainty score and is scored on those; macro = mean over trained labels. Risk is the error rate of the
+decision `p >= threshold` (the spec's thresholds) on the kept films; AURC is the area under the
+risk-coverage curve (lower is better) and E-AURC its excess over a score that ranks every error last.
+`baseline_single_pass` uses the one no-dropout pass for its AUROC and decisions; every other score the MC
+mean. Bootstrap: {n_boot} resamples of films, the selection redone on each, paired across scores. Study
+level: a film is referred when any of its findings is; "abnormal cleared" is the fraction of films with a
+positive finding that were neither referred nor called positive on any finding; "miss rate" the macro
+fraction of positives, among findings not referred, decided negative.
+
+{selective_markdown(selective)}
+![risk-coverage](risk_coverage.png)
+
+![selective AUROC](selective_auroc.png)
 """
     (out / "report.md").write_text(report)
     return metrics

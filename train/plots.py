@@ -1,4 +1,4 @@
-"""Evaluation figures as PNG files: reliability diagrams, ROC curves and the referral curve.
+"""Evaluation figures as PNG files: reliability diagrams, ROC curves, referral and selective-prediction curves.
 
 Figures are built with :class:`matplotlib.figure.Figure` and rendered by the Agg canvas directly,
 never through ``pyplot``: no global backend switch (importing this module changes nothing), no GUI,
@@ -169,4 +169,90 @@ def referral_plot(curve: Mapping[str, Any], random_curve: Mapping[str, Any], pat
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Referral by MC-dropout uncertainty")
+    return _save(fig, path)
+
+
+def referral_tradeoff_plot(rows: Sequence[Mapping[str, float]], *, chosen: float) -> bytes:
+    """PNG bytes: films referred, normal films cleared and findings cleared against the guaranteed level alpha.
+
+    ``rows`` are :func:`train.conformal.tradeoff` rows; ``chosen`` is marked, so a site sees what a looser or
+    stricter guarantee would cost before it picks an operating point.
+    """
+    import io
+
+    alphas = np.array([row["alpha"] for row in rows], dtype=np.float64)
+    fig = Figure(figsize=(6.0, 4.0), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for key, name in (
+        ("study_referral_rate", "films referred"),
+        ("normal_clearance_rate", "normal films cleared"),
+        ("finding_cleared_rate", "findings cleared (mean over labels)"),
+    ):
+        ax.plot(alphas, [row[key] for row in rows], marker="o", label=name)
+    ax.axvline(chosen, color="0.5", linestyle="--", linewidth=1.0, label=f"chosen alpha = {chosen:g}")
+    ax.set_xlabel("alpha = study_alpha (guaranteed maximum miss rate)")
+    ax.set_ylabel("fraction of calibration films")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Referral trade-off", fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _score_style(name: str) -> dict[str, Any]:
+    """The random reference is drawn grey and dashed so the scores it must beat stand out."""
+    return {"color": "0.4", "linestyle": "--"} if name == "random" else {}
+
+
+def _coverage_axis(ax: Axes, coverage: FloatArray) -> None:
+    if coverage.size:
+        ax.set_xlim(coverage.max() + 0.01, coverage.min() - 0.01)  # coverage falls to the right: more referred
+    ax.set_xlabel("coverage (fraction of each label's films kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def risk_coverage_plot(selective: Mapping[str, Any], path: str | Path) -> Path:
+    """One PNG: macro risk (error rate of the kept decisions) against coverage, a line per uncertainty score.
+
+    Takes the ``"selective"`` section of :func:`train.selective.selective_report` (also as read back from
+    JSON); the legend gives each score's macro AURC, the area under its curve (lower is better).
+    """
+    fig = Figure(figsize=(6.0, 4.5), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    coverage = np.array([], dtype=np.float64)
+    for name, entry in selective["scores"].items():
+        curve = entry["risk_coverage"]
+        coverage = _series(curve, "coverage")
+        aurc = entry["aurc"]["macro"]
+        label = f"{name} (AURC {_fmt(math.nan if aurc is None else float(aurc))})"
+        ax.plot(coverage, _series(curve, "macro_risk"), linewidth=1.4, label=label, **_score_style(name))
+    ax.set_ylabel("macro risk (error rate on kept films)")
+    _coverage_axis(ax, coverage)
+    fig.suptitle("Risk-coverage: refer each label's least certain films first")
+    return _save(fig, path)
+
+
+def selective_auroc_plot(selective: Mapping[str, Any], path: str | Path) -> Path:
+    """One PNG: macro AUROC of the kept films against coverage, a line per score with its bootstrap CI band.
+
+    Takes the ``"selective"`` section of :func:`train.selective.selective_report` (also as read back from JSON).
+    """
+    fig = Figure(figsize=(6.0, 4.5), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    coverage = _series(selective, "coverages")
+    for name, entry in selective["scores"].items():
+        auroc = entry["kept"]["auroc"]
+        style = {"linestyle": "-", **_score_style(name)}
+        (line,) = ax.plot(coverage, _series(auroc, "macro"), marker="o", markersize=3, label=name, **style)
+        lo, hi = _series(auroc, "macro_lo"), _series(auroc, "macro_hi")
+        if lo.size == coverage.size and hi.size == coverage.size:
+            ax.fill_between(coverage, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
+    ax.set_ylabel(f"macro AUROC of kept films ({100 * float(selective.get('ci', 0.95)):g}% CI)")
+    _coverage_axis(ax, coverage)
+    fig.suptitle("Discrimination on the films kept")
     return _save(fig, path)

@@ -37,7 +37,17 @@ import logging
 from collections.abc import Callable
 
 from bayesnet.errors import CorruptImageError, EmptyImageError, ImageError
-from bayesnet.imaging.decoded import WARN_ALPHA, WARN_COLOUR, WARN_MONOCHROME1, WARN_NO_VOI, DecodedImage
+from bayesnet.imaging.decoded import (
+    POPULATION_LATERAL,
+    POPULATION_NON_CHEST,
+    POPULATION_PAEDIATRIC,
+    WARN_ALPHA,
+    WARN_COLOUR,
+    WARN_MONOCHROME1,
+    WARN_NO_VOI,
+    DecodedImage,
+    population_flags,
+)
 from bayesnet.imaging.dicom import decode_dicom
 from bayesnet.imaging.limits import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, MIN_SIDE_PX, check_radiograph_geometry
 from bayesnet.imaging.raster import decode_jpeg, decode_png
@@ -48,6 +58,9 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "MAX_ASPECT_RATIO",
     "MIN_SIDE_PX",
+    "POPULATION_LATERAL",
+    "POPULATION_NON_CHEST",
+    "POPULATION_PAEDIATRIC",
     "WARN_ALPHA",
     "WARN_COLOUR",
     "WARN_MONOCHROME1",
@@ -55,6 +68,7 @@ __all__ = [
     "DecodedImage",
     "check_radiograph_geometry",
     "decode_image",
+    "population_flags",
     "sniff_format",
 ]
 

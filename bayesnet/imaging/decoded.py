@@ -19,6 +19,22 @@ WARN_ALPHA: Final[str] = "alpha channel ignored"
 WARN_MONOCHROME1: Final[str] = "MONOCHROME1 inverted for display"
 WARN_NO_VOI: Final[str] = "no VOI window: full BitsStored range used"
 
+# Why a DICOM film is outside the model's intended population (adult frontal chest radiographs), as fixed codes.
+# Derived from header fields at decode; the fields' values themselves are never kept, returned or logged.
+POPULATION_PAEDIATRIC: Final[str] = "paediatric"
+POPULATION_LATERAL: Final[str] = "lateral_or_oblique_view"
+POPULATION_NON_CHEST: Final[str] = "non_chest_body_part"
+
+#: Youngest age, in years, of the intended population (the training data are adult films).
+ADULT_AGE_YEARS: Final[float] = 18.0
+
+_FRONTAL_VIEWS: Final[frozenset[str]] = frozenset({"PA", "AP", "APS", "PAS", "APE", "APL"})
+_NON_FRONTAL_VIEWS: Final[frozenset[str]] = frozenset(
+    {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO", "OBL", "OBLIQUE", "RLD", "LLD"}
+)
+_CHEST_WORDS: Final[tuple[str, ...]] = ("CHEST", "THORAX", "LUNG", "THORACIC", "RIB", "HEART")
+_AGE_UNITS_YEARS: Final[dict[str, float]] = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
 # Luminance weights (ITU-R BT.601), the same ones Pillow's "L" conversion uses, applied in float.
 _LUMA_WEIGHTS: Final[tuple[float, float, float]] = (0.299, 0.587, 0.114)
 
@@ -39,7 +55,8 @@ class DecodedImage:
     and the PhotometricInterpretation for DICOM. ``warnings`` are human-readable notes about
     conversions that changed or assumed something. ``modality``, ``body_part`` and
     ``view_position`` are copied from DICOM (None when absent or for PNG/JPEG); none of them
-    identifies a patient.
+    identifies a patient. ``population_flags`` are the ``POPULATION_*`` codes of
+    :func:`population_flags` (always empty for PNG/JPEG, which carry no such header).
     """
 
     pixels: npt.NDArray[np.float32]
@@ -52,6 +69,7 @@ class DecodedImage:
     modality: str | None = None
     body_part: str | None = None
     view_position: str | None = None
+    population_flags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check the invariants every consumer relies on (cheap: shape and dtype only)."""
@@ -74,3 +92,34 @@ def luminance(rgb: npt.NDArray[np.generic], warnings: list[str]) -> FloatArray:
     warnings.append(WARN_COLOUR)
     wr, wg, wb = _LUMA_WEIGHTS
     return wr * r.astype(np.float64) + wg * g.astype(np.float64) + wb * b.astype(np.float64)
+
+
+def _age_years(age: str | None) -> float | None:
+    """A DICOM AS value (``"034Y"``, ``"006M"``, ``"021D"``) in years; None when absent or malformed."""
+    if not age:
+        return None
+    text = age.strip().upper()
+    if len(text) < 2 or text[-1] not in _AGE_UNITS_YEARS or not text[:-1].isdigit():
+        return None
+    return int(text[:-1]) * _AGE_UNITS_YEARS[text[-1]]
+
+
+def population_flags(*, body_part: str | None, view_position: str | None, age: str | None) -> tuple[str, ...]:
+    """Why a film is outside the intended population (adult frontal chest radiographs), from DICOM header values.
+
+    Missing or unrecognised values raise no flag: a header that does not say is not evidence. ``age`` is the raw
+    Patient's Age (AS) value; the caller must not keep it. A body part that names the chest in any common way
+    (CHEST, THORAX, ...) is a chest; any other non-empty value is not. Lateral, oblique and decubitus views are
+    flagged; PA and AP are frontal.
+    """
+    flags = []
+    years = _age_years(age)
+    if years is not None and years < ADULT_AGE_YEARS:
+        flags.append(POPULATION_PAEDIATRIC)
+    view = (view_position or "").strip().upper()
+    if view in _NON_FRONTAL_VIEWS or (view and view not in _FRONTAL_VIEWS and "LAT" in view):
+        flags.append(POPULATION_LATERAL)
+    part = (body_part or "").strip().upper()
+    if part and not any(word in part for word in _CHEST_WORDS):
+        flags.append(POPULATION_NON_CHEST)
+    return tuple(flags)

@@ -49,7 +49,14 @@ from bayesnet.errors import (
     TruncatedImageError,
     UnsupportedFormatError,
 )
-from bayesnet.imaging.decoded import WARN_MONOCHROME1, WARN_NO_VOI, DecodedImage, FloatArray, luminance
+from bayesnet.imaging.decoded import (
+    WARN_MONOCHROME1,
+    WARN_NO_VOI,
+    DecodedImage,
+    FloatArray,
+    luminance,
+    population_flags,
+)
 from bayesnet.imaging.limits import check_pixel_count
 
 # DICOM elements read from uploads. Only these are parsed, so patient identifiers never are.
@@ -57,6 +64,8 @@ _DICOM_TAGS: Final[list[str]] = [
     "Modality",
     "BodyPartExamined",
     "ViewPosition",
+    # Read only to flag children as outside the intended population; the value is never kept.
+    "PatientAge",
     "SamplesPerPixel",
     "PhotometricInterpretation",
     "PlanarConfiguration",
@@ -231,6 +240,7 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     if not np.all(np.isfinite(scaled)):
         raise CorruptImageError("The DICOM intensity transform (rescale or window values) produced invalid numbers.")
     pixels = np.clip(scaled, 0.0, 1.0).astype(np.float32)
+    body_part, view_position = _dicom_code(ds, "BodyPartExamined"), _dicom_code(ds, "ViewPosition")
     return DecodedImage(
         pixels=pixels,
         format="dicom",
@@ -240,8 +250,11 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         photometric=photometric,
         warnings=tuple(warnings),
         modality=modality,
-        body_part=_dicom_code(ds, "BodyPartExamined"),
-        view_position=_dicom_code(ds, "ViewPosition"),
+        body_part=body_part,
+        view_position=view_position,
+        population_flags=population_flags(
+            body_part=body_part, view_position=view_position, age=_dicom_code(ds, "PatientAge")
+        ),
     )
 
 

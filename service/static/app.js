@@ -35,6 +35,20 @@
     503: "Service busy or not ready",
   };
   const DECISION_TEXT = { positive: "Positive", negative: "Negative", uncertain: "Uncertain" };
+  // Referral reason codes (the API's referral.reasons) in plain words.
+  const REASON_TEXT = {
+    possible_finding: "a finding was decided positive",
+    uncertain_finding: "a finding could be neither cleared nor called positive",
+    not_cleared_as_normal: "the film as a whole is not confidently normal",
+    out_of_distribution: "the image does not look like the radiographs the model was trained on",
+    outside_intended_population: "the DICOM header says it is outside the intended use",
+    no_referral_rule: "this model has no fitted referral rule",
+  };
+  const POPULATION_TEXT = {
+    paediatric: "a child",
+    lateral_or_oblique_view: "a lateral or oblique view",
+    non_chest_body_part: "not a chest",
+  };
 
   const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
   const el = {
@@ -73,6 +87,13 @@
     resultsBody: document.querySelector(".results__body"),
     runMeta: $("run-meta"),
     refer: $("refer-banner"),
+    referReasons: $("refer-reasons"),
+    cleared: $("cleared-banner"),
+    population: $("population-banner"),
+    populationDetail: $("population-detail"),
+    modelReferral: $("model-referral"),
+    modelReferralSummary: $("model-referral-summary"),
+    modelNoReferral: $("model-no-referral"),
     ood: $("ood-banner"),
     oodDetail: $("ood-detail"),
     findingsBody: $("findings-body"),
@@ -204,6 +225,10 @@
     const untrained = Array.isArray(card.untrained_labels) ? card.untrained_labels : [];
     el.untrainedLabels.hidden = untrained.length === 0;
     el.untrainedLabels.querySelector(".model-note__list").textContent = untrained.join(", ");
+    const referral = card.referral;
+    el.modelReferral.hidden = !referral;
+    el.modelReferralSummary.textContent = referral ? referral.summary : "";
+    el.modelNoReferral.hidden = Boolean(referral) || card.trained === false;
     el.modelLoading.hidden = true;
     el.modelBody.hidden = false;
   }
@@ -332,19 +357,30 @@
       ([aName, a], [bName, b]) => b.conf - a.conf || aName.localeCompare(bName),
     );
     const cams = result.gradcam || {};
-    const rows = predictions.map(([label, p]) => renderRow(label, p, label in cams));
-    el.findingsBody.replaceChildren(...rows);
-
-    el.refer.hidden = !result.uncertain;
-
-    // The out-of-distribution gate (null when the model has none): warn that the numbers below are about
-    // an image unlike anything the model was trained on.
+    // The out-of-distribution gate (null when the model has none) and the DICOM header's population checks:
+    // the numbers below are about an image the model was not made for, so no decision is shown as if it applied.
     const ood = result.ood;
     const offTarget = Boolean(ood) && ood.in_distribution === false;
+    const referral = result.referral || { refer: true, reasons: [], population: [] };
+    const outside = referral.reasons.includes("outside_intended_population");
+    const withheld = offTarget || outside;
+    const rows = predictions.map(([label, p]) => renderRow(label, p, label in cams, withheld));
+    el.findingsBody.replaceChildren(...rows);
+
+    el.refer.hidden = !referral.refer;
+    el.referReasons.textContent = referral.refer
+      ? ` Why: ${referral.reasons.map((code) => REASON_TEXT[code] || code).join("; ")}.`
+      : "";
+    el.cleared.hidden = referral.refer;
+    el.population.hidden = !outside;
+    el.populationDetail.textContent = outside
+      ? ` The header describes ${(referral.population || []).map((code) => POPULATION_TEXT[code] || code).join(", ")}; ` +
+        "the model was made for adult frontal chest radiographs, so no decision is shown."
+      : "";
     el.ood.hidden = !offTarget;
     el.oodDetail.textContent = offTarget
       ? ` Its out-of-distribution score ${ood.score.toFixed(1)} is above the model's threshold ` +
-        `${ood.threshold.toFixed(1)}: the findings below are not meaningful for this image.`
+        `${ood.threshold.toFixed(1)}: the findings below are not meaningful for this image, and no decision is shown.`
       : "";
 
     const untrained = state.card && Array.isArray(state.card.untrained_labels) ? state.card.untrained_labels : [];
@@ -379,7 +415,7 @@
     el.resultsBody.hidden = false;
   }
 
-  function renderRow(label, p, hasCam) {
+  function renderRow(label, p, hasCam, withheld) {
     const row = el.rowTemplate.content.firstElementChild.cloneNode(true);
     const conf = clamp01(p.conf);
     const [lo, hi] = Array.isArray(p.interval) ? p.interval.map(clamp01) : [conf, conf];
@@ -411,9 +447,19 @@
     row.querySelector(".finding__interval").title = "5th–95th percentile of the Monte-Carlo samples";
 
     const chip = row.querySelector(".chip");
-    chip.textContent = DECISION_TEXT[decision];
-    chip.dataset.decision = decision;
-    chip.classList.add(`chip--${decision}`);
+    if (withheld) {
+      // No chip that reads as a verdict on an image the model was not made for.
+      chip.textContent = "No decision";
+      chip.dataset.decision = "withheld";
+      chip.classList.add("chip--withheld");
+      chip.title = "Not applicable: the image is outside what the model was made for";
+      bar.classList.remove(`bar--${decision}`);
+      bar.classList.add("bar--withheld");
+    } else {
+      chip.textContent = DECISION_TEXT[decision];
+      chip.dataset.decision = decision;
+      chip.classList.add(`chip--${decision}`);
+    }
 
     const camButton = row.querySelector(".finding__cam");
     if (hasCam) {
@@ -530,7 +576,7 @@
       renderResults(result);
       const n = Object.keys(result.predictions || {}).length;
       setStatus(
-        `Analysis of ${file.name} complete: ${n} findings.${result.uncertain ? " The model is uncertain: refer for review." : ""}` +
+        `Analysis of ${file.name} complete: ${n} findings.${result.referral && result.referral.refer ? " Refer for review." : " Cleared as normal."}` +
         `${result.ood && result.ood.in_distribution === false ? " This does not look like a frontal chest radiograph." : ""}`,
       );
     } catch (err) {

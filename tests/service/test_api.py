@@ -87,6 +87,8 @@ def test_predict_returns_the_typed_contract(client: httpx.Client) -> None:
         assert 0 <= lo <= hi <= 1
         assert finding.std == pytest.approx(finding.uncertainty**0.5, abs=1e-5)
     assert body.uncertain == any(p.decision == "uncertain" for p in body.predictions.values())
+    # The tiny model has no fitted referral rule: every film is referred, and says why.
+    assert body.referral.refer and body.referral.reasons[0] == "no_referral_rule"
     assert set(body.gradcam) == set(body.predictions)
     heat = body.gradcam["Edema"]
     image = Image.open(io.BytesIO(base64.b64decode(heat.png_base64)))
@@ -128,6 +130,20 @@ def test_dicom_monochrome1_and_no_patient_identifiers_leak(client: httpx.Client)
     assert body["image"]["photometric"] == "MONOCHROME1"
     for secret in (PATIENT_NAME, "Doe", PATIENT_ID, "ACC-5551234"):
         assert secret not in response.text
+
+
+def test_a_child_or_lateral_dicom_is_referred_as_outside_the_intended_population(client: httpx.Client) -> None:
+    ds = pydicom.dcmread(pydicom_data("RG1_UNCR.dcm"))
+    ds.PatientAge = "006Y"
+    ds.ViewPosition = "LL"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    response = post_file(client, buffer.getvalue(), cams="none")
+    assert response.status_code == 200, response.text
+    referral = response.json()["referral"]
+    assert referral["refer"] is True and "outside_intended_population" in referral["reasons"]
+    assert referral["population"] == ["paediatric", "lateral_or_oblique_view"]
+    assert "006Y" not in response.text
 
 
 @pytest.mark.parametrize(

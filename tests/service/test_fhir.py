@@ -33,6 +33,7 @@ from service.schemas import (
     ModelRef,
     OODResult,
     PredictionResponse,
+    Referral,
     Timing,
 )
 from tests.service.live import LiveServer
@@ -60,20 +61,32 @@ def one_pixel_png() -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def prediction(*, uncertain: bool, cams: bool, ood: OODResult | None = None) -> PredictionResponse:
-    predictions = {
-        "Cardiomegaly": finding(0.81, "positive"),
-        "Pneumothorax": finding(0.03, "negative"),
-        "Lung Lesion": finding(0.62, "positive"),
-    }
+def prediction(
+    *, uncertain: bool, cams: bool, ood: OODResult | None = None, cleared: bool = False
+) -> PredictionResponse:
+    """Two positive findings (plus an uncertain one), or with ``cleared`` a film the study rule cleared as normal."""
+    if cleared:
+        predictions = {"Cardiomegaly": finding(0.04, "negative"), "Pneumothorax": finding(0.03, "negative")}
+    else:
+        predictions = {
+            "Cardiomegaly": finding(0.81, "positive"),
+            "Pneumothorax": finding(0.03, "negative"),
+            "Lung Lesion": finding(0.62, "positive"),
+        }
     if uncertain:
         predictions["Pleural Effusion"] = finding(0.47, "uncertain")
+    reasons = [
+        *(["out_of_distribution"] if ood is not None and not ood.in_distribution else []),
+        *([] if cleared else ["possible_finding"]),
+        *(["uncertain_finding"] if uncertain else []),
+    ]
     return PredictionResponse(
         request_id="req-42",
         model=ModelRef(name="demo-model", version="0.1.0+cal", sha256="ab" * 32),
         mc_samples=20,
         predictions=predictions,
         uncertain=uncertain,
+        referral=Referral(refer=bool(reasons), reasons=reasons),  # type: ignore[arg-type]
         ood=ood,
         gradcam={"Cardiomegaly": Heatmap(png_base64=one_pixel_png(), width=2, height=2)} if cams else {},
         image=ImageInfo(format="png", width=512, height=512, photometric="L", warnings=[]),
@@ -127,7 +140,9 @@ def check_report(report: dict[str, Any]) -> DiagnosticReport:
     ]
     ood = [o for o in contained(report, "Observation") if o["id"] == "ood-gate"]
     flagged = bool(ood) and codes(ood[0]["interpretation"][0], fhir.INTERPRETATION) == ["H"]
-    assert bool(referral) == (bool(uncertain) or flagged) == ("Refer to a radiologist" in report["conclusion"])
+    assert bool(referral) == ("Refer to a radiologist" in report["conclusion"])
+    if uncertain or flagged:
+        assert referral, "an uncertain finding or a flagged image is always referred"
     for label in uncertain:
         assert label in report["conclusion"]
     return model
@@ -201,7 +216,11 @@ def test_report_maps_findings_decisions_and_referral() -> None:
     assert (
         "Positive: Cardiomegaly (probability 0.81, threshold 0.50), Lung Lesion (probability 0.62, threshold 0.50)."
     ) in text
-    assert "Uncertain (the model's samples disagree): Pleural Effusion (probability 0.47, threshold 0.50)." in text
+    assert (
+        "Uncertain (neither cleared nor positive under the referral rule): Pleural Effusion (probability 0.47, "
+        "threshold 0.50)."
+    ) in text
+    assert "Refer to a radiologist for review (possible finding, uncertain finding)." in text
     assert "Pneumothorax" not in text
     assert "not a medical device" in text
     conclusion_codes = [c["coding"][0]["code"] for c in report["conclusionCode"]]
@@ -220,25 +239,26 @@ def test_report_maps_findings_decisions_and_referral() -> None:
     assert device["version"] == [{"value": "0.1.0+cal"}]
 
 
-def test_report_without_uncertainty_or_cams_has_no_referral_and_no_media() -> None:
-    report = fhir.diagnostic_report(prediction(uncertain=False, cams=False), issued=ISSUED)
+def test_a_film_cleared_as_normal_has_no_referral_and_no_media() -> None:
+    report = fhir.diagnostic_report(prediction(uncertain=False, cams=False, cleared=True), issued=ISSUED)
     check_report(report)
     assert "media" not in report and not contained(report, "Media")
     assert "Refer" not in report["conclusion"]
-    assert all(codes(c, fhir.MEASURE_SYSTEM) == [] for c in report["conclusionCode"])
+    assert "Cleared as normal under the model's risk-controlled referral rule." in report["conclusion"]
+    assert "conclusionCode" not in report, "no positive finding and no referral: nothing to code"
 
 
 @pytest.mark.parametrize("in_distribution", [True, False])
 def test_out_of_distribution_gate_is_an_observation_and_flags_the_conclusion(in_distribution: bool) -> None:
     ood = OODResult(score=7.5 if in_distribution else 42.0, threshold=12.0, in_distribution=in_distribution)
-    report = fhir.diagnostic_report(prediction(uncertain=False, cams=False, ood=ood), issued=ISSUED)
+    report = fhir.diagnostic_report(prediction(uncertain=False, cams=False, ood=ood, cleared=True), issued=ISSUED)
     check_report(report)
     (gate,) = [o for o in contained(report, "Observation") if o["id"] == "ood-gate"]
     assert {"reference": "#ood-gate", "display": "Out-of-distribution score"} in report["result"]
     assert gate["valueQuantity"]["value"] == ood.score
     assert gate["referenceRange"][0]["high"]["value"] == 12.0
     assert codes(gate["interpretation"][0], fhir.INTERPRETATION) == (["N"] if in_distribution else ["H"])
-    conclusion_codes = [code for c in report["conclusionCode"] for code in codes(c, fhir.MEASURE_SYSTEM)]
+    conclusion_codes = [code for c in report.get("conclusionCode", []) for code in codes(c, fhir.MEASURE_SYSTEM)]
     if in_distribution:
         assert "does not look like" not in report["conclusion"] and conclusion_codes == []
     else:

@@ -185,3 +185,43 @@ def test_predictor_scores_the_trunk_features_of_the_batch_in_every_layout(mc_dro
     scores = [r.ood_score for r in results]
     assert scores == pytest.approx(gate.score(features).tolist(), rel=1e-5)
     assert Predictor(model, spec, device=torch.device("cpu")).run(requests[:1])[0].ood_score is None
+
+
+# --- referral: the shipped rule as a client meets it -------------------------------------------------------------
+
+
+def test_model_card_states_the_referral_rule_in_numbers_and_words(demo_flag: LiveServer) -> None:
+    _, spec = load_checkpoint(DEMO)
+    assert spec.referral is not None, "models/demo ships a risk-controlled referral rule"
+    with demo_flag.client() as client:
+        card = client.get("/v1/model").json()
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+    referral = card["referral"]
+    assert (referral["alpha"], referral["study_alpha"], referral["delta"]) == (
+        spec.referral.alpha,
+        spec.referral.study_alpha,
+        spec.referral.delta,
+    )
+    assert referral["expected_study_referral_rate"] == pytest.approx(spec.referral.expected_study_referral_rate)
+    assert 0.0 <= referral["expected_normal_clearance_rate"] <= 1.0
+    assert referral["calibration"]["n_films"] == spec.referral.calibration["n_films"]
+    assert set(referral["calibration"]["prevalence"]) == set(spec.trained_labels)
+    assert set(referral["negative_threshold"]) == set(spec.trained_labels)
+    assert f"at most {spec.referral.alpha:.0%} are reported negative" in referral["summary"]
+    assert "referral" in schema["PredictionResponse"]["required"]
+    assert "outside_intended_population" in str(schema["Referral"])
+
+
+def test_every_film_gets_a_referral_consistent_with_its_decisions(demo_flag: LiveServer, probes: list[Probe]) -> None:
+    radiographs = _nih_radiographs()[:8]
+    photo = next(p for p in probes if p.name == "skimage-chelsea")
+    items = _batch(demo_flag, [*((p.name, p.read_bytes()) for p in radiographs), ("cat.png", photo.data)])
+    for item in items:
+        result = item["result"]
+        referral = result["referral"]
+        decisions = {p["decision"] for p in result["predictions"].values()}
+        assert referral["refer"] == bool(referral["reasons"])
+        assert ("possible_finding" in referral["reasons"]) == ("positive" in decisions)
+        assert ("uncertain_finding" in referral["reasons"]) == ("uncertain" in decisions) == result["uncertain"]
+        assert ("out_of_distribution" in referral["reasons"]) == (not result["ood"]["in_distribution"])
+    assert items[-1]["result"]["referral"]["refer"] is True  # the cat is never cleared

@@ -15,8 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import torch
+from pydicom.data import get_testdata_file
 
 from bayesnet import ModelSpec, build_model, save_checkpoint
 
@@ -183,10 +185,15 @@ def test_png_upload_shows_sorted_findings_and_heatmap(
         assert chips.nth(i).get_attribute("data-decision") == DECISIONS[text]
         decisions.append(DECISIONS[text])
     refer = _by_testid(browser_page, "refer-banner")
+    if model_card.get("referral") is None:
+        # No fitted rule: every film is referred, the page says why, and the model note says so up front.
+        sync_api.expect(refer).to_contain_text("Refer: a radiologist should review this image.")
+        sync_api.expect(_by_testid(browser_page, "refer-reasons")).to_contain_text("no fitted referral rule")
+        sync_api.expect(_by_testid(browser_page, "cleared-banner")).to_be_hidden()
     if "uncertain" in decisions:
-        sync_api.expect(refer).to_contain_text("Refer: the model is uncertain about at least one finding")
-    else:
-        sync_api.expect(refer).to_be_hidden()
+        sync_api.expect(_by_testid(browser_page, "refer-reasons")).to_contain_text(
+            "a finding could be neither cleared nor called positive"
+        )
 
     sync_api.expect(_by_testid(browser_page, "run-meta")).to_contain_text("Monte-Carlo samples")
     image = _by_testid(browser_page, "radiograph")
@@ -313,7 +320,26 @@ def test_out_of_distribution_banner(browser: Any, tmp_path: Path, screenshot: Ca
         sync_api.expect(banner).to_be_visible()
         sync_api.expect(banner).to_contain_text("This does not look like a frontal chest radiograph")
         sync_api.expect(_by_testid(browser_page, "ood-detail")).to_contain_text("above the model's threshold")
+        chips = _by_testid(browser_page, "decision-chip")
+        # A photo of a cat gets no decision chip that reads as a verdict (no red "Positive" under the warning).
+        assert set(chips.evaluate_all("cs => cs.map(c => c.dataset.decision)")) == {"withheld"}
+        sync_api.expect(chips.first).to_have_text("No decision")
+        sync_api.expect(_by_testid(browser_page, "refer-reasons")).to_contain_text("does not look like the radiographs")
+        sync_api.expect(_by_testid(browser_page, "model-referral-summary")).to_contain_text("calibration films")
         screenshot(browser_page, "web-page-ood.png")
         _by_testid(browser_page, "file-input").set_input_files(str(radiograph))
         sync_api.expect(banner).to_be_hidden()  # retried until the radiograph's result replaces the photo's
+        sync_api.expect(chips.first).not_to_have_attribute("data-decision", "withheld")
+        assert "withheld" not in chips.evaluate_all("cs => cs.map(c => c.dataset.decision)")
+        child = tmp_path / "child-lateral.dcm"
+        ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+        ds.PatientAge, ds.ViewPosition = "005Y", "LL"
+        ds.save_as(child)
+        _by_testid(browser_page, "file-input").set_input_files(str(child))
+        population = _by_testid(browser_page, "population-banner")
+        sync_api.expect(population).to_be_visible()
+        sync_api.expect(chips.first).to_have_attribute("data-decision", "withheld")
+        sync_api.expect(_by_testid(browser_page, "population-detail")).to_contain_text("a child, a lateral or oblique")
+        assert set(chips.evaluate_all("cs => cs.map(c => c.dataset.decision)")) == {"withheld"}
+        screenshot(browser_page, "web-page-population.png")
         assert errors.unexpected() == []

@@ -1,0 +1,300 @@
+"""Fitting the risk-controlled referral rule (:class:`bayesnet.spec.ReferralSpec`) on labelled calibration films.
+
+Each side of the rule is a threshold on a score, chosen so that a risk stays below a level with probability at
+least ``1 - delta`` over the calibration draw (Learn-then-Test, Angelopoulos, Bates, Candes, Jordan & Lei 2021):
+every candidate threshold is a null hypothesis "the risk here exceeds the level", tested with the binary
+Hoeffding-Bentkus p-value (for 0/1 losses: the smaller of Hoeffding's bound and the exact binomial tail);
+fixed-sequence testing walks from the safest threshold outwards and stops at the first hypothesis it cannot
+reject, which controls the family-wise error at ``delta`` without a multiplicity correction.
+The three risks, all expressed with MAPIE's ``BinaryClassificationController`` (``mapie.risk_control``):
+
+* **per label, clearing** (negative when ``score < lambda``): miss rate = positives cleared / positives
+  = ``1 - recall`` of "not cleared"; controlled at ``alpha``; the largest valid lambda is kept (clears the most).
+* **per label, calling positive** (``score >= lambda``), optional: false-positive rate among negative films,
+  controlled at ``alpha_positive``; the smallest valid lambda is kept (calls the most positives).
+* **per film, clearing as normal** (study score ``< lambda``, see :mod:`bayesnet.referral`): the fraction of
+  abnormal films (any study label positive) cleared, controlled at ``study_alpha``.
+
+When no threshold passes (too few positive films for the level, or a model too weak to separate them) that side
+is ``None``: it never fires and those films are referred. Nothing is loosened silently; the fit records why.
+The guarantee holds for films exchangeable with the calibration films: a new site, scanner or population breaks
+it until the rule is refitted on that site's films (``python -m train calibrate --data site.csv``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import torch
+from mapie.risk_control import BinaryClassificationController
+from numpy.typing import ArrayLike, NDArray
+
+from bayesnet.decision import side_scores
+from bayesnet.spec import NO_FINDING, ModelSpec, ReferralScore, ReferralSpec
+from train.metrics import FloatArray, as_targets
+
+__all__ = [
+    "GRID",
+    "ReferralFit",
+    "ReferralInputError",
+    "fit_negative_threshold",
+    "fit_positive_threshold",
+    "fit_referral",
+    "study_score_array",
+    "tradeoff",
+]
+
+#: Candidate thresholds: a 0.001 grid on [0, 1]; fixed-sequence testing pays nothing for a fine grid.
+GRID: Final[NDArray[np.float64]] = np.round(np.linspace(0.0, 1.0, 1001), 6)
+
+
+class ReferralInputError(ValueError):
+    """The calibration data or levels cannot support a referral rule; the message says what to change."""
+
+
+def _predict_proba(scores: ArrayLike) -> NDArray[np.float64]:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    return np.column_stack([1.0 - s, s])
+
+
+def _controller(risk: str, target_level: float, delta: float, best: str) -> BinaryClassificationController:
+    return BinaryClassificationController(
+        predict_function=_predict_proba,
+        risk=risk,
+        target_level=target_level,
+        confidence_level=1.0 - delta,
+        best_predict_param_choice=best,
+        list_predict_params=GRID,
+        fwer_method="fixed_sequence",
+    )
+
+
+def _valid_thresholds(
+    controller: BinaryClassificationController, scores: FloatArray, y: NDArray[np.int64]
+) -> FloatArray:
+    """The thresholds whose risk null the fixed-sequence test rejected (empty: none controls the risk)."""
+    with warnings.catch_warnings():
+        # MAPIE warns when no threshold controls the risk; that outcome is returned as None and recorded.
+        warnings.filterwarnings("ignore", message="No predict parameters were found to control the risk")
+        controller.calibrate(scores, y)
+    valid: FloatArray = np.asarray(controller.valid_predict_params, dtype=np.float64).reshape(-1)
+    return valid[~np.isnan(valid)]
+
+
+def _check_level(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ReferralInputError(f"{name} must be strictly between 0 and 1, got {value}")
+
+
+def fit_negative_threshold(scores: ArrayLike, y: ArrayLike, *, alpha: float, delta: float) -> float | None:
+    """Largest lambda with P(miss rate of ``score < lambda`` <= alpha) >= 1 - delta; None when none is valid.
+
+    ``scores`` ``(n,)`` negative-side scores in [0, 1], ``y`` ``(n,)`` 0/1 targets (NaN rows must be removed).
+    """
+    _check_level("alpha", alpha)
+    _check_level("delta", delta)
+    s, t = np.asarray(scores, dtype=np.float64), np.asarray(y).astype(np.int64)
+    if not t.any():
+        raise ReferralInputError("no positive film: a miss rate cannot be bounded without positives")
+    # recall of "not cleared" (score >= lambda) >= 1 - alpha. Every valid lambda carries the guarantee; the largest
+    # clears the most (MAPIE's own pick breaks ties between equally good lambdas by grid order).
+    valid = _valid_thresholds(_controller("recall", 1.0 - alpha, delta, "predicted_positive_fraction"), s, t)
+    return float(valid.max()) if valid.size else None
+
+
+def fit_positive_threshold(scores: ArrayLike, y: ArrayLike, *, alpha: float, delta: float) -> float | None:
+    """Smallest lambda with P(false-positive rate of ``score >= lambda`` <= alpha) >= 1 - delta, or None."""
+    _check_level("alpha_positive", alpha)
+    _check_level("delta", delta)
+    s, t = np.asarray(scores, dtype=np.float64), np.asarray(y).astype(np.int64)
+    if t.all():
+        raise ReferralInputError("no negative film: a false-positive rate cannot be bounded without negatives")
+    valid = _valid_thresholds(_controller("fpr", alpha, delta, "recall"), s, t)
+    return float(valid.min()) if valid.size else None
+
+
+def study_score_array(negative_side: FloatArray, study_index: Sequence[int]) -> FloatArray:
+    """``(N,)`` ``1 - prod_k (1 - s_k)`` over ``study_index`` columns of ``(N, K)`` scores, as the service does."""
+    chosen = np.clip(negative_side[:, list(study_index)], 0.0, 1.0)
+    out: FloatArray = 1.0 - np.prod(1.0 - chosen, axis=1)
+    return out
+
+
+@dataclass(frozen=True)
+class ReferralFit:
+    """A fitted rule and what it did on its own calibration films."""
+
+    spec: ReferralSpec
+    decisions: NDArray[np.int8]  # (N, K): 0 negative, 1 positive, 2 uncertain
+    cleared: NDArray[np.bool_]  # (N,) cleared as normal by the study rule
+    report: dict[str, Any]
+
+
+def _abnormal_and_normal(
+    targets: FloatArray, study_index: Sequence[int]
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Abnormal: any study label positive. Normal: every study label known and negative."""
+    study = targets[:, list(study_index)]
+    abnormal = np.nan_to_num(study, nan=0.0).max(axis=1) == 1.0
+    normal = ~np.isnan(study).any(axis=1) & ~abnormal
+    return abnormal, normal
+
+
+def _decisions(
+    neg: FloatArray, pos: FloatArray, lo: Sequence[float | None], hi: Sequence[float | None]
+) -> NDArray[np.int8]:
+    cleared = neg < np.array([-1.0 if v is None else v for v in lo])
+    positive = pos >= np.array([2.0 if v is None else v for v in hi])
+    return np.where(cleared & ~positive, 0, np.where(positive & ~cleared, 1, 2)).astype(np.int8)
+
+
+def fit_referral(
+    samples: ArrayLike,
+    y: ArrayLike,
+    spec: ModelSpec,
+    *,
+    alpha: float,
+    delta: float,
+    study_alpha: float,
+    alpha_positive: float | None = None,
+    score: ReferralScore = "mean",
+    calibration_notes: Mapping[str, Any] | None = None,
+) -> ReferralFit:
+    """Fit the per-label and study-level rule on calibrated MC probabilities ``(T, N, K)`` and targets ``(N, K)``.
+
+    Untrained labels never fire (None on both sides). Study labels: the trained labels except "No Finding".
+
+    Raises:
+        ReferralInputError: a level outside (0, 1); shapes that disagree; no films; a trained label with no
+            positive (or, with ``alpha_positive``, no negative) calibration film; no abnormal film.
+    """
+    for name, value in (("alpha", alpha), ("delta", delta), ("study_alpha", study_alpha)):
+        _check_level(name, value)
+    if alpha_positive is not None:
+        _check_level("alpha_positive", alpha_positive)
+    targets = as_targets(y)
+    probs = torch.as_tensor(np.asarray(samples, dtype=np.float32))
+    if probs.dim() != 3 or tuple(probs.shape[1:]) != targets.shape or targets.shape[1] != spec.num_classes:
+        raise ReferralInputError(
+            f"samples must be (T, N, K) with (N, K) = {targets.shape} and K = {spec.num_classes} labels, "
+            f"got {tuple(probs.shape)}"
+        )
+    if targets.shape[0] == 0:
+        raise ReferralInputError("no calibration films")
+    neg_t, pos_t = side_scores(probs, score)
+    neg, pos = neg_t.double().numpy(), pos_t.double().numpy()
+    lower: list[float | None] = [None] * spec.num_classes
+    upper: list[float | None] = [None] * spec.num_classes
+    per_label: dict[str, dict[str, Any]] = {}
+    for label in spec.trained_labels:
+        k = spec.label_index(label)
+        valid = ~np.isnan(targets[:, k])
+        y_k = targets[valid, k]
+        n_pos, n_neg = int(y_k.sum()), int((y_k == 0).sum())
+        if n_pos == 0:
+            raise ReferralInputError(
+                f"label {label!r} has no positive calibration film ({n_neg} negatives): its miss rate cannot be "
+                "bounded. Add films with this finding, or calibrate a model that is not trained on it"
+            )
+        try:
+            lower[k] = fit_negative_threshold(neg[valid, k], y_k, alpha=alpha, delta=delta)
+            if alpha_positive is not None:
+                upper[k] = fit_positive_threshold(pos[valid, k], y_k, alpha=alpha_positive, delta=delta)
+        except ReferralInputError as err:
+            raise ReferralInputError(f"label {label!r}: {err}") from err
+        per_label[label] = {"n": int(valid.sum()), "positives": n_pos, "prevalence": n_pos / max(1, int(valid.sum()))}
+    study_labels = tuple(lb for lb in spec.trained_labels if lb != NO_FINDING)
+    study_index = [spec.label_index(lb) for lb in study_labels]
+    abnormal, normal = _abnormal_and_normal(targets, study_index)
+    if not abnormal.any():
+        raise ReferralInputError("no abnormal calibration film (no study label positive): nothing to bound")
+    study = study_score_array(neg, study_index)
+    known = abnormal | normal
+    study_threshold = fit_negative_threshold(
+        study[known], abnormal[known].astype(np.float64), alpha=study_alpha, delta=delta
+    )
+    decisions = _decisions(neg, pos, lower, upper)
+    cleared = study < (-1.0 if study_threshold is None else study_threshold)
+    for label, row in per_label.items():
+        k = spec.label_index(label)
+        valid = ~np.isnan(targets[:, k])
+        positives = valid & (targets[:, k] == 1.0)
+        negatives = valid & (targets[:, k] == 0.0)
+        row.update(
+            negative_threshold=lower[k],
+            positive_threshold=upper[k],
+            cleared_fraction=float((decisions[valid, k] == 0).mean()),
+            positive_fraction=float((decisions[valid, k] == 1).mean()),
+            miss_rate=float((decisions[positives, k] == 0).mean()),
+            false_positive_rate=float((decisions[negatives, k] == 1).mean()) if negatives.any() else None,
+        )
+    n = targets.shape[0]
+    referral_rate = float(1.0 - cleared.mean())
+    normal_clearance = float(cleared[normal].mean()) if normal.any() else 0.0
+    calibration = {
+        "n_films": n,
+        "n_abnormal": int(abnormal.sum()),
+        "n_normal": int(normal.sum()),
+        "prevalence": {label: row["prevalence"] for label, row in per_label.items()},
+        "positives": {label: row["positives"] for label, row in per_label.items()},
+        **dict(calibration_notes or {}),
+    }
+    referral = ReferralSpec(
+        alpha=alpha,
+        study_alpha=study_alpha,
+        delta=delta,
+        alpha_positive=alpha_positive,
+        score=score,
+        negative_threshold=tuple(lower),
+        positive_threshold=tuple(upper),
+        study_labels=study_labels,
+        study_threshold=study_threshold,
+        expected_study_referral_rate=referral_rate,
+        expected_normal_clearance_rate=normal_clearance,
+        calibration=calibration,
+    )
+    report = {
+        "per_label": per_label,
+        "study": {
+            "threshold": study_threshold,
+            "referral_rate": referral_rate,
+            "normal_clearance_rate": normal_clearance,
+            "abnormal_cleared_rate": float(cleared[abnormal].mean()),
+            "n_abnormal": int(abnormal.sum()),
+            "n_normal": int(normal.sum()),
+        },
+    }
+    return ReferralFit(spec=referral, decisions=decisions, cleared=cleared, report=report)
+
+
+def tradeoff(
+    samples: ArrayLike,
+    y: ArrayLike,
+    spec: ModelSpec,
+    *,
+    alphas: Sequence[float],
+    delta: float,
+    score: ReferralScore = "mean",
+) -> list[dict[str, float]]:
+    """For each level in ``alphas`` (used for both ``alpha`` and ``study_alpha``): what a site would get.
+
+    Rows: ``alpha``, ``study_referral_rate`` (films referred), ``normal_clearance_rate`` (normal films cleared),
+    ``finding_cleared_rate`` (mean over trained labels of the fraction of films whose finding is cleared).
+    """
+    rows = []
+    for level in alphas:
+        fit = fit_referral(samples, y, spec, alpha=level, delta=delta, study_alpha=level, score=score)
+        trained = [spec.label_index(lb) for lb in spec.trained_labels]
+        rows.append(
+            {
+                "alpha": float(level),
+                "study_referral_rate": fit.spec.expected_study_referral_rate,
+                "normal_clearance_rate": fit.spec.expected_normal_clearance_rate,
+                "finding_cleared_rate": float((fit.decisions[:, trained] == 0).mean()),
+            }
+        )
+    return rows
