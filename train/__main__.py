@@ -233,7 +233,13 @@ def _run_study(args: argparse.Namespace) -> int:
     from train.uncertainty_study import run_study
 
     levels = [(a, a, args.delta, args.alpha_positive, score) for a in args.alpha for score in args.referral_score]
-    run_study(args.cv, args.out, levels=levels)
+    variants = dict(item.split("=", 1) for item in args.variant)
+    study = run_study(args.cv, args.out, levels=levels, variants={k: Path(v) for k, v in variants.items()})
+    if args.card is not None:
+        from train.card import with_section
+        from train.uncertainty_study import CARD_HEADING, card_section
+
+        args.card.write_text(with_section(args.card.read_text(), CARD_HEADING, card_section(study)))
     print((args.out / "study.md").read_text())
     return 0
 
@@ -245,10 +251,20 @@ def _add_study(subparsers: _Subparsers) -> None:
         description="Read OUT/oof.npz of `python -m train crossfit` and write study.json and study.md.",
     )
     parser.add_argument("--cv", type=Path, required=True, help="the crossfit output directory")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another crossfit directory (same films and folds, another recipe) to compare, e.g. last_stage=runs/cv2",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.2], help="alpha = study_alpha levels")
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--alpha-positive", type=float, default=0.1)
+    parser.add_argument(
+        "--card", type=Path, default=None, help="MODEL_CARD.md to write the cross-validated section into"
+    )
     parser.add_argument("--referral-score", nargs="+", choices=("mean", "interval"), default=["mean", "interval"])
     parser.set_defaults(handler=_run_study)
 

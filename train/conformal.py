@@ -41,6 +41,8 @@ __all__ = [
     "GRID",
     "ReferralFit",
     "ReferralInputError",
+    "check_markdown",
+    "check_referral",
     "fit_negative_threshold",
     "fit_positive_threshold",
     "fit_referral",
@@ -298,3 +300,102 @@ def tradeoff(
             }
         )
     return rows
+
+
+def _clopper_pearson(count: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Exact binomial confidence interval of ``count / n`` (None, None when n = 0)."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return None, None
+    tail = (1.0 - level) / 2.0
+    lo = 0.0 if count == 0 else float(beta.ppf(tail, count, n - count + 1))
+    hi = 1.0 if count == n else float(beta.ppf(1.0 - tail, count + 1, n - count))
+    return lo, hi
+
+
+def _rate(count: int, n: int) -> dict[str, Any]:
+    lo, hi = _clopper_pearson(count, n)
+    return {"rate": count / n if n else None, "count": count, "of": n, "ci95": [lo, hi]}
+
+
+def check_referral(samples: ArrayLike, y: ArrayLike, spec: ModelSpec) -> dict[str, Any]:
+    """What the spec's rule does on labelled films it was not fitted on, with exact 95% intervals.
+
+    ``samples`` are calibrated MC probabilities ``(T, N, K)``. Per trained label: positives cleared (the miss
+    rate, to compare with ``alpha``) and negatives called positive (with ``alpha_positive``); per film: abnormal
+    films cleared (with ``study_alpha``), films referred and normal films cleared (with what the card expects).
+    Decisions come from :func:`bayesnet.decision.decide` and :func:`bayesnet.referral.study_cleared`, the code the
+    service runs.
+    """
+    from bayesnet.decision import Decision, decide
+    from bayesnet.referral import study_cleared
+
+    rule = spec.referral
+    if rule is None:
+        raise ReferralInputError("the spec has no referral rule to check")
+    targets = as_targets(y)
+    probs = torch.as_tensor(np.asarray(samples, dtype=np.float32))
+    decided = decide(probs, spec)
+    decisions = np.array([[d is Decision.NEGATIVE for d in row] for row in decided])
+    positives_called = np.array([[d is Decision.POSITIVE for d in row] for row in decided])
+    cleared = np.array(study_cleared(probs, spec), dtype=bool)
+    per_label = {}
+    for label in spec.trained_labels:
+        k = spec.label_index(label)
+        positive, negative = targets[:, k] == 1.0, targets[:, k] == 0.0
+        per_label[label] = {
+            "missed": _rate(int((decisions[:, k] & positive).sum()), int(positive.sum())),
+            "false_positive": _rate(int((positives_called[:, k] & negative).sum()), int(negative.sum())),
+        }
+    study_index = [spec.label_index(lb) for lb in rule.study_labels]
+    abnormal, normal = _abnormal_and_normal(targets, study_index)
+    return {
+        "levels": {
+            "alpha": rule.alpha,
+            "alpha_positive": rule.alpha_positive,
+            "study_alpha": rule.study_alpha,
+            "delta": rule.delta,
+        },
+        "n_films": int(targets.shape[0]),
+        "per_label": per_label,
+        "abnormal_cleared": _rate(int((cleared & abnormal).sum()), int(abnormal.sum())),
+        "referred": _rate(int((~cleared).sum()), int(cleared.size)),
+        "normal_cleared": _rate(int((cleared & normal).sum()), int(normal.sum())),
+        "expected": {
+            "study_referral_rate": rule.expected_study_referral_rate,
+            "normal_clearance_rate": rule.expected_normal_clearance_rate,
+        },
+    }
+
+
+def check_markdown(check: Mapping[str, Any]) -> str:
+    """The held-out check as a report section."""
+
+    def fmt(entry: Mapping[str, Any]) -> str:
+        if entry["rate"] is None:
+            return "n/a (0 films)"
+        lo, hi = entry["ci95"]
+        return f"{entry['rate']:.1%} ({entry['count']}/{entry['of']}; 95% CI {lo:.1%}-{hi:.1%})"
+
+    levels = check["levels"]
+    rows = "\n".join(
+        f"| {label} | {fmt(row['missed'])} | {fmt(row['false_positive'])} |"
+        for label, row in check["per_label"].items()
+    )
+    expected = check["expected"]
+    return f"""## The referral rule on these films
+
+The model's risk-controlled rule (alpha {levels["alpha"]}, alpha_positive {levels["alpha_positive"]}, study_alpha
+{levels["study_alpha"]}, delta {levels["delta"]}) applied to these {check["n_films"]} films. Only meaningful when
+the rule was not fitted on them. The guarantee is on the rate over many films; a finding with few positives here
+has a wide interval.
+
+| finding | positives cleared (vs alpha) | negatives called positive (vs alpha_positive) |
+|---|---:|---:|
+{rows}
+
+- Abnormal films cleared as normal (vs study_alpha): {fmt(check["abnormal_cleared"])}
+- Films referred: {fmt(check["referred"])}; the card expects {expected["study_referral_rate"]:.1%}
+- Normal films cleared: {fmt(check["normal_cleared"])}; the card expects {expected["normal_clearance_rate"]:.1%}
+"""

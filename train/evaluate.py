@@ -120,6 +120,12 @@ def evaluate(
         "untrained_labels": list(spec.untrained_labels),
         "selective": selective,
     }
+    referral_text = ""
+    if spec.referral is not None:
+        from train.conformal import check_markdown, check_referral
+
+        metrics["referral_check"] = check_referral(samples, preds.y, spec)
+        referral_text = check_markdown(metrics["referral_check"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     table = summary_table(
         labels,
@@ -177,6 +183,7 @@ fraction of positives, among findings not referred, decided negative.
 ![risk-coverage](risk_coverage.png)
 
 ![selective AUROC](selective_auroc.png)
-"""
+
+{referral_text}"""
     (out / "report.md").write_text(report)
     return metrics

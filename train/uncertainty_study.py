@@ -4,8 +4,8 @@
 ``oof.npz`` and writes ``study.json`` and ``study.md`` (the tables of docs/uncertainty.md):
 
 1. **Estimators, fold by fold** (mean and standard deviation over the K held-out folds): MC dropout in the head,
-   the deterministic pass, the ensemble of heads sharing the trunk, test-time augmentation. Each gets its fold's
-   temperature (fitted on the fold model's inner validation split, on the MC logits) and thresholds. Columns:
+   the deterministic pass, the ensemble of heads sharing the trunk, test-time augmentation. Each estimator gets
+   its own temperature and Youden thresholds for fold k, fitted on its predictions of the other folds' films. Columns:
    AUROC, ECE, AURC with the estimator's own spread as the referral score (std over samples, members or
    augmentations; the deterministic pass has none and uses its distance to the threshold), AURC with the
    confidence score (the calibrated probability that the decision is wrong), the kept films' AUROC gain at 80%
@@ -35,13 +35,26 @@ from train.selective import decision_error, selective_metrics, threshold_margin
 ESTIMATORS: Final[tuple[str, ...]] = ("mc_dropout", "deterministic", "ensemble", "tta")
 
 
-def _samples(data: Mapping[str, NDArray[Any]], name: str, temperature: FloatArray) -> FloatArray | None:
-    """Calibrated per-member probabilities ``(M, N, K)`` of an estimator (None: not recorded)."""
-    key = {"mc_dropout": "mc_logits", "deterministic": "det_logits", "ensemble": "ensemble_logits", "tta": "tta_logits"}
-    logits = np.asarray(data[key[name]], dtype=np.float64)
+_LOGIT_KEYS: Final[dict[str, str]] = {
+    "mc_dropout": "mc_logits",
+    "deterministic": "det_logits",
+    "ensemble": "ensemble_logits",
+    "tta": "tta_logits",
+}
+
+
+def _logits(data: Mapping[str, NDArray[Any]], name: str) -> FloatArray | None:
+    """Per-member logits ``(M, N, K)`` of an estimator (None: not recorded)."""
+    logits = np.asarray(data[_LOGIT_KEYS[name]], dtype=np.float64)
     if logits.ndim == 2:
         logits = logits[None]
-    if logits.shape[0] == 0:
+    return None if logits.shape[0] == 0 else logits
+
+
+def _samples(data: Mapping[str, NDArray[Any]], name: str, temperature: FloatArray) -> FloatArray | None:
+    """Calibrated per-member probabilities ``(M, N, K)`` of an estimator with each film's fold temperature."""
+    logits = _logits(data, name)
+    if logits is None:
         return None
     out: FloatArray = sigmoid(logits / temperature[None])
     return out
@@ -65,12 +78,25 @@ def _fold_metrics(y: FloatArray, samples: FloatArray, threshold: FloatArray, tra
     return out
 
 
+def _cross_fold_calibration(
+    logits: FloatArray, y: FloatArray, folds: NDArray[np.int64], k: int
+) -> tuple[FloatArray, FloatArray]:
+    """Temperature and Youden thresholds ``(K,)`` of one estimator for fold k, fitted on the OTHER folds' films.
+
+    Every estimator gets its own, fitted the same way, so no estimator is judged with another's calibration.
+    """
+    from train.calibrate import fit_temperature, fit_thresholds
+
+    other = folds != k
+    temperature = fit_temperature(logits[:, other], y[other])
+    thresholds = fit_thresholds(y[other], sigmoid(logits[:, other] / temperature).mean(axis=0))
+    return temperature, thresholds
+
+
 def compare_estimators(data: Mapping[str, NDArray[Any]], timing: list[Mapping[str, float]]) -> dict[str, Any]:
     """Per estimator: mean and sd over folds of each column of module item 1, and ms per film."""
     y = np.asarray(data["y"], dtype=np.float64)
     folds = np.asarray(data["fold"]).astype(int)
-    temperature = np.asarray(data["temperature"], dtype=np.float64)
-    threshold = np.asarray(data["threshold"], dtype=np.float64)
     trained = [k for k in range(y.shape[1]) if not np.isnan(y[:, k]).all()]
     ms = {
         "mc_dropout": np.mean([t["trunk"] + t["mc"] for t in timing]) * 1e3,
@@ -80,19 +106,21 @@ def compare_estimators(data: Mapping[str, NDArray[Any]], timing: list[Mapping[st
     }
     table: dict[str, Any] = {}
     for name in ESTIMATORS:
-        samples = _samples(data, name, temperature)
-        if samples is None:
+        logits = _logits(data, name)
+        if logits is None:
             continue
         rows = []
         for k in sorted(set(folds.tolist())):
-            rows.append(_fold_metrics(y[folds == k], samples[:, folds == k], threshold[folds == k][0], trained))
+            temperature, thresholds = _cross_fold_calibration(logits, y, folds, k)
+            samples = sigmoid(logits[:, folds == k] / temperature)
+            rows.append(_fold_metrics(y[folds == k], samples, thresholds, trained))
         columns = rows[0].keys()
         table[name] = {
             c: {"mean": float(np.mean([r[c] for r in rows])), "sd": float(np.std([r[c] for r in rows], ddof=1))}
             for c in columns
         }
         table[name]["ms_per_film"] = float(ms[name])
-        table[name]["members"] = int(samples.shape[0])
+        table[name]["members"] = int(logits.shape[0])
     return table
 
 
@@ -234,14 +262,34 @@ def _markdown(study: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_study(cv: Path, out: Path, *, levels: list[tuple[float, float, float, float | None, str]]) -> dict[str, Any]:
-    """Both analyses on ``cv/oof.npz``; writes ``out/study.json`` and ``out/study.md``."""
+def run_study(
+    cv: Path,
+    out: Path,
+    *,
+    levels: list[tuple[float, float, float, float | None, str]],
+    variants: Mapping[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Both analyses on ``cv/oof.npz``; writes ``out/study.json`` and ``out/study.md``.
+
+    ``variants`` maps a name to another crossfit directory of a different recipe on the same films and folds
+    (e.g. dropout after the last stage too): its MC-dropout and deterministic rows join the table as
+    ``mc_dropout_NAME`` and ``deterministic_NAME``.
+    """
     data = dict(np.load(cv / "oof.npz"))
     meta = json.loads((cv / "crossfit.json").read_text())
     labels = [str(x) for x in data["labels"]]
+    estimators = compare_estimators(data, meta["seconds_per_film"])
+    for name, path in (variants or {}).items():
+        other = dict(np.load(path / "oof.npz"))
+        if not np.array_equal(other["row"], data["row"]) or not np.array_equal(other["fold"], data["fold"]):
+            raise ValueError(f"{path} was cross-fitted on other films or folds than {cv}: not comparable")
+        rows = compare_estimators(other, json.loads((path / "crossfit.json").read_text())["seconds_per_film"])
+        for estimator in ("mc_dropout", "deterministic"):
+            estimators[f"{estimator}_{name}"] = rows[estimator]
     study: dict[str, Any] = {
         "crossfit": {k: meta[k] for k in ("csvs", "folds", "seed", "mc_samples", "ensemble", "tta", "n_films")},
-        "estimators": compare_estimators(data, meta["seconds_per_film"]),
+        "variants": {name: str(path) for name, path in (variants or {}).items()},
+        "estimators": estimators,
         "referral": [
             nested_referral(data, labels, alpha=a, study_alpha=s, delta=d, alpha_positive=ap, score=sc)
             for a, s, d, ap, sc in levels
@@ -251,3 +299,43 @@ def run_study(cv: Path, out: Path, *, levels: list[tuple[float, float, float, fl
     (out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
     (out / "study.md").write_text(_markdown(study))
     return study
+
+
+CARD_HEADING: Final = "## Cross-validated estimates"
+
+
+def card_section(study: Mapping[str, Any]) -> str:
+    """The model card's cross-validated numbers: the recipe's AUROC and ECE, and the referral procedure held out."""
+    meta = study["crossfit"]
+    mc = study["estimators"]["mc_dropout"]
+    lines = [
+        CARD_HEADING,
+        f"The training recipe, {meta['folds']}-fold cross-validated over all {meta['n_films']} films (one model per "
+        "fold, each scored on films it never saw; `python -m train crossfit` then `python -m train study`, "
+        "docs/uncertainty.md): mean AUROC over the trained findings "
+        f"{mc['auroc']['mean']:.3f} +- {mc['auroc']['sd']:.3f} (sd over folds), ECE {mc['ece']['mean']:.3f} +- "
+        f"{mc['ece']['sd']:.3f} (temperature fitted on the other folds' films). These are the numbers to expect "
+        "on new films from the same source; the "
+        "validation-set figures above are optimistic (the same films chose the epoch and the calibration).",
+        "",
+        "The referral procedure, fitted on the other folds' films and applied to each held-out fold (pooled):",
+        "",
+        "| level (alpha = study_alpha) | score | abnormal films cleared | films referred (expected) | "
+        "normal films cleared | findings over alpha |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for run in study["referral"]:
+        if "error" in run:
+            continue
+        over = [
+            f"{lb} {m['misses']}/{m['positives']}"
+            for lb, m in run["miss_rate"].items()
+            if m["rate"] is not None and m["rate"] > run["levels"]["alpha"]
+        ]
+        ac, nc = run["abnormal_cleared"], run["normal_clearance"]
+        lines.append(
+            f"| {run['levels']['alpha']} | {run['score']} | {ac['count']}/{ac['of']} | "
+            f"{run['study_referral_rate']:.1%} ({run['expected_on_calibration']['study_referral_rate']:.1%}) | "
+            f"{nc['count']}/{nc['of']} | {', '.join(over) or 'none'} |"
+        )
+    return "\n".join(lines) + "\n"

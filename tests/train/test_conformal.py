@@ -17,14 +17,18 @@ from train.calibrate import calibrate_checkpoint
 from train.conformal import (
     GRID,
     ReferralInputError,
+    check_markdown,
+    check_referral,
     fit_negative_threshold,
     fit_positive_threshold,
     fit_referral,
     study_score_array,
 )
+from train.crossfit import crossfit
 from train.fit import FitConfig, fit
 from train.predict import collect, sigmoid
 from train.synthetic import generate
+from train.uncertainty_study import run_study
 
 SPEC = ModelSpec(arch="test_efficientnet")
 ALPHA, DELTA = 0.1, 0.1
@@ -227,3 +231,51 @@ def test_calibrate_refuses_a_csv_without_labels_and_writes_nothing(tmp_path: Pat
         calibrate_checkpoint(model_dir, data.valid_csv, out=tmp_path / "site", alpha=1.0)
     assert not (tmp_path / "site").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".site.")], "no staging directory left behind"
+
+
+def test_check_reports_the_rule_on_held_out_films_with_exact_intervals() -> None:
+    rng = np.random.default_rng(4)
+    n = 600
+    y = (rng.random((n, 14)) < 0.15).astype(np.float64)
+    p = np.clip(0.15 + 0.6 * y + rng.normal(0, 0.1, (n, 14)), 0, 1)
+    samples = np.clip(p[None] + rng.normal(0, 0.03, (6, n, 14)), 0, 1).astype(np.float32)
+    cal, test = slice(0, 300), slice(300, n)
+    fitted = fit_referral(samples[:, cal], y[cal], SPEC, alpha=ALPHA, delta=DELTA, study_alpha=ALPHA)
+    spec = SPEC.replace(referral=fitted.spec)
+    check = check_referral(samples[:, test], y[test], spec)
+    cardiomegaly = check["per_label"]["Cardiomegaly"]["missed"]
+    positives = y[test, SPEC.label_index("Cardiomegaly")] == 1
+    assert cardiomegaly["of"] == int(positives.sum())
+    lo, hi = cardiomegaly["ci95"]
+    assert lo <= cardiomegaly["rate"] <= hi
+    assert check["referred"]["of"] == 300 and check["expected"]["study_referral_rate"] == pytest.approx(
+        fitted.spec.expected_study_referral_rate
+    )
+    assert check["abnormal_cleared"]["ci95"][0] <= ALPHA, "held-out abnormal clearance is consistent with the level"
+    text = check_markdown(check)
+    assert "| Cardiomegaly |" in text and "the card expects" in text
+    with pytest.raises(ReferralInputError, match="no referral rule"):
+        check_referral(samples, y, SPEC)
+
+
+def test_crossfit_and_study_run_end_to_end_on_a_tiny_synthetic_set(tmp_path: Path) -> None:
+    data = generate(tmp_path / "synth", n=40, seed=0, image_size=64, prevalence=0.3)
+    recipe = FitConfig(
+        train_csv=data.train_csv,
+        out=tmp_path / "cv",
+        arch="test_efficientnet",
+        init="none",
+        epochs=1,
+        image_size=64,
+        workers=0,
+        progress=False,
+    )
+    oof = crossfit([data.train_csv, data.valid_csv], tmp_path / "cv", recipe, folds=2, mc_samples=4, ensemble=2, tta=1)
+    arrays = np.load(oof)
+    assert arrays["mc_logits"].shape == (4, 40, 14) and arrays["ensemble_logits"].shape == (2, 40, 14)
+    assert sorted(arrays["row"].tolist()) == list(range(40)), "every film predicted exactly once"
+    assert set(arrays["fold"].tolist()) == {0.0, 1.0}
+    study = run_study(tmp_path / "cv", tmp_path / "study", levels=[(0.3, 0.3, 0.2, None, "mean")])
+    assert set(study["estimators"]) == {"mc_dropout", "deterministic", "ensemble", "tta"}
+    assert study["estimators"]["tta"]["members"] == 1
+    assert "| mc_dropout |" in (tmp_path / "study" / "study.md").read_text()
