@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-archive bench-allocator reliability demo-model wheelhouse image-smoke clean
+.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-archive bench-allocator bench-audit reliability demo-model wheelhouse image-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service
 
-bench: bench-mc bench-serve bench-train bench-archive bench-allocator
+bench: bench-mc bench-serve bench-train bench-archive bench-allocator bench-audit
 
 bench-allocator: $(STAMP)
 	$(PY) bench/allocator.py
@@ -47,6 +47,9 @@ bench-serve: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/train_throughput.py
+
+bench-audit: $(STAMP)
+	$(PY) bench/audit.py
 
 bench-archive: $(STAMP)
 	$(PY) bench/archive_scorer.py

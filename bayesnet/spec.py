@@ -11,7 +11,7 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from bayesnet.errors import SpecError
 from bayesnet.labels import CHEXPERT_LABELS
@@ -27,6 +27,21 @@ OOD_FILE: Final = "ood.safetensors"
 # normalised per channel is, for a stem whose RGB kernels were summed, the same as this single value.
 _GRAY_IMAGENET_MEAN: Final = (0.449,)
 _GRAY_IMAGENET_STD: Final = (0.226,)
+
+
+_Part = TypeVar("_Part")
+
+
+def _from_fields(cls: type[_Part], data: Mapping[str, Any], what: str) -> _Part:
+    """A spec part from its dict: unknown fields (a newer writer) and bad values are a :class:`SpecError`."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - known
+    if unknown:
+        raise SpecError(f"{what} has unknown fields {sorted(unknown)} (written by a newer version?)")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise SpecError(f"invalid {what}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -70,14 +85,7 @@ class OODSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OODSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise SpecError(f"OOD spec has unknown fields {sorted(unknown)} (written by a newer version?)")
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise SpecError(f"invalid OOD spec: {err}") from err
+        return _from_fields(cls, data, "OOD spec")
 
 
 ReferralScore = Literal["mean", "interval"]
@@ -151,14 +159,7 @@ class ReferralSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReferralSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise SpecError(f"referral spec has unknown fields {sorted(unknown)} (written by a newer version?)")
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise SpecError(f"invalid referral spec: {err}") from err
+        return _from_fields(cls, data, "referral spec")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from bayesnet import model_thread, single_threaded_torch, tune_allocator
+from service.audit import AuditTrail
+from service.audit import snapshot as audit_snapshot
+from service.audit.api import router as audit_router
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -44,6 +47,22 @@ def swagger_assets_dir() -> Path:
     return Path(str(resources.files("fastapi_swagger") / "resources"))
 
 
+def open_audit_trail(settings: Settings) -> AuditTrail:
+    """Connect to ``settings.audit_url``, migrate it and start its writer (blocking)."""
+    trail = AuditTrail.open(
+        settings.audit_url,
+        policy=settings.audit_policy,
+        spool_dir=settings.audit_spool_path,
+        spool_max_records=settings.audit_spool_max_records,
+        retention_days=settings.audit_retention_days,
+        rolling_window=settings.audit_rolling_window,
+        durable_timeout_s=settings.request_timeout_s,
+        sqlite_synchronous=settings.audit_sqlite_synchronous,
+    )
+    log.info("audit trail: %s (%s)", trail.store.engine.url.render_as_string(hide_password=True), settings.audit_policy)
+    return trail
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the application for ``settings``; heavy work happens in the lifespan, not here."""
     metrics = Metrics.create()
@@ -53,12 +72,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        trail: AuditTrail | None = None
         try:
+            # The audit trail first: a service that cannot keep its trail must not start answering (docs/audit.md).
+            trail = await asyncio.to_thread(open_audit_trail, settings)
+            app.state.audit = trail
             batcher, decode_pool = await start_up()
         except Exception as err:
             # Never a half-alive server: uvicorn exits before it binds; `python -m service` reports this on stderr.
             state.fatal_error, state.detail = err, f"start-up failed: {err}"
             log.critical("cannot start: %s", err)
+            if trail is not None:
+                await asyncio.to_thread(trail.close)
             raise
         supervisor = asyncio.get_running_loop().create_task(supervise_worker(batcher), name="worker-supervisor")
         try:
@@ -68,6 +93,8 @@ def create_app(settings: Settings) -> FastAPI:
             supervisor.cancel()
             await batcher.stop(drain=True)
             decode_pool.shutdown(wait=True)
+            assert trail is not None
+            await asyncio.to_thread(trail.close)  # writes every record still queued
             log.info("stopped")
 
     async def supervise_worker(batcher: MicroBatcher[Job, JobResult]) -> None:
@@ -163,8 +190,11 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.state.service = state
+    app.state.audit = None  # the lifespan opens the AuditTrail
+    metrics.watch_audit(lambda: audit_snapshot(app.state.audit) if app.state.audit is not None else None)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(audit_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     app.mount("/swagger-assets", StaticFiles(directory=swagger_assets_dir()), name="swagger-assets")
 

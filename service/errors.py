@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from bayesnet import DecodedImage
 from bayesnet.errors import (
     EmptyImageError,
     ImageError,
@@ -24,6 +25,7 @@ from bayesnet.errors import (
     UnsupportedFormatError,
 )
 from service.batcher import BatcherClosedError, BatcherError, QueueFullError
+from service.schemas import OODResult
 
 log = logging.getLogger("service.errors")
 
@@ -78,6 +80,40 @@ class OutOfDistributionError(ServiceError):
 
     status = 422
     title = "This does not look like a frontal chest radiograph"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        ood: OODResult | None = None,
+        image: DecodedImage | None = None,
+        mc_samples: int | None = None,
+    ) -> None:
+        super().__init__(detail)
+        # What the audit trail records about the refused image (service.audit): never returned to the client.
+        self.ood, self.image, self.mc_samples = ood, image, mc_samples
+
+
+class AuditUnavailableError(ServiceError):
+    """The audit record of this request could not be made durable (``CXR_AUDIT_POLICY``, docs/audit.md)."""
+
+    status = 503
+    title = "Audit trail unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": "5"})
+
+
+class NotFoundError(ServiceError):
+    status = 404
+    title = "Not found"
+
+
+class AdminOnlyError(ServiceError):
+    """A prediction key offered where an admin key is required (the audit read API)."""
+
+    status = 403
+    title = "Admin key required"
 
 
 class NotAcceptableError(ServiceError):

@@ -154,7 +154,7 @@ class PredictionPipeline:
 
         return await self._off_loop(work)
 
-    def _check_in_distribution(self, result: InferenceResult) -> None:
+    def _check_in_distribution(self, result: InferenceResult, image: DecodedImage, n_samples: int) -> None:
         """In reject mode, refuse an image the out-of-distribution gate flags (never without a gate)."""
         verdict = ood_result(result, self.spec)
         if self.ood_action == "reject" and verdict is not None and not verdict.in_distribution:
@@ -162,7 +162,10 @@ class PredictionPipeline:
                 f"This does not look like a frontal chest radiograph: its out-of-distribution score "
                 f"{verdict.score:.1f} is above this model's threshold {verdict.threshold:.1f}, so no predictions "
                 "are returned. Send a frontal (PA or AP) chest radiograph; photos, other body parts, CT or MR "
-                "slices and lateral views are outside what the model was trained on."
+                "slices and lateral views are outside what the model was trained on.",
+                ood=verdict,
+                image=image,
+                mc_samples=n_samples,
             )
 
     async def predict(
@@ -191,7 +194,7 @@ class PredictionPipeline:
                 f"Inference failed for the batch containing this image ({type(err).__name__}); the service keeps "
                 "serving. Retry; report the request id if it persists."
             ) from err
-        self._check_in_distribution(done.result)
+        self._check_in_distribution(done.result, image, n_samples)
         maps = await self._off_loop(heatmaps, done.result, self.spec) if done.result.cams else {}
         response = build_response(
             request_id=request_id,

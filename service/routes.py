@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import fhir
+from service.audit import Auditor, AuditSubject, AuditTrail, client_id_for
 from service.disconnect import cancel_on_disconnect
 from service.errors import (
     NotAcceptableError,
@@ -53,7 +54,7 @@ _ERRORS = {
         413: "Upload over the byte or pixel limit",
         415: "Not a PNG, JPEG or DICOM image",
         422: "Damaged or unusable image, or invalid parameters",
-        503: "Queue full (Retry-After) or not ready",
+        503: "Queue full (Retry-After), not ready, or the audit trail cannot be written (docs/audit.md)",
     }.items()
 }
 
@@ -125,6 +126,25 @@ async def require_api_key(request: Request) -> None:
             "Send a valid API key in the X-API-Key header (or Authorization: Bearer).",
             headers={"WWW-Authenticate": 'Bearer realm="bayesnet-cxr"'},
         )
+    request.state.client_id = client_id_for(offered)  # what the audit trail keeps: never the key itself
+
+
+def _audit_subject(request: Request, pipeline: PredictionPipeline, item_index: int | None = None) -> AuditSubject:
+    route = getattr(request.scope.get("route"), "path", request.url.path)
+    return AuditSubject(
+        route=route,
+        request_id=request.state.request_id,
+        client_id=getattr(request.state, "client_id", None),
+        model=pipeline.model_ref,
+        item_index=item_index,
+    )
+
+
+def _auditor(request: Request) -> Auditor:
+    trail = request.app.state.audit
+    if not isinstance(trail, AuditTrail):
+        raise NotReadyError("The audit trail is not open yet; retry shortly.", headers={"Retry-After": "5"})
+    return trail.auditor
 
 
 async def ready_pipeline(request: Request) -> PredictionPipeline:
@@ -194,11 +214,16 @@ async def predict(
     mc_samples: SamplesQuery = None,
 ) -> PredictionResponse | Response:
     received_at = time.perf_counter()
+    auditor = _auditor(request)
     data = await _read_upload(file, request)
     result, batch_size = await cancel_on_disconnect(
         request,
-        pipeline.predict(
-            data, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
+        auditor.audited(
+            _audit_subject(request, pipeline),
+            data,
+            pipeline.predict(
+                data, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
+            ),
         ),
     )
     request.state.batch_size = batch_size
@@ -244,12 +269,17 @@ async def predict_batch(
     pipeline.parse_cams(cams)  # a bad parameter fails the whole request, before any work
     request_id: str = request.state.request_id
     received_at = time.perf_counter()
+    auditor = _auditor(request)
 
     async def one(index: int, upload: UploadFile) -> BatchItem:
         try:
             data = await _read_upload(upload, request)
-            result, _ = await pipeline.predict(
-                data, request_id=f"{request_id}-{index}", cams=cams, mc_samples=mc_samples, received_at=received_at
+            result, _ = await auditor.audited(  # one audit record per file
+                _audit_subject(request, pipeline, index),
+                data,
+                pipeline.predict(
+                    data, request_id=f"{request_id}-{index}", cams=cams, mc_samples=mc_samples, received_at=received_at
+                ),
             )
             return BatchItem(index=index, filename=upload.filename, result=result)
         except Exception as err:  # each file's failure is reported in its slot, never hidden

@@ -5,6 +5,7 @@ Clients of the original project read ``predictions[label].conf`` and ``.uncertai
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -245,3 +246,43 @@ class Problem(BaseModel):
     detail: str
     instance: str | None = None
     request_id: str | None = None
+
+
+class AuditFindingRecord(_Schema):
+    conf: float
+    std: float
+    decision: DecisionName
+
+
+class AuditRecord(_Schema):
+    """One audit-trail entry: one image a prediction route handled, answered or refused (docs/audit.md).
+
+    Never a patient identifier, a DICOM header value or an API key: the input is known by its sha256, the
+    client by a key id.
+    """
+
+    event_id: str = Field(description="Unique id of this record (uuid4 hex)")
+    request_id: str = Field(description="The HTTP request's X-Request-ID")
+    item_index: int | None = Field(default=None, description="Position of the file in a batch upload")
+    occurred_at: datetime = Field(description="When the request was received (UTC)")
+    route: str
+    client_id: str | None = Field(description="key-<sha256 prefix> of the API key used; null when keys are off")
+    status: int = Field(description="HTTP status answered for this image")
+    error: str | None = Field(default=None, description="Problem title of a refusal")
+    model: ModelRef
+    input_sha256: str
+    input_bytes: int
+    input_format: Literal["png", "jpeg", "dicom"] | None = None
+    width: int | None = None
+    height: int | None = None
+    photometric: str | None = None
+    mc_samples: int | None = None
+    findings: dict[str, AuditFindingRecord] = Field(default_factory=dict)
+    referral: Referral | None = None
+    ood: OODResult | None = None
+    latency_ms: float
+
+
+class AuditPage(_Schema):
+    items: list[AuditRecord]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last page")

@@ -157,7 +157,8 @@ def _heldout(
             seconds["mc"] += time.perf_counter() - started
             pooled = model.trunk_features(trunk) if model.head_only else _pooled(model, x)
             started = time.perf_counter()
-            out["ens"].append(torch.stack([head(pooled) for head in heads]))
+            members = [head(pooled) for head in heads]
+            out["ens"].append(torch.stack(members) if members else pooled.new_zeros((0, x.shape[0], y.shape[1])))
             seconds["ens"] += time.perf_counter() - started
             out["y"].append(y)
         tta_logits = []

@@ -67,6 +67,9 @@ class ServerProcess:
             "CXR_PORT": str(self.port),
             "CXR_LOG_LEVEL": "INFO",
             "CXR_LOG_JSON": "true",
+            # The test's own audit trail (docs/audit.md), never the user's default one.
+            "CXR_AUDIT_URL": f"sqlite:///{log_dir / 'audit.sqlite3'}",
+            "CXR_AUDIT_SPOOL_DIR": str(log_dir / "audit-spool"),
             **({"CXR_MODEL_PATH": str(model_dir)} if model_dir is not None else {}),
             **(env or {}),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,7 +79,14 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
 
 
 def tiny_settings(checkpoint: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"model_path": checkpoint, "max_wait_ms": 5.0}
+    # Each server keeps its audit trail in a fresh temporary SQLite file, never the user's default one.
+    audit_dir = Path(tempfile.mkdtemp(prefix="cxr-audit-"))
+    values: dict[str, object] = {
+        "model_path": checkpoint,
+        "max_wait_ms": 5.0,
+        "audit_url": f"sqlite:///{audit_dir / 'audit.sqlite3'}",
+        "audit_spool_dir": audit_dir / "spool",
+    }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
