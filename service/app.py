@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI
@@ -26,6 +27,7 @@ from service.audit import AuditTrail
 from service.audit import snapshot as audit_snapshot
 from service.audit.api import router as audit_router
 from service.batcher import MicroBatcher
+from service.dicom.outbox import Outbox
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import AdmissionMiddleware, BodyLimitMiddleware, ObservabilityMiddleware
@@ -63,6 +65,23 @@ def open_audit_trail(settings: Settings) -> AuditTrail:
     return trail
 
 
+def open_outbox(settings: Settings) -> Outbox | None:
+    """The forwarding outbox when ``settings.dicomweb_forward_url`` is set (docs/dicom.md), else None."""
+    if settings.dicomweb_forward_url is None:
+        return None
+    outbox = Outbox(
+        settings.dicomweb_outbox_path,
+        settings.dicomweb_forward_url,
+        max_instances=settings.dicomweb_outbox_max_instances,
+        retry_initial_s=settings.dicomweb_retry_initial_s,
+        retry_max_s=settings.dicomweb_retry_max_s,
+        timeout_s=settings.request_timeout_s,
+    )
+    pacs = urlsplit(settings.dicomweb_forward_url)
+    log.info("forwarding results to %s://%s (%d waiting)", pacs.scheme, pacs.hostname, len(outbox.pending()))
+    return outbox
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the application for ``settings``; heavy work happens in the lifespan, not here."""
     metrics = Metrics.create()
@@ -77,6 +96,8 @@ def create_app(settings: Settings) -> FastAPI:
             # The audit trail first: a service that cannot keep its trail must not start answering (docs/audit.md).
             trail = await asyncio.to_thread(open_audit_trail, settings)
             app.state.audit = trail
+            outbox = await asyncio.to_thread(open_outbox, settings)  # before the model: it fails fast and cheaply
+            app.state.dicom_outbox = outbox
             batcher, decode_pool = await start_up()
         except Exception as err:
             # Never a half-alive server: uvicorn exits before it binds; `python -m service` reports this on stderr.
@@ -86,12 +107,16 @@ def create_app(settings: Settings) -> FastAPI:
                 await asyncio.to_thread(trail.close)
             raise
         supervisor = asyncio.get_running_loop().create_task(supervise_worker(batcher), name="worker-supervisor")
+        if outbox is not None:
+            outbox.start()
         try:
             yield
         finally:
             state.ready, state.detail = False, "shutting down" if state.fatal_error is None else state.detail
             supervisor.cancel()
             await batcher.stop(drain=True)
+            if outbox is not None:
+                await outbox.stop()  # what is not yet forwarded stays in the outbox for the next start
             decode_pool.shutdown(wait=True)
             assert trail is not None
             await asyncio.to_thread(trail.close)  # writes every record still queued
@@ -191,7 +216,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.service = state
     app.state.audit = None  # the lifespan opens the AuditTrail
+    app.state.dicom_outbox = None  # the lifespan opens it when forwarding to a PACS is configured
     metrics.watch_audit(lambda: audit_snapshot(app.state.audit) if app.state.audit is not None else None)
+    metrics.watch_outbox(lambda: app.state.dicom_outbox.snapshot() if app.state.dicom_outbox is not None else None)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(audit_router)
@@ -202,7 +229,8 @@ def create_app(settings: Settings) -> FastAPI:
     single_limit = settings.max_upload_bytes + MULTIPART_SLACK_BYTES
 
     def limit_for(path: str) -> int:
-        return batch_limit if path.rstrip("/").endswith("/batch") else single_limit
+        several = path.rstrip("/").endswith("/batch") or path.startswith("/dicomweb/")  # STOW-RS: a whole study
+        return batch_limit if several else single_limit
 
     if settings.cors_origins:
         app.add_middleware(

@@ -71,6 +71,10 @@ class Metrics:
         """Export the audit trail's state and rolling output rates, read from ``source`` at each scrape."""
         self.registry.register(AuditCollector(source))
 
+    def watch_outbox(self, source: Callable[[], OutboxSnapshot | None]) -> None:
+        """Export the DICOMweb forwarding outbox (service.dicom.outbox), read from ``source`` at each scrape."""
+        self.registry.register(OutboxCollector(source))
+
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
         self.inference.observe(stats.process_s)
@@ -143,3 +147,30 @@ class AuditCollector(Collector):
                 mean_conf.add_metric([label], snap.conf_sum.get(label, 0.0) / count)
         yield positive
         yield mean_conf
+
+
+@dataclass(frozen=True)
+class OutboxSnapshot:
+    """The forwarding outbox at one scrape (service.dicom.outbox fills it)."""
+
+    depth: int
+    forwarded: int
+    failures: int
+    rejected: int
+
+
+class OutboxCollector(Collector):
+    def __init__(self, source: Callable[[], OutboxSnapshot | None]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.source()
+        if snap is None:
+            return
+        yield GaugeMetricFamily("cxr_dicomweb_outbox_instances", "SRs waiting in the outbox for the PACS", snap.depth)
+        for name, text, value in (
+            ("cxr_dicomweb_forwarded", "SRs the PACS acknowledged (STOW-RS)", snap.forwarded),
+            ("cxr_dicomweb_forward_failures", "Failed store attempts to the PACS (retried)", snap.failures),
+            ("cxr_dicomweb_rejected", "SRs the PACS refused outright (moved to rejected/)", snap.rejected),
+        ):
+            yield CounterMetricFamily(name, text, value)

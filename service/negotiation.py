@@ -18,6 +18,8 @@ FHIR_JSON_ALIASES = frozenset({FHIR_JSON, "application/json+fhir"})
 #: The FHIR version we emit, as the ``fhirVersion`` media-type parameter spells it (major.minor).
 FHIR_VERSION = "4.0"
 FHIR_JSON_R4 = f"{FHIR_JSON}; fhirVersion={FHIR_VERSION}"
+#: A DICOM Part 10 file (PS3.18 8.7.3): /v1/predict answers a DICOM SR for a DICOM upload (docs/dicom.md).
+DICOM = "application/dicom"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import fhir
 from service.audit import Auditor, AuditSubject, AuditTrail, client_id_for
+from service.dicom import DicomSourceError, dicom_source, sr_answer, stow
 from service.disconnect import cancel_on_disconnect
 from service.errors import (
     NotAcceptableError,
@@ -25,7 +27,7 @@ from service.errors import (
     problem_for,
     problem_response,
 )
-from service.negotiation import FHIR_JSON, FHIR_JSON_R4, JSON, choose_media_type
+from service.negotiation import DICOM, FHIR_JSON, FHIR_JSON_R4, JSON, choose_media_type
 from service.pipeline import PredictionPipeline
 from service.responses import ood_gate_info, referral_info
 from service.schemas import (
@@ -44,7 +46,7 @@ router = APIRouter()
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: Routes whose requests go through the model: AdmissionMiddleware bounds how many are in progress.
-PREDICT_PATHS = frozenset({"/v1/predict", "/predict", "/v1/predict/batch"})
+PREDICT_PATHS = frozenset({"/v1/predict", "/predict", "/v1/predict/batch", "/dicomweb/studies"})
 
 _ERRORS = {
     status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
@@ -158,22 +160,33 @@ async def ready_pipeline(request: Request) -> PredictionPipeline:
 Pipeline = Annotated[PredictionPipeline, Depends(ready_pipeline)]
 
 
-async def negotiated_media_type(request: Request) -> str:
-    """``JSON`` or ``FHIR_JSON`` as the Accept header prefers (JSON when it allows both equally); else 406.
+def _negotiator(offers: tuple[str, ...], described: str) -> Callable[[Request], Awaitable[str]]:
+    """A dependency answering the offer the Accept header prefers (the first on a tie, :func:`choose_media_type`),
+    or 406. Checked before the upload is read, so a client that cannot use any answer costs no inference."""
 
-    Checked before the upload is read, so a client that cannot use either answer costs no inference.
-    """
-    accept = request.headers.get("accept")
-    chosen = choose_media_type(accept, (JSON, FHIR_JSON))
-    if chosen is None:
-        raise NotAcceptableError(
-            f"This endpoint answers {JSON} (the default) or {FHIR_JSON_R4}; the Accept header "
-            f"{(accept or '')[:200]!r} allows neither. Send Accept: {JSON}, {FHIR_JSON} or */*."
-        )
-    return chosen
+    async def negotiate(request: Request) -> str:
+        accept = request.headers.get("accept")
+        chosen = choose_media_type(accept, offers)
+        if chosen is None:
+            raise NotAcceptableError(
+                f"This endpoint answers {described}; the Accept header {(accept or '')[:200]!r} allows none of them. "
+                f"Send Accept: {JSON}, {FHIR_JSON} or */*."
+            )
+        return chosen
+
+    return negotiate
+
+
+#: JSON (the default) or FHIR R4 JSON: every predict endpoint.
+negotiated_media_type = _negotiator((JSON, FHIR_JSON), f"{JSON} (the default) or {FHIR_JSON_R4}")
+#: The single-image endpoint also answers a DICOM SR, for a DICOM upload, when asked for by name (docs/dicom.md).
+negotiated_single_media_type = _negotiator(
+    (JSON, FHIR_JSON, DICOM), f"{JSON} (the default), {FHIR_JSON_R4} or {DICOM} (a DICOM SR, for a DICOM upload)"
+)
 
 
 MediaType = Annotated[str, Depends(negotiated_media_type)]
+SingleMediaType = Annotated[str, Depends(negotiated_single_media_type)]
 
 
 def _fhir_json(body: dict[str, object]) -> JSONResponse:
@@ -208,7 +221,7 @@ async def predict(
     request: Request,
     response: Response,
     pipeline: Pipeline,
-    media_type: MediaType,
+    media_type: SingleMediaType,
     file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph (sniffed by content)")],
     cams: CamsQuery = "auto",
     mc_samples: SamplesQuery = None,
@@ -216,6 +229,15 @@ async def predict(
     received_at = time.perf_counter()
     auditor = _auditor(request)
     data = await _read_upload(file, request)
+    source = None
+    if media_type == DICOM:  # checked before any inference: an SR can only answer a DICOM image
+        try:
+            source = await asyncio.to_thread(dicom_source, data)
+        except DicomSourceError as err:
+            raise NotAcceptableError(
+                f"A DICOM SR ({DICOM}) can only answer a DICOM upload, and {err}. Send the DICOM file, or "
+                f"Accept: {JSON} or {FHIR_JSON} for this image."
+            ) from err
     result, batch_size = await cancel_on_disconnect(
         request,
         auditor.audited(
@@ -229,6 +251,9 @@ async def predict(
     request.state.batch_size = batch_size
     if media_type == FHIR_JSON:
         return _fhir_json(fhir.diagnostic_report(result, issued=_now()))
+    if source is not None:
+        body = await asyncio.to_thread(sr_answer, source, result, _now())
+        return Response(body, media_type=DICOM, headers={"Vary": "Accept", "Cache-Control": "no-store"})
     response.headers["Vary"] = "Accept"
     return result
 
@@ -293,6 +318,47 @@ async def predict_batch(
         return _fhir_json(fhir.batch_bundle(request_id, items, issued=_now()))
     response.headers["Vary"] = "Accept"
     return BatchResponse(request_id=request_id, results=list(items))
+
+
+@router.post(
+    "/dicomweb/studies",
+    response_class=Response,
+    responses={
+        200: {"content": {stow.DICOM_JSON: {}}, "description": "Every instance scored (Referenced SOP Sequence)"},
+        202: {"content": {stow.DICOM_JSON: {}}, "description": "Some instances failed (Failed SOP Sequence)"},
+        409: {"content": {stow.DICOM_JSON: {}}, "description": "No instance could be scored"},
+        **_ERRORS,  # type: ignore[dict-item]
+    },
+    dependencies=Protected,
+    summary="STOW-RS: score each DICOM instance; the SRs go to the configured PACS (docs/dicom.md)",
+    tags=["dicomweb"],
+)
+async def stow_studies(request: Request, pipeline: Pipeline) -> Response:
+    state = _state(request)
+    settings = state.settings
+    auditor = _auditor(request)
+    parts = stow.split_request(
+        request.headers.get("content-type", ""), await request.body(), max_parts=settings.max_files_per_request
+    )
+
+    def audited(index: int, data: bytes, prediction: Awaitable[PredictionResponse]) -> Awaitable[PredictionResponse]:
+        return auditor.audited(_audit_subject(request, pipeline, index), data, prediction)  # one record per instance
+
+    outbox = request.app.state.dicom_outbox  # service.dicom.outbox.Outbox when CXR_DICOMWEB_FORWARD_URL is set
+    outcomes = await cancel_on_disconnect(
+        request,
+        stow.receive(
+            parts,
+            pipeline=pipeline,
+            audited=audited,
+            request_id=request.state.request_id,
+            max_upload_bytes=settings.max_upload_bytes,
+            forward=outbox.put if outbox is not None else None,
+        ),
+    )
+    return JSONResponse(
+        stow.response_json(outcomes), status_code=stow.response_status(outcomes), media_type=stow.DICOM_JSON
+    )
 
 
 @router.post(

@@ -110,6 +110,22 @@ class Settings(BaseSettings):
     audit_rolling_window: int = Field(
         default=1000, ge=10, description="Predictions behind the rolling referral/OOD/label rates in /metrics"
     )
+    dicomweb_forward_url: str | None = Field(
+        default=None,
+        description="DICOMweb base URL of the PACS that receives the SR of every instance sent to POST "
+        "/dicomweb/studies (STOW-RS, e.g. http://pacs:8042/dicom-web); None: results are not forwarded "
+        "(docs/dicom.md)",
+    )
+    dicomweb_outbox_dir: Path | None = Field(
+        default=None, description="Where SRs wait for the PACS (persistent); None: dicomweb-outbox beside the state dir"
+    )
+    dicomweb_outbox_max_instances: int = Field(
+        default=10_000, ge=1, description="Most SRs the outbox holds; beyond, STOW-RS instances fail (Out of Resources)"
+    )
+    dicomweb_retry_initial_s: float = Field(
+        default=1.0, gt=0, description="First wait after a failed store to the PACS; doubles on each failure"
+    )
+    dicomweb_retry_max_s: float = Field(default=60.0, gt=0, description="Longest wait between two store attempts")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     warmup: bool = True
@@ -156,6 +172,10 @@ class Settings(BaseSettings):
     @property
     def audit_spool_path(self) -> Path:
         return self.audit_spool_dir or default_state_dir() / "audit-spool"
+
+    @property
+    def dicomweb_outbox_path(self) -> Path:
+        return self.dicomweb_outbox_dir or default_state_dir() / "dicomweb-outbox"
 
 
 def default_state_dir() -> Path:

@@ -1,0 +1,303 @@
+"""A prediction as a DICOM Structured Report: Comprehensive 3D SR with TID 1500 Measurement Report as its root.
+
+The shape follows IHE AI Results (AIR): one measurement group per trained finding, each with a qualitative
+evaluation (present / absent / indeterminate from ``decision``) and the Monte-Carlo mean probability and
+standard deviation as numeric measurements; one more group carries the referral conclusion and its reasons.
+The algorithm is named twice, as AIR asks: in every group's Algorithm Identification (TID 4019) and in the
+Contributing Equipment Sequence with purpose "Processing Algorithm". The source radiograph is the evidence
+(Current Requested Procedure Evidence Sequence and the Image Library), the SR joins the source's study in a
+new series, and highdicom copies the source's patient and study modules so a PACS can file it. Nothing else
+from the source header is copied, and none of it is logged.
+
+Built from highdicom's information model (``MeasurementReport``, ``QualitativeEvaluation``), never by
+setting tags one by one.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import datetime
+
+import highdicom as hd
+import pydicom
+from highdicom.sr import CodedConcept
+from pydicom.config import RAISE
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import validate_value
+
+from bayesnet import sniff_format
+from service.fhir import SNOMED_BY_LABEL, finding_code
+from service.schemas import PredictionResponse
+
+#: Private coding scheme (PS3.3 8.2: "99" prefix) for the project's own concepts.
+SCHEME = "99BAYESCXR"
+MANUFACTURER = "bayesnet-cxr"
+SR_SERIES_NUMBER = 9901
+SR_SERIES_DESCRIPTION = "bayesnet-cxr AI result (research use only)"
+
+PROCEDURE = CodedConcept("36554-4", "LN", "XR Chest Single view")
+MC_MEAN = CodedConcept("MCMEAN", SCHEME, "Monte-Carlo dropout mean probability")
+MC_STD = CodedConcept("MCSTD", SCHEME, "Monte-Carlo dropout standard deviation")
+MC_DROPOUT = CodedConcept("MCDROPOUT", SCHEME, "Monte-Carlo dropout")
+PROBABILITY_UNIT = CodedConcept("1", "UCUM", "no units")
+REFERRAL = CodedConcept("REFERRAL", SCHEME, "Referral to a radiologist")
+REFER = CodedConcept("REFER", SCHEME, "Refer to a radiologist")
+REFERRAL_REASON = CodedConcept("REFREASON", SCHEME, "Referral reason")
+YES = CodedConcept("373066001", "SCT", "Yes")
+NO = CodedConcept("373067005", "SCT", "No")
+PRESENT = CodedConcept("52101004", "SCT", "Present")
+ABSENT = CodedConcept("2667000", "SCT", "Absent")
+INDETERMINATE = CodedConcept("82334004", "SCT", "Indeterminate")
+VALUE_BY_DECISION = {"positive": PRESENT, "negative": ABSENT, "uncertain": INDETERMINATE}
+
+#: Referral reason codes (service.schemas.Referral) -> code meanings.
+REASON_MEANINGS = {
+    "possible_finding": "A finding decided positive",
+    "uncertain_finding": "A finding neither cleared nor positive",
+    "not_cleared_as_normal": "Film not confidently normal",
+    "out_of_distribution": "Out-of-distribution image",
+    "outside_intended_population": "Outside the intended population",
+    "no_referral_rule": "No fitted referral rule",
+}
+
+# Type 2 attributes of the patient and general study modules that highdicom reads from the source; a source
+# that lacks them gets them empty (as type 2 allows), never invented.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+class DicomSourceError(ValueError):
+    """The upload is not a DICOM image that an SR can reference; the message completes "an SR needs DICOM, and ..."."""
+
+
+def dicom_source(data: bytes) -> Dataset:
+    """The upload's DICOM header without its pixels (what the SR copies from and references).
+
+    Content-sniffed like every upload (``bayesnet.sniff_format``): the file name and part headers are not evidence.
+    """
+    kind = sniff_format(data)
+    if kind != "dicom":
+        raise DicomSourceError(f"this upload is {'a ' + kind.upper() + ' image' if kind else 'not a DICOM file'}")
+    try:
+        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=False)
+    except Exception as err:  # pydicom raises many types for a damaged header; the sender learns which
+        raise DicomSourceError(f"its DICOM header could not be read ({type(err).__name__})") from err
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if k not in source]
+    if missing:
+        raise DicomSourceError(f"its DICOM header lacks {', '.join(missing)}, so a result cannot reference it")
+    _drop_invalid_values(source)
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in source:
+            setattr(source, keyword, None)
+    for keyword in ("PatientName", "ReferringPhysicianName"):
+        # A one-component name ("Smith") is valid DICOM, but highdicom warns about it with the name in the message,
+        # and warnings reach logs: the same name with its empty trailing components spelled out ("Smith^", PS3.5
+        # 6.2.1) is identical in meaning and draws no warning.
+        name = str(source.get(keyword) or "")
+        if name and "^" not in name and "=" not in name:
+            setattr(source, keyword, name + "^")
+    return source
+
+
+def _drop_invalid_values(source: Dataset) -> None:
+    """Remove header values that are invalid for their VR (``Patient's Age`` "62" for "062Y") so the SR that copies
+    them stays valid; a type 2 attribute is emptied instead. Unique identifiers are left: the SR needs them as sent.
+    """
+    for element in list(source):
+        if element.VR in ("SQ", "UI") or element.value in (None, ""):
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                validate_value(element.VR, value, RAISE)
+        except (ValueError, TypeError):
+            if element.keyword in _TYPE2_PATIENT_STUDY:
+                element.value = None
+            else:
+                del source[element.tag]
+
+
+def finding_concept(label: str) -> CodedConcept:
+    """SNOMED CT where the concept is unambiguous (as in the FHIR mapping), else the project code."""
+    if label in SNOMED_BY_LABEL:
+        code, meaning = SNOMED_BY_LABEL[label]
+        return CodedConcept(code, "SCT", meaning)
+    return CodedConcept(finding_code(label), SCHEME, label)
+
+
+@dataclass(frozen=True)
+class SRFinding:
+    """One finding as read back from an SR (what the tests compare with the JSON answer)."""
+
+    decision: str
+    conf: float
+    std: float
+
+
+def _algorithm(result: PredictionResponse) -> hd.sr.AlgorithmIdentification:
+    model = result.model
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"weights sha256 {model.sha256}", f"MC samples {result.mc_samples}"],
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _finding_group(
+    label: str, source: Dataset, result: PredictionResponse, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    prediction = result.predictions[label]
+    concept = finding_concept(label)
+
+    def measurement(name: CodedConcept, value: float) -> hd.sr.Measurement:
+        return hd.sr.Measurement(
+            name=name, value=value, unit=PROBABILITY_UNIT, method=MC_DROPOUT, algorithm_id=algorithm
+        )
+
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label),
+        finding_type=concept,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=concept, value=VALUE_BY_DECISION[prediction.decision])
+        ],
+        measurements=[measurement(MC_MEAN, prediction.conf), measurement(MC_STD, prediction.std)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+
+
+def _referral_group(
+    result: PredictionResponse, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    referral = result.referral
+    evaluations = [hd.sr.QualitativeEvaluation(name=REFER, value=YES if referral.refer else NO)]
+    evaluations += [
+        hd.sr.QualitativeEvaluation(name=REFERRAL_REASON, value=CodedConcept(reason, SCHEME, REASON_MEANINGS[reason]))
+        for reason in referral.reasons
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Referral"),
+        finding_type=REFERRAL,
+        algorithm_id=algorithm,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _has_library_descriptors(source: Dataset) -> bool:
+    """Whether highdicom can describe ``source`` in the Image Library (TID 1602 needs its pixel spacing).
+
+    Without them the image is still referenced: in the evidence sequence and in every measurement group.
+    """
+    try:
+        hd.sr.ImageLibraryEntryDescriptors(source)
+    except (AttributeError, ValueError):
+        return False
+    return True
+
+
+def build_sr(source: Dataset, result: PredictionResponse, *, created: datetime) -> hd.sr.Comprehensive3DSR:
+    """The SR of ``result`` for the image whose header is ``source`` (from :func:`dicom_source`)."""
+    algorithm = _algorithm(result)
+    groups = [_finding_group(label, source, result, algorithm) for label in result.predictions]
+    groups.append(_referral_group(result, algorithm))
+    # One device UID per weights file, the same in every SR it writes (derived from the sha256, not random).
+    device_uid = generate_uid(entropy_srcs=[MANUFACTURER, result.model.name, result.model.sha256])
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid, name=result.model.name, manufacturer_name=MANUFACTURER, model_name=result.model.name
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device, observer_identifying_attributes=device
+            )
+        ),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=groups,
+        referenced_images=[source] if _has_library_descriptors(source) else None,
+    )
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=result.model.name,
+        software_versions=[result.model.version, result.model.sha256],
+        contribution_datetime=created,
+        contribution_description=(
+            f"{result.model.name} {result.model.version}, weights sha256 {result.model.sha256}, "
+            f"Monte-Carlo dropout with {result.mc_samples} samples"
+        ),
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        contributing_equipment=[equipment],
+        series_description=SR_SERIES_DESCRIPTION,
+        content_date=created.date(),
+        content_time=created.time(),
+    )
+    return sr
+
+
+def sr_answer(source: Dataset, result: PredictionResponse, created: datetime) -> bytes:
+    """:func:`build_sr` as a Part 10 file: what ``POST /v1/predict`` answers for ``Accept: application/dicom``."""
+    return sr_bytes(build_sr(source, result, created=created))
+
+
+def sr_bytes(sr: Dataset) -> bytes:
+    """The SR as a DICOM Part 10 file (explicit VR little endian)."""
+    buffer = io.BytesIO()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _concept(value: object) -> CodedConcept:
+    if not isinstance(value, CodedConcept):
+        raise ValueError(f"expected a coded value, got {type(value).__name__}")
+    return value
+
+
+def _code(value: object) -> str:
+    return str(_concept(value).value)
+
+
+def read_sr_findings(sr: Dataset) -> tuple[dict[str, SRFinding], bool, list[str]]:
+    """``(findings by label, refer, reasons)`` read back from an SR this module built (tests and clients)."""
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True).content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        raise ValueError("not a TID 1500 Measurement Report")
+    findings: dict[str, SRFinding] = {}
+    refer = False
+    reasons: list[str] = []
+    decision_by_value = {PRESENT: "positive", ABSENT: "negative", INDETERMINATE: "uncertain"}
+    for group in report.get_image_measurement_groups():
+        evaluations = group.get_qualitative_evaluations()
+        if group.finding_type == REFERRAL:
+            refer = any(item.name == REFER and item.value == YES for item in evaluations)
+            reasons = [_code(item.value) for item in evaluations if item.name == REFERRAL_REASON]
+            continue
+        numbers = {m.name: m.value for m in group.get_measurements()}
+        findings[str(group.tracking_identifier)] = SRFinding(
+            decision=decision_by_value[_concept(evaluations[0].value)],
+            conf=float(numbers[MC_MEAN]),
+            std=float(numbers[MC_STD]),
+        )
+    return findings, refer, reasons
