@@ -13,8 +13,11 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from pydicom.dataset import Dataset
 
 from service.schemas import BatchItem, BatchItemError, FindingPrediction, Heatmap, OODResult, PredictionResponse
 
@@ -243,10 +246,60 @@ def conclusion(response: PredictionResponse) -> str:
     return " ".join(parts)
 
 
-def diagnostic_report(response: PredictionResponse, *, issued: datetime) -> JSONDict:
+@dataclass(frozen=True)
+class StudyRef:
+    """The DICOM study a DICOM upload belongs to, for the report's ``imagingStudy`` (UIDs only, no demographics)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str | None = None
+
+
+def study_ref(source: Dataset) -> StudyRef:
+    """The UIDs of a DICOM header (as read by :func:`service.dicom.dicom_source`) for :func:`diagnostic_report`."""
+    return StudyRef(
+        study_uid=str(source.StudyInstanceUID),
+        series_uid=str(source.SeriesInstanceUID),
+        sop_instance_uid=str(source.SOPInstanceUID),
+        sop_class_uid=str(source.SOPClassUID),
+        modality=str(source.get("Modality") or "") or None,
+    )
+
+
+def _imaging_study(study: StudyRef) -> JSONDict:
+    """The source study as a contained ``ImagingStudy``, identified as the DICOM SR to FHIR mapping does.
+
+    ``subject`` is required by R4 but the service never holds the patient's identity: a display-only reference
+    says so; a FHIR server that resolves the study by its UID links the real patient.
+    """
+    series: JSONDict = {
+        "uid": study.series_uid,
+        "instance": [
+            {
+                "uid": study.sop_instance_uid,
+                "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{study.sop_class_uid}"},
+            }
+        ],
+    }
+    if study.modality:
+        series["modality"] = {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": study.modality}
+    return {
+        "resourceType": "ImagingStudy",
+        "id": "study",
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study.study_uid}"}],
+        "status": "available",
+        "subject": {"display": "The patient of the source DICOM study (identity not held by this service)"},
+        "series": [series],
+    }
+
+
+def diagnostic_report(response: PredictionResponse, *, issued: datetime, study: StudyRef | None = None) -> JSONDict:
     """One prediction as a FHIR R4 ``DiagnosticReport`` with contained Observations, Media and Device.
 
-    ``issued`` must be timezone-aware (FHIR ``instant``); it is a parameter so the mapping stays pure.
+    ``issued`` must be timezone-aware (FHIR ``instant``); it is a parameter so the mapping stays pure. ``study``
+    (DICOM uploads): the source study, contained as an ``ImagingStudy`` and referenced from ``imagingStudy``.
     """
     if issued.tzinfo is None:
         raise ValueError("issued must be timezone-aware: FHIR instants carry a time zone")
@@ -280,6 +333,9 @@ def diagnostic_report(response: PredictionResponse, *, issued: datetime) -> JSON
         report["conclusionCode"] = conclusion_codes
     if media:
         report["media"] = [{"comment": m["content"]["title"], "link": {"reference": f"#{m['id']}"}} for m in media]
+    if study is not None:
+        report["contained"].append(_imaging_study(study))
+        report["imagingStudy"] = [{"reference": "#study", "display": "The source DICOM study"}]
     return report
 
 

@@ -250,7 +250,13 @@ async def predict(
     )
     request.state.batch_size = batch_size
     if media_type == FHIR_JSON:
-        return _fhir_json(fhir.diagnostic_report(result, issued=_now()))
+        study = None
+        if result.image.format == "dicom":
+            try:  # the report references the source study by its UIDs (DICOM SR to FHIR mapping)
+                study = fhir.study_ref(await asyncio.to_thread(dicom_source, data))
+            except DicomSourceError:
+                study = None  # a DICOM image without study UIDs: the report simply has no imagingStudy
+        return _fhir_json(fhir.diagnostic_report(result, issued=_now(), study=study))
     if source is not None:
         body = await asyncio.to_thread(sr_answer, source, result, _now())
         return Response(body, media_type=DICOM, headers={"Vary": "Accept", "Cache-Control": "no-store"})

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -111,6 +112,7 @@ def check_report(report: dict[str, Any]) -> DiagnosticReport:
     assert "subject" not in report  # the service never receives patient identity
     ids = {r["id"] for r in report["contained"]}
     references = [r["reference"] for r in report["result"]] + [m["link"]["reference"] for m in report.get("media", [])]
+    references += [study["reference"] for study in report.get("imagingStudy", [])]
     assert {ref.removeprefix("#") for ref in references} | {"model"} == ids, "every contained resource is referenced"
     device = contained(report, "Device")
     assert len(device) == 1 and device[0]["identifier"][0]["system"] == fhir.MODEL_SHA256_SYSTEM
@@ -339,6 +341,30 @@ def test_fhir_report_for_a_real_radiograph_with_heatmaps(
     assert png.format == "PNG" and png.size == (media[0]["width"], media[0]["height"])
     device = contained(report, "Device")[0]
     assert (device["deviceName"][0]["name"], device["version"][0]["value"]) == ("tiny-test-model", "1.2.3")
+    assert "imagingStudy" not in report, "a PNG has no DICOM study to reference"
+
+
+def test_fhir_report_of_a_dicom_upload_references_its_study_by_uid(client: httpx.Client) -> None:
+    data_store = pytest.importorskip("data_store", reason="pydicom-data is not installed")
+    path = Path(data_store.DataStore().get_path("RG1_UNCR.dcm"))
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    response = client.post(
+        "/v1/predict",
+        files={"file": ("film.dcm", path.read_bytes(), "application/dicom")},
+        params={"cams": "none"},
+        headers={"Accept": "application/fhir+json"},
+    )
+    assert response.status_code == 200, response.text
+    report = response.json()
+    check_report(report)
+    (study,) = contained(report, "ImagingStudy")
+    assert report["imagingStudy"] == [{"reference": "#study", "display": "The source DICOM study"}]
+    assert study["identifier"] == [{"system": "urn:dicom:uid", "value": f"urn:oid:{source.StudyInstanceUID}"}]
+    (series,) = study["series"]
+    assert (series["uid"], series["instance"][0]["uid"]) == (source.SeriesInstanceUID, source.SOPInstanceUID)
+    assert "reference" not in study["subject"], "the service never holds the patient's identity"
+    for name in (str(source.get("PatientName") or "no-name-in-file"), str(source.get("PatientID") or "no-id")):
+        assert name not in response.text
 
 
 def test_fhir_report_without_heatmaps_when_cams_none(client: httpx.Client, radiographs: list[bytes]) -> None:
