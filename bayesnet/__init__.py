@@ -1,7 +1,8 @@
 """bayesnet: the core library of the chest X-ray service.
 
 A Bayesian EfficientNet (MC dropout with a frozen BatchNorm), Monte-Carlo prediction that runs the trunk
-once, Grad-CAM, content-sniffing radiograph decoding and spec-driven preprocessing, and safe checkpoints.
+once, Grad-CAM, content-sniffing radiograph decoding and spec-driven preprocessing, the risk-controlled
+referral rule's decisions, and safe checkpoints.
 Pure library: no HTTP, no settings, no datasets. Importing it loads torch and timm, nothing more: no
 model, no weights, no global state.
 """
@@ -34,8 +35,9 @@ from bayesnet.model import BayesianEfficientNet, DropoutMasks, build_model
 from bayesnet.ood import OODGate, load_ood_gate, save_ood_gate
 from bayesnet.preprocess import preprocess
 from bayesnet.pretrained import init_pretrained
+from bayesnet.referral import Referral, referral_reasons, study_cleared
 from bayesnet.runtime import model_thread, single_threaded_torch, tune_allocator
-from bayesnet.spec import ModelSpec, OODSpec
+from bayesnet.spec import ModelSpec, OODSpec, ReferralSpec
 
 __all__ = [
     "CHEXPERT_LABELS",
@@ -59,6 +61,8 @@ __all__ = [
     "OODGate",
     "OODSpec",
     "PretrainedWeightsError",
+    "Referral",
+    "ReferralSpec",
     "SpecError",
     "TooManyPixelsError",
     "TruncatedImageError",
@@ -75,9 +79,11 @@ __all__ = [
     "mc_predict",
     "model_thread",
     "preprocess",
+    "referral_reasons",
     "save_checkpoint",
     "save_ood_gate",
     "single_threaded_torch",
     "sniff_format",
+    "study_cleared",
     "tune_allocator",
 ]
