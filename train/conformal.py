@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -33,7 +33,8 @@ import torch
 from mapie.risk_control import BinaryClassificationController
 from numpy.typing import ArrayLike, NDArray
 
-from bayesnet.decision import side_scores
+from bayesnet.decision import Decision, decide, side_scores
+from bayesnet.referral import study_cleared
 from bayesnet.spec import NO_FINDING, ModelSpec, ReferralScore, ReferralSpec
 from train.metrics import FloatArray, as_targets
 
@@ -146,14 +147,6 @@ def _abnormal_and_normal(
     return abnormal, normal
 
 
-def _decisions(
-    neg: FloatArray, pos: FloatArray, lo: Sequence[float | None], hi: Sequence[float | None]
-) -> NDArray[np.int8]:
-    cleared = neg < np.array([-1.0 if v is None else v for v in lo])
-    positive = pos >= np.array([2.0 if v is None else v for v in hi])
-    return np.where(cleared & ~positive, 0, np.where(positive & ~cleared, 1, 2)).astype(np.int8)
-
-
 def fit_referral(
     samples: ArrayLike,
     y: ArrayLike,
@@ -219,8 +212,22 @@ def fit_referral(
     study_threshold = fit_negative_threshold(
         study[known], abnormal[known].astype(np.float64), alpha=study_alpha, delta=delta
     )
-    decisions = _decisions(neg, pos, lower, upper)
-    cleared = study < (-1.0 if study_threshold is None else study_threshold)
+    rule = ReferralSpec(
+        alpha=alpha,
+        study_alpha=study_alpha,
+        delta=delta,
+        alpha_positive=alpha_positive,
+        score=score,
+        negative_threshold=tuple(lower),
+        positive_threshold=tuple(upper),
+        study_labels=study_labels,
+        study_threshold=study_threshold,
+    )
+    # What the rule does on its own films, computed by the code the service runs (bayesnet.decide, study_cleared).
+    served = spec.replace(referral=rule)
+    codes = {Decision.NEGATIVE: 0, Decision.POSITIVE: 1, Decision.UNCERTAIN: 2}
+    decisions = np.array([[codes[d] for d in row] for row in decide(probs, served)], dtype=np.int8)
+    cleared = np.array(study_cleared(probs, served), dtype=bool)
     for label, row in per_label.items():
         k = spec.label_index(label)
         valid = ~np.isnan(targets[:, k])
@@ -245,16 +252,8 @@ def fit_referral(
         "positives": {label: row["positives"] for label, row in per_label.items()},
         **dict(calibration_notes or {}),
     }
-    referral = ReferralSpec(
-        alpha=alpha,
-        study_alpha=study_alpha,
-        delta=delta,
-        alpha_positive=alpha_positive,
-        score=score,
-        negative_threshold=tuple(lower),
-        positive_threshold=tuple(upper),
-        study_labels=study_labels,
-        study_threshold=study_threshold,
+    referral = replace(
+        rule,
         expected_study_referral_rate=referral_rate,
         expected_normal_clearance_rate=normal_clearance,
         calibration=calibration,
@@ -328,9 +327,6 @@ def check_referral(samples: ArrayLike, y: ArrayLike, spec: ModelSpec) -> dict[st
     Decisions come from :func:`bayesnet.decision.decide` and :func:`bayesnet.referral.study_cleared`, the code the
     service runs.
     """
-    from bayesnet.decision import Decision, decide
-    from bayesnet.referral import study_cleared
-
     rule = spec.referral
     if rule is None:
         raise ReferralInputError("the spec has no referral rule to check")

@@ -26,8 +26,8 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from bayesnet.spec import NO_FINDING, ModelSpec
-from train.conformal import ReferralInputError, fit_referral, study_score_array
+from bayesnet.spec import ModelSpec
+from train.conformal import ReferralInputError, check_referral, fit_referral
 from train.metrics import FloatArray, ece, nanmean, per_label_auc
 from train.predict import sigmoid
 from train.selective import decision_error, selective_metrics, threshold_margin
@@ -141,7 +141,6 @@ def nested_referral(
     assert samples is not None
     trained = tuple(lb for k, lb in enumerate(labels) if not np.isnan(y[:, k]).all())
     spec = ModelSpec(arch="test_efficientnet", labels=tuple(labels), trained_labels=trained)
-    study_index = [spec.label_index(lb) for lb in trained if lb != NO_FINDING]
     misses = {lb: [0, 0] for lb in trained}  # [positives cleared, positives]
     false_pos = {lb: [0, 0] for lb in trained}
     cleared_abnormal = [0, 0]
@@ -170,32 +169,21 @@ def nested_referral(
                 "normal_clearance_rate": rule.expected_normal_clearance_rate,
             }
         )
-        test_samples = samples[:, test]
-        if score == "mean":
-            neg = pos = test_samples.mean(axis=0)
-        else:
-            neg, pos = np.quantile(test_samples, 0.95, axis=0), np.quantile(test_samples, 0.05, axis=0)
-        yk = y[test]
+        check = check_referral(samples[:, test], y[test], spec.replace(referral=rule))
         for lb in trained:
-            j = spec.label_index(lb)
-            lo, hi = rule.negative_threshold[j], rule.positive_threshold[j]
-            cleared = (neg[:, j] < (-1.0 if lo is None else lo)) & ~(pos[:, j] >= (2.0 if hi is None else hi))
-            called = (pos[:, j] >= (2.0 if hi is None else hi)) & ~(neg[:, j] < (-1.0 if lo is None else lo))
-            positive, negative = yk[:, j] == 1.0, yk[:, j] == 0.0
-            misses[lb][0] += int((cleared & positive).sum())
-            misses[lb][1] += int(positive.sum())
-            false_pos[lb][0] += int((called & negative).sum())
-            false_pos[lb][1] += int(negative.sum())
-        study = study_score_array(neg, study_index)
-        film_cleared = study < (-1.0 if rule.study_threshold is None else rule.study_threshold)
-        abnormal = np.nan_to_num(yk[:, study_index]).max(axis=1) == 1.0
-        normal = ~np.isnan(yk[:, study_index]).any(axis=1) & ~abnormal
-        cleared_abnormal[0] += int((film_cleared & abnormal).sum())
-        cleared_abnormal[1] += int(abnormal.sum())
-        referred[0] += int((~film_cleared).sum())
-        referred[1] += int(film_cleared.size)
-        normal_cleared[0] += int((film_cleared & normal).sum())
-        normal_cleared[1] += int(normal.sum())
+            for total, entry in (
+                (misses[lb], check["per_label"][lb]["missed"]),
+                (false_pos[lb], check["per_label"][lb]["false_positive"]),
+            ):
+                total[0] += entry["count"]
+                total[1] += entry["of"]
+        for total, entry in (
+            (cleared_abnormal, check["abnormal_cleared"]),
+            (referred, check["referred"]),
+            (normal_cleared, check["normal_cleared"]),
+        ):
+            total[0] += entry["count"]
+            total[1] += entry["of"]
 
     def rate(pair: list[int]) -> float | None:
         return pair[0] / pair[1] if pair[1] else None
