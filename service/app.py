@@ -27,6 +27,7 @@ from service.audit import AuditTrail
 from service.audit import snapshot as audit_snapshot
 from service.audit.api import router as audit_router
 from service.batcher import MicroBatcher
+from service.dicom.dimse import DimseListener, scorer
 from service.dicom.outbox import Outbox
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -82,6 +83,42 @@ def open_outbox(settings: Settings) -> Outbox | None:
     return outbox
 
 
+def open_dimse_listener(
+    settings: Settings,
+    state: ServiceState,
+    trail: AuditTrail,
+    outbox: Outbox | None,
+    loop: asyncio.AbstractEventLoop,
+) -> DimseListener | None:
+    """Bind the DIMSE C-STORE listener when ``settings.dimse_port`` is set (docs/dicom.md), else None. Called once
+    the model is ready; blocking (binds a socket), so off the event loop, whose loop the listener is given."""
+    if settings.dimse_port is None:
+        return None
+    assert state.pipeline is not None
+    store = scorer(
+        pipeline=state.pipeline,
+        auditor=trail.auditor,
+        max_upload_bytes=settings.max_upload_bytes,
+        forward=outbox.put if outbox is not None else None,
+    )
+    listener = DimseListener(
+        store,
+        loop,
+        host=settings.dimse_host,
+        port=settings.dimse_port,
+        ae_title=settings.dimse_ae_title,
+        allowed_calling_ae=settings.dimse_allowed_ae,
+        max_associations=settings.dimse_max_associations,
+        idle_timeout_s=settings.dimse_idle_timeout_s,
+        max_instance_bytes=settings.max_upload_bytes,
+        # The pipeline's own timeout, then the audit record and the outbox write, each bounded by the same.
+        answer_timeout_s=3 * settings.request_timeout_s,
+        stores=state.metrics.dimse_stores,
+    )
+    listener.start()
+    return listener
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the application for ``settings``; heavy work happens in the lifespan, not here."""
     metrics = Metrics.create()
@@ -109,10 +146,21 @@ def create_app(settings: Settings) -> FastAPI:
         supervisor = asyncio.get_running_loop().create_task(supervise_worker(batcher), name="worker-supervisor")
         if outbox is not None:
             outbox.start()
+        dimse: DimseListener | None = None
         try:
+            try:
+                dimse = await asyncio.to_thread(
+                    open_dimse_listener, settings, state, trail, outbox, asyncio.get_running_loop()
+                )
+            except Exception as err:  # the port is taken, most likely: stop what started (finally) and exit
+                state.fatal_error, state.detail = err, f"start-up failed: {err}"
+                log.critical("cannot start the DIMSE listener: %s", err)
+                raise
             yield
         finally:
             state.ready, state.detail = False, "shutting down" if state.fatal_error is None else state.detail
+            if dimse is not None:  # first: its C-STOREs in flight still need the batcher, the trail and the outbox
+                await asyncio.to_thread(dimse.stop, settings.request_timeout_s)
             supervisor.cancel()
             await batcher.stop(drain=True)
             if outbox is not None:

@@ -27,6 +27,7 @@ class Metrics:
     errors: Counter
     queue_depth: Gauge
     model_info: Gauge
+    dimse_stores: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -65,6 +66,12 @@ class Metrics:
             errors=Counter("cxr_errors", "Errors by type", ["type"], registry=registry),
             queue_depth=Gauge("cxr_queue_depth_images", "Images waiting for a batch", registry=registry),
             model_info=Gauge("cxr_model_info", "The loaded model (value 1)", ["name", "version"], registry=registry),
+            dimse_stores=Counter(
+                "cxr_dimse_stores",
+                "C-STORE requests the DIMSE listener answered, by DIMSE status (0x0000 scored)",
+                ["status"],
+                registry=registry,
+            ),
         )
 
     def watch_audit(self, source: Callable[[], AuditSnapshot | None]) -> None:

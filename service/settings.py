@@ -126,6 +126,35 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="First wait after a failed store to the PACS; doubles on each failure"
     )
     dicomweb_retry_max_s: float = Field(default=60.0, gt=0, description="Longest wait between two store attempts")
+    dimse_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="TCP port of the DICOM (DIMSE) C-STORE/C-ECHO listener that scores what a PACS or modality "
+        "pushes, like POST /dicomweb/studies (docs/dicom.md); None: no listener",
+    )
+    dimse_host: str = Field(
+        default="127.0.0.1",
+        description="Address the DIMSE listener binds. The port is unauthenticated DICOM: 0.0.0.0 only with a "
+        "calling AE allow-list and a network policy that admits the PACS alone (docs/security.md)",
+    )
+    dimse_ae_title: str = Field(
+        default="BAYESCXR", description="The listener's AE title; an association calling another title is rejected"
+    )
+    dimse_allowed_ae: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles the listener accepts (CXR_DIMSE_ALLOWED_AE='[\"ORTHANC\"]'); empty: any",
+    )
+    dimse_max_associations: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Most simultaneous DIMSE associations; each holds at most one instance (max_upload_bytes) in "
+        "memory while it is scored",
+    )
+    dimse_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="An association that sends nothing for this long is aborted"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
     warmup: bool = True
@@ -161,6 +190,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"key [{index}] is empty or has surrounding whitespace")
         return value
 
+    @field_validator("dimse_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _valid_ae_title(value)
+
+    @field_validator("dimse_allowed_ae")
+    @classmethod
+    def _ae_titles(cls, value: list[str]) -> list[str]:
+        return [_valid_ae_title(title) for title in value]
+
     @model_validator(mode="after")
     def _admin_keys_apart(self) -> Settings:
         # An admin key that also predicts would blur who read the trail and who wrote it.
@@ -182,3 +221,12 @@ def default_state_dir() -> Path:
     """Where the service keeps state by default: $XDG_STATE_HOME/bayesnet-cxr (~/.local/state/bayesnet-cxr)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "bayesnet-cxr"
+
+
+def _valid_ae_title(value: str) -> str:
+    """A DICOM AE title (PS3.5 6.2 VR AE): 1 to 16 ASCII characters, no backslash or control character; the
+    surrounding spaces, which are not significant, removed."""
+    title = value.strip()
+    if not 1 <= len(title) <= 16 or not title.isascii() or "\\" in title or not title.isprintable():
+        raise ValueError(f"{value!r} is not a DICOM AE title (1 to 16 printable ASCII characters, no backslash)")
+    return title

@@ -1,6 +1,14 @@
-"""Hospital imaging integration: DICOM SR results (``sr``), the STOW-RS receiver (``stow``) and the forwarding
-outbox to a PACS (``outbox``). See docs/dicom.md."""
+"""Hospital imaging integration: DICOM SR results (``sr``), Grad-CAM heatmaps as Secondary Capture images
+(``heatmaps``), the STOW-RS receiver (``stow``), the DIMSE C-STORE listener (``dimse``) and the forwarding outbox to a
+PACS (``outbox``). See docs/dicom.md."""
 
+from service.dicom.heatmaps import (
+    HEATMAP_SERIES_NUMBER,
+    HeatmapError,
+    build_heatmaps,
+    heatmap_answers,
+    heatmaps_for_upload,
+)
 from service.dicom.sr import (
     DicomSourceError,
     SRFinding,
@@ -11,4 +19,17 @@ from service.dicom.sr import (
     sr_bytes,
 )
 
-__all__ = ["DicomSourceError", "SRFinding", "build_sr", "dicom_source", "read_sr_findings", "sr_answer", "sr_bytes"]
+__all__ = [
+    "HEATMAP_SERIES_NUMBER",
+    "DicomSourceError",
+    "HeatmapError",
+    "SRFinding",
+    "build_heatmaps",
+    "build_sr",
+    "dicom_source",
+    "heatmap_answers",
+    "heatmaps_for_upload",
+    "read_sr_findings",
+    "sr_answer",
+    "sr_bytes",
+]

@@ -16,6 +16,7 @@ setting tags one by one.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -208,8 +209,14 @@ def _has_library_descriptors(source: Dataset) -> bool:
     return True
 
 
-def build_sr(source: Dataset, result: PredictionResponse, *, created: datetime) -> hd.sr.Comprehensive3DSR:
-    """The SR of ``result`` for the image whose header is ``source`` (from :func:`dicom_source`)."""
+def build_sr(
+    source: Dataset, result: PredictionResponse, *, created: datetime, heatmaps: Sequence[Dataset] = ()
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of ``result`` for the image whose header is ``source`` (from :func:`dicom_source`).
+
+    ``heatmaps``: the heatmap images made for the same result (``service.dicom.heatmaps``), listed beside the source
+    in the evidence so the SR names every object of the result.
+    """
     algorithm = _algorithm(result)
     groups = [_finding_group(label, source, result, algorithm) for label in result.predictions]
     groups.append(_referral_group(result, algorithm))
@@ -240,7 +247,7 @@ def build_sr(source: Dataset, result: PredictionResponse, *, created: datetime) 
         ),
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source],
+        evidence=[source, *heatmaps],
         content=report,
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,
@@ -256,9 +263,11 @@ def build_sr(source: Dataset, result: PredictionResponse, *, created: datetime) 
     return sr
 
 
-def sr_answer(source: Dataset, result: PredictionResponse, created: datetime) -> bytes:
+def sr_answer(
+    source: Dataset, result: PredictionResponse, created: datetime, heatmaps: Sequence[Dataset] = ()
+) -> bytes:
     """:func:`build_sr` as a Part 10 file: what ``POST /v1/predict`` answers for ``Accept: application/dicom``."""
-    return sr_bytes(build_sr(source, result, created=created))
+    return sr_bytes(build_sr(source, result, created=created, heatmaps=heatmaps))
 
 
 def sr_bytes(sr: Dataset) -> bytes:

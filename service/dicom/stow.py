@@ -21,8 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from bayesnet.imaging import POPULATION_LATERAL, POPULATION_NON_CHEST, population_flags
+from service.dicom.heatmaps import heatmaps_for_upload
 from service.dicom.multipart import MultipartError, Part, TooManyPartsError, media_type_params, split_related
-from service.dicom.sr import DicomSourceError, dicom_source, sr_answer
+from service.dicom.sr import DicomSourceError, dicom_source, sr_answer, sr_bytes
 from service.errors import ServiceError, UploadTooLargeError, problem_for
 from service.pipeline import PredictionPipeline
 from service.schemas import PredictionResponse
@@ -129,6 +130,26 @@ def failure_reason_for(status: int) -> int:
 Audited = Callable[[int, bytes, Awaitable[PredictionResponse]], Awaitable[PredictionResponse]]
 
 
+async def results_for_pacs(
+    data: bytes, header: Dataset, result: PredictionResponse, pipeline: PredictionPipeline
+) -> list[bytes]:
+    """The objects a PACS receives for one scored instance, as Part 10 files: the SR (which lists the heatmap
+    images in its evidence), then the heatmap images.
+
+    Built in the pipeline's bounded decode pool: the heatmaps decode the film once more (the pipeline keeps no
+    pixels), and the pool bounds how many films are in memory at once.
+    """
+    created = datetime.now(timezone.utc)
+
+    def build() -> list[bytes]:
+        heatmaps = heatmaps_for_upload(
+            data, header, result, resize=pipeline.spec.resize, max_pixels=pipeline.max_pixels, created=created
+        )
+        return [sr_answer(header, result, created, heatmaps), *(sr_bytes(image) for image in heatmaps)]
+
+    return await asyncio.get_running_loop().run_in_executor(pipeline.decode_pool, build)
+
+
 async def receive(
     parts: list[Part],
     *,
@@ -141,9 +162,13 @@ async def receive(
     """Score every part concurrently (the batcher groups them); one outcome per part, in order.
 
     ``audited(index, data, prediction)`` wraps each instance's work in its own audit record. ``forward`` receives
-    each SR (Part 10 bytes) once it is built: the outbox, which makes it durable before returning.
+    each result object (Part 10 bytes), one call per object: the SR, then one Secondary Capture per Grad-CAM
+    heatmap (``service.dicom.heatmaps``); it is the outbox, which makes each durable before returning. Every object
+    of an instance is built before the first is forwarded, so an instance that fails forwards nothing. Without
+    ``forward`` no heatmap is computed (``cams=none``): they exist only for a PACS to receive them.
     """
     received_at = time.perf_counter()
+    cams = "auto" if forward is not None else "none"
 
     async def one(index: int, part: Part) -> InstanceOutcome:
         header: Dataset | None = None
@@ -153,7 +178,7 @@ async def receive(
             header = await asyncio.to_thread(read_instance, part)
             check_scope(header)
             result, _ = await pipeline.predict(
-                part.data, request_id=f"{request_id}-{index}", cams="none", mc_samples=None, received_at=received_at
+                part.data, request_id=f"{request_id}-{index}", cams=cams, mc_samples=None, received_at=received_at
             )
             return result
 
@@ -162,8 +187,9 @@ async def receive(
                 raise UploadTooLargeError(f"The instance exceeds the limit of {max_upload_bytes} bytes.")
             result = await audited(index, part.data, score())
             assert header is not None
-            if forward is not None:  # the SR is built only for a PACS to receive it
-                await forward(await asyncio.to_thread(sr_answer, header, result, datetime.now(timezone.utc)))
+            if forward is not None:  # the SR and heatmaps are built only for a PACS to receive them
+                for instance in await results_for_pacs(part.data, header, result, pipeline):
+                    await forward(instance)
             return InstanceOutcome(str(header.SOPClassUID), str(header.SOPInstanceUID))
         except Exception as err:  # each instance's failure is reported in its own item, never hidden
             status, title, detail, _ = problem_for(err)

@@ -8,15 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from PIL import Image
 
 from service.dicom import read_sr_findings
+from service.predictor import AUTO_CAM_LIMIT
 from service.settings import Settings
 from tests.dicom.conftest import ADMIN_KEY
 from tests.dicom.dicom_files import audit_records, chest_cr, dciodvfy_errors
 from tests.dicom.orthanc import orthanc
+from tests.dicom.test_heatmaps import evidence_uids
 from tests.dicom.test_stow import REFERENCED_SOP, items, stow
 from tests.service.live import free_port, live_server, tiny_settings, wait_until
 
@@ -74,9 +78,12 @@ def test_a_study_in_the_pacs_gets_its_sr_back_with_the_findings_it_was_scored_wi
         response = stow(client, [(upload, "application/dicom")])
         assert response.status_code == 200, response.text
         assert len(items(response.json(), REFERENCED_SOP)) == 1
-        wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_forwarded_total", 0) == 1)
-        assert outbox_metrics(client)["cxr_dicomweb_outbox_instances"] == 0
+        # The SR and one heatmap image per finding drawn with cams=auto (positive or uncertain, at most 4).
         (record,) = audit_records(client, response.headers["x-request-id"], ADMIN_KEY)
+        drawn = min(AUTO_CAM_LIMIT, sum(f["decision"] != "negative" for f in record["findings"].values()))
+        assert drawn >= 1  # the tiny untrained model is unsure of everything, so there is a heatmap to check
+        wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_forwarded_total", 0) == 1 + drawn)
+        assert outbox_metrics(client)["cxr_dicomweb_outbox_instances"] == 0
 
     # QIDO-RS finds the SR in the same study; WADO-RS returns it; highdicom reads its findings back.
     (series,) = sr_series(pacs, study)
@@ -94,6 +101,26 @@ def test_a_study_in_the_pacs_gets_its_sr_back_with_the_findings_it_was_scored_wi
         assert finding.std == pytest.approx(expected["std"], abs=1e-6)
     assert (refer, reasons) == (record["referral"]["refer"], record["referral"]["reasons"])
 
+    # The heatmaps: Secondary Capture images in one more series of the same study, each valid and naming its finding.
+    (heatmaps,) = pacs_client(pacs).search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
+    heatmap_series = str(heatmaps["0020000E"]["Value"][0])
+    assert heatmap_series != series_uid
+    found = pacs_client(pacs).search_for_instances(study_instance_uid=study, series_instance_uid=heatmap_series)
+    assert len(found) == drawn
+    image = pacs_client(pacs).retrieve_instance(study, heatmap_series, str(found[0]["00080018"]["Value"][0]))
+    assert dciodvfy_errors(_part10(image), tmp_path) == []
+    assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert any(label in image.ImageComments for label in record["findings"])
+    heatmap_uids = {str(item["00080018"]["Value"][0]) for item in found}
+    assert evidence_uids(sr) == {source.SOPInstanceUID, *heatmap_uids}  # the SR names every object of the result
+    # Orthanc's own renderer (Orthanc Explorer's preview) decodes it, with the heatmap's colour in it.
+    rest = pacs.removesuffix("/dicom-web")
+    (match,) = httpx.post(f"{rest}/tools/lookup", content=str(image.SOPInstanceUID), timeout=30).json()
+    preview = httpx.get(f"{rest}/instances/{match['ID']}/preview", timeout=30)
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
+    rendered = np.asarray(Image.open(io.BytesIO(preview.content)).convert("RGB"), dtype=int)
+    assert (rendered[..., 0] - rendered[..., 2]).max() > 100  # red-to-yellow where the map is hot
+
 
 def test_results_wait_in_the_outbox_while_the_pacs_is_down_and_survive_a_restart(
     pacs: str, dicom_checkpoint: Path, tmp_path: Path
@@ -106,16 +133,22 @@ def test_results_wait_in_the_outbox_while_the_pacs_is_down_and_survive_a_restart
         response = stow(client, [(upload, "application/dicom")])
         assert response.status_code == 200, response.text  # scored and durable: the PACS being down is not its fault
         wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_forward_failures_total", 0) >= 2)
-        assert outbox_metrics(client)["cxr_dicomweb_outbox_instances"] == 1
-    (waiting,) = outbox.glob("*.dcm")  # still there after shutdown, and a valid SR
-    assert dciodvfy_errors(waiting.read_bytes(), tmp_path) == []
+        waiting = sorted(outbox.glob("*.dcm"))  # the SR and its heatmap images
+        assert outbox_metrics(client)["cxr_dicomweb_outbox_instances"] == len(waiting) >= 2
+    assert sorted(outbox.glob("*.dcm")) == waiting  # still there after shutdown, and all valid
+    modalities = [pydicom.dcmread(path, stop_before_pixels=True).Modality for path in waiting]
+    assert modalities == ["SR"] + ["OT"] * (len(waiting) - 1)  # the SR first, as it was put first
+    for path in waiting:
+        assert dciodvfy_errors(path.read_bytes(), tmp_path) == []
 
-    # A restart with the PACS back: the waiting result is delivered, into the right study.
+    # A restart with the PACS back: the waiting results are delivered, into the right study.
     with live_server(settings_for(dicom_checkpoint, pacs, outbox)) as live, live.client() as client:
-        wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_forwarded_total", 0) == 1)
+        wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_forwarded_total", 0) == len(waiting))
         assert outbox_metrics(client)["cxr_dicomweb_outbox_instances"] == 0
     assert list(outbox.glob("*.dcm")) == []
     assert len(sr_series(pacs, study)) == 1
+    (heatmaps,) = pacs_client(pacs).search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
+    assert heatmaps["00201209"]["Value"][0] == len(waiting) - 1  # Number of Series Related Instances
 
 
 def _part10(ds: pydicom.Dataset) -> bytes:

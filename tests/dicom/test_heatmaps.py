@@ -1,0 +1,184 @@
+"""Grad-CAM heatmaps as DICOM Secondary Capture images: valid, in the source's study, placed where the map is."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from bayesnet import decode_image
+from service.dicom import (
+    HEATMAP_SERIES_NUMBER,
+    build_heatmaps,
+    dicom_source,
+    heatmap_answers,
+    heatmaps_for_upload,
+    sr_answer,
+)
+from service.dicom.heatmaps import MAX_SIDE_PX, heatmap_intensity, place_on_film
+from service.dicom.sr import SR_SERIES_NUMBER
+from service.png import heatmap_png
+from service.schemas import (
+    FindingPrediction,
+    Heatmap,
+    ImageInfo,
+    ModelRef,
+    PredictionResponse,
+    Referral,
+    Timing,
+)
+from tests.dicom.dicom_files import OPERATOR, PATIENT_ID, PATIENT_NAME, chest_cr, dciodvfy_errors
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def heatmap(intensity: np.ndarray) -> Heatmap:
+    return Heatmap(
+        png_base64=base64.b64encode(heatmap_png(intensity)).decode("ascii"),
+        width=intensity.shape[1],
+        height=intensity.shape[0],
+    )
+
+
+def corner_map(size: int = 64, level: float = 0.8) -> np.ndarray:
+    """A map hot in its top-left quarter, cold elsewhere."""
+    intensity = np.zeros((size, size), dtype=np.float32)
+    intensity[: size // 4, : size // 4] = level
+    return intensity
+
+
+def result_with(gradcam: dict[str, Heatmap]) -> PredictionResponse:
+    finding = FindingPrediction(
+        conf=0.81,
+        uncertainty=0.01,
+        std=0.1,
+        interval=(0.6, 0.9),
+        mutual_information=0.01,
+        decision="positive",
+        threshold=0.5,
+    )
+    return PredictionResponse(
+        request_id="req-1",
+        model=ModelRef(name="tiny-dicom-model", version="2.0.1", sha256="ab" * 32),
+        mc_samples=8,
+        predictions={"Cardiomegaly": finding, "Edema": finding},
+        uncertain=False,
+        referral=Referral(refer=True, reasons=["possible_finding"]),
+        gradcam=gradcam,
+        image=ImageInfo(format="dicom", width=1841, height=1955, photometric="MONOCHROME1", warnings=[]),
+        timing_ms=Timing(queue=0.0, inference=0.0, total=0.0),
+    )
+
+
+def test_each_heatmap_is_a_valid_secondary_capture_in_the_source_study_placed_where_the_map_is_hot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    upload = chest_cr()
+    source = dicom_source(upload)
+    film = decode_image(upload).pixels
+    result = result_with({"Cardiomegaly": heatmap(corner_map()), "Edema": heatmap(corner_map(level=0.5))})
+    with caplog.at_level(logging.DEBUG):
+        answers = heatmap_answers(source, film, result, resize="squash", created=NOW)
+    assert len(answers) == 2
+    for record in caplog.records:
+        assert PATIENT_NAME not in record.getMessage() and PATIENT_ID not in record.getMessage()
+
+    images = [pydicom.dcmread(io.BytesIO(data)) for data in answers]
+    for number, (data, image) in enumerate(zip(answers, images, strict=True), start=1):
+        assert dciodvfy_errors(data, tmp_path) == []
+        assert image.SOPClassUID == SECONDARY_CAPTURE
+        # Same study, a new series of its own (not the source's, not the SR's), one instance per finding.
+        assert image.StudyInstanceUID == source.StudyInstanceUID
+        assert image.SeriesInstanceUID != source.SeriesInstanceUID
+        assert image.SeriesInstanceUID == images[0].SeriesInstanceUID
+        assert image.SeriesNumber == HEATMAP_SERIES_NUMBER != SR_SERIES_NUMBER
+        assert image.InstanceNumber == number
+        # The patient and study attributes of the source, so the PACS files it there; nothing else.
+        assert (str(image.PatientName), image.PatientID) == (PATIENT_NAME, PATIENT_ID)
+        assert image.AccessionNumber == source.AccessionNumber
+        assert "OperatorsName" not in image and OPERATOR.encode() not in data
+        # The source is referenced; the colour is burned in and the image says what it is.
+        (reference,) = image.SourceImageSequence
+        assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert reference.ReferencedSOPClassUID == source.SOPClassUID
+        assert image.BurnedInAnnotation == "YES"  # the film does not say, so its pixels may identify the patient
+        assert list(image.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert "not for diagnosis" in image.SeriesDescription
+        assert "not for diagnosis" in image.ImageComments and "Grad-CAM" in image.DerivationDescription
+        assert image.PhotometricInterpretation == "RGB" and image.SamplesPerPixel == 3
+        assert max(image.Rows, image.Columns) <= MAX_SIDE_PX + 200  # film at most 1024 px, plus the caption
+    assert "Cardiomegaly" in images[0].ImageComments and "Edema" in images[1].ImageComments
+
+    # The film fills the image's columns at its aspect ratio (1955 x 1841 -> 1024 x 964), the caption below it.
+    pixels = images[0].pixel_array.astype(int)
+    film_rows, columns = 1024, 964
+    assert images[0].Columns == columns and images[0].Rows > film_rows
+    hot = pixels[film_rows // 16, columns // 16]  # inside the top-left quarter, where the map is hot
+    cold = pixels[film_rows * 3 // 4, columns * 3 // 4]  # where it is cold: the film, in gray
+    assert hot[0] - hot[2] > 100, hot  # red-to-yellow over the film
+    assert abs(cold[0] - cold[2]) <= 2 and abs(cold[0] - cold[1]) <= 2, cold
+    # A weaker map is a more transparent colour.
+    weaker = images[1].pixel_array.astype(int)[film_rows // 16, columns // 16]
+    assert 0 < weaker[0] - weaker[2] < hot[0] - hot[2]
+
+
+def test_burned_in_annotation_follows_the_film_whose_pixels_it_shows() -> None:
+    result = result_with({"Cardiomegaly": heatmap(corner_map())})
+    for film_says, image_says in (("NO", "NO"), ("YES", "YES"), (None, "YES")):  # unknown: assume it may identify
+        upload = chest_cr() if film_says is None else chest_cr(BurnedInAnnotation=film_says)
+        (image,) = build_heatmaps(
+            dicom_source(upload), decode_image(upload).pixels, result, resize="squash", created=NOW
+        )
+        assert image.BurnedInAnnotation == image_says
+
+
+def test_the_heatmap_is_placed_as_the_model_saw_the_film() -> None:
+    # A 100 x 50 film: letterboxed into the square, it sits between two pads of 25 columns (16 of 64 map columns).
+    intensity = np.zeros((64, 64), dtype=np.float32)
+    intensity[:, :16] = 1.0  # hot over the left pad only
+    letterbox = place_on_film(intensity, (100, 50), (100, 50), "letterbox")
+    squash = place_on_film(intensity, (100, 50), (100, 50), "squash")
+    assert letterbox.shape == squash.shape == (100, 50)
+    assert letterbox[:, 2:].max() < 0.05  # the pad is cropped off: nothing lies on the film
+    assert squash[:, :10].min() > 0.95 and squash[:, 16:].max() < 0.05  # stretched: the left quarter of the film
+
+
+def test_the_map_is_read_back_from_the_png_exactly() -> None:
+    levels = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) % 256 / 255.0
+    assert np.array_equal(np.round(heatmap_intensity(heatmap(levels)) * 255), np.round(levels * 255))
+
+
+def test_no_heatmap_no_image_and_no_decoding() -> None:
+    upload = chest_cr()
+    source = dicom_source(upload)
+    result = result_with({})
+    assert build_heatmaps(source, decode_image(upload).pixels, result, resize="squash", created=NOW) == []
+    # Without heatmaps the film is not even decoded (these bytes would not decode).
+    assert heatmaps_for_upload(b"not a film", source, result, resize="squash", max_pixels=10**8, created=NOW) == []
+
+
+def test_the_sr_lists_its_heatmap_images_beside_the_source_and_stays_valid(tmp_path: Path) -> None:
+    upload = chest_cr()
+    source = dicom_source(upload)
+    result = result_with({"Cardiomegaly": heatmap(corner_map())})
+    images = build_heatmaps(source, decode_image(upload).pixels, result, resize="squash", created=NOW)
+    answer = sr_answer(source, result, NOW, images)
+    assert dciodvfy_errors(answer, tmp_path) == []
+    assert evidence_uids(pydicom.dcmread(io.BytesIO(answer))) == {source.SOPInstanceUID, images[0].SOPInstanceUID}
+
+
+def evidence_uids(sr: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs an SR lists as evidence of the current procedure."""
+    return {
+        str(instance.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
