@@ -18,9 +18,10 @@ removed in ``finally``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,21 +73,68 @@ def normalise_maps(cams: Tensor, size: tuple[int, int], alignment: GridAlignment
     return torch.where(peak > 0, cams / peak.clamp_min(1e-12), torch.zeros_like(cams))
 
 
-def cams_from_features(
-    model: BayesianEfficientNet,
-    features: Tensor,
-    classes: Sequence[int | str] | None,
-    size: tuple[int, int],
-) -> Tensor:
-    """Closed-form Grad-CAM ``(B, K, *size)`` from the final feature map ``(B, F, h, w)``.
+def cam_grids(model: BayesianEfficientNet, features: Tensor, classes: Sequence[int | str] | None) -> Tensor:
+    """Closed-form Grad-CAM on the feature grid: ``(B, K, h, w)`` float32, rectified, not yet resampled.
 
     Valid for the MC-mean logit when dropout sits in the head only; see the module docstring.
     """
     idx = _class_indices(model, classes)
     weight = model.classifier.weight[idx].to(features.dtype)  # (K, F)
     h, w = features.shape[-2:]
-    raw = torch.einsum("bfhw,kf->bkhw", features, weight) / float(h * w)
-    return normalise_maps(raw, size, model.feature_alignment(*size))
+    return F.relu(torch.einsum("bfhw,kf->bkhw", features, weight).float() / float(h * w))
+
+
+def cams_from_features(
+    model: BayesianEfficientNet,
+    features: Tensor,
+    classes: Sequence[int | str] | None,
+    size: tuple[int, int],
+) -> Tensor:
+    """Closed-form Grad-CAM ``(B, K, *size)`` from the final feature map ``(B, F, h, w)`` (:func:`cam_grids`,
+    resampled to ``size`` and scaled to [0, 1] by :func:`normalise_maps`)."""
+    return normalise_maps(cam_grids(model, features, classes), size, model.feature_alignment(*size))
+
+
+def resampling_matrices(
+    model: BayesianEfficientNet, grid: tuple[int, int], size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(Ry, Rx)``: ``Ry @ grid_map @ Rx.T`` is :func:`normalise_maps`'s aligned bilinear resample to ``size``."""
+    alignment = model.feature_alignment(*size)
+    cpu = torch.device("cpu")
+    ry = _axis_weights(size[0], grid[0], alignment.scale_y, alignment.offset_y, cpu)
+    rx = _axis_weights(size[1], grid[1], alignment.scale_x, alignment.offset_x, cpu)
+    return ry.numpy(), rx.numpy()
+
+
+class GridCams(Mapping[int, np.ndarray]):
+    """One image's Grad-CAM maps kept on the feature grid, each resampled to the input size when first read.
+
+    ``cams[k]`` is the ``(H, W)`` float32 map in [0, 1] that :func:`normalise_maps` gives (to float rounding),
+    computed by two small matrix products on whichever thread reads it and then kept. The service's inference
+    thread (the busiest thread on a CPU; on a GPU, the one that copies results back) so does only the ``(K, h,
+    w)`` einsum and hands over a few hundred floats per map instead of ``H x W``; the decode threads resample as
+    they encode the heatmap PNGs.
+    """
+
+    def __init__(self, grids: Mapping[int, np.ndarray], ry: np.ndarray, rx: np.ndarray) -> None:
+        self._grids = dict(grids)  # label index -> (h, w) float32, rectified
+        self._ry, self._rx = ry, rx
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        done = self._maps.get(k)
+        if done is None:
+            resampled = self._ry @ self._grids[k] @ self._rx.T
+            peak = float(resampled.max())
+            done = (resampled / peak if peak > 0 else np.zeros_like(resampled)).astype(np.float32, copy=False)
+            self._maps[k] = done
+        return done
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._grids)
+
+    def __len__(self) -> int:
+        return len(self._grids)
 
 
 def gradcam_autograd(

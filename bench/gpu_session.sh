@@ -48,6 +48,26 @@ export CXR_DECODE_WORKERS=8
 SPY=$(command -v py-spy || echo "${PYTHONPATH%%:*}/bin/py-spy")
 
 step gpu-tests 100 $PY -m pytest tests/gpu -q -p no:cacheprovider -W default
+# Issue #16 first (the targets: >= 1,500 images/s cams=none, >= 1,000 cams=auto at 64-256 clients, p99 <= 250
+# ms): raw-body uploads, then several Gunicorn workers sharing the GPU, without and with CUDA MPS; the design in
+# docs/benchmarks.md is chosen from these rows. Each worker has its own model and batcher (CUDA context ~0.5 GB).
+FEED="--max-batch-images 32 --limit-seconds 0.3 --requests-per-client 16 --single-client-requests 12 --upload raw"
+step feed-1worker 100 $PY bench/serve.py $FEED --clients 64
+step feed-4workers 130 env CXR_DECODE_WORKERS=3 $PY bench/serve.py $FEED --clients 128 --workers 4
+step feed-8workers 160 env CXR_DECODE_WORKERS=2 $PY bench/serve.py $FEED --clients 256 --workers 8
+if command -v nvidia-cuda-mps-control >/dev/null; then
+    # MPS lets the workers' kernels share the GPU at once instead of time-slicing contexts.
+    export CUDA_MPS_PIPE_DIRECTORY="$OUT/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$OUT/mps-log"
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "MPS daemon started" | tee -a "$LOG"
+    step feed-8workers-mps 160 env CXR_DECODE_WORKERS=2 $PY bench/serve.py $FEED --clients 256 --workers 8
+    echo quit | nvidia-cuda-mps-control
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+else
+    echo "no nvidia-cuda-mps-control: the MPS row is not measured" | tee -a "$LOG"
+fi
+# Per-image host CPU by stage on the GPU box (py-spy + kernel CPU times; bench/stages.py).
+step feed-stages 90 $PY bench/stages.py --device cuda --upload raw --clients 64 --requests-per-client 16
 SERVE="--max-batch-images 32 --clients 64 --limit-seconds 0.3 --requests-per-client 8 --single-client-requests 12"
 step serve-demo 100 $PY bench/serve.py $SERVE
 # Two Gunicorn workers sharing the GPU: the host (one Python process), not the GPU, limited one worker.

@@ -100,3 +100,16 @@ class KeepAliveConnection:
                 return b"".join(pieces)
             pieces.append(await self._reader.readexactly(size))
             await self._reader.readexactly(2)
+
+
+def raw_request(path: str, host: str, content_type: str, payload: bytes, *, query: str = "") -> bytes:
+    """A complete ``POST`` whose whole body is the image (``Content-Type: image/png`` etc.), no multipart."""
+    target = f"{path}?{query}" if query else path
+    head = (
+        f"POST {target} HTTP/1.1\r\n"
+        f"Host: {host}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(payload)}\r\n"
+        "Connection: keep-alive\r\n\r\n"
+    ).encode()
+    return head + payload

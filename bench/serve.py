@@ -6,11 +6,14 @@ Prints
       posting 512x512 PNG radiographs, T=20 MC samples, with ``cams=none`` and ``cams=auto``;
   (c) the naive design: each image replicated T times through the whole network;
 with p50/p95/p99 latency and the ratios b/a, b/c, 16-vs-1-client throughput, and p50 at one client
-against one single-image forward pass. Targets (2-core CPU): b(auto) >= 0.6 a, b >= 10 c,
-p50(1 client) <= 2 x single forward, 16 clients >= 1.5 x the throughput of 1 client.
+against one single-image forward pass. Targets (issue #16): on a CPU, b(cams=auto, 16 clients) >= 0.5 a and
+p50 at one client <= 2.5 x one single-image forward (and, from the service issue, b >= 10 c, 16 clients >=
+1.5 x one client); on a GPU, >= 1,500 images/s with cams=none and >= 1,000 with cams=auto at the many-client
+runs (64-256 clients), p99 <= 250 ms.
 
     python bench/serve.py [--model DIR | --untrained-arch efficientnet_b0] [--device cpu|cuda]
-                          [--max-batch-images N] [--requests-per-client 6]
+                          [--max-batch-images N] [--requests-per-client 6] [--upload multipart|raw]
+                          [--workers N]
 
 The server and the (a)/(c) timings always run the same checkpoint: by default the shipped demo model
 (models/demo), or an untrained model of ``--untrained-arch`` (the same compute as a trained one).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import io
 import json
 import os
@@ -39,7 +43,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from loadgen import KeepAliveConnection, multipart_request
+from loadgen import KeepAliveConnection, multipart_request, raw_request
 from PIL import Image
 from timing import timed_for
 
@@ -89,6 +93,10 @@ def model_limits(model_dir: Path, device: torch.device, samples: int, seconds: f
     forwards: dict[str, Callable[[torch.Tensor, DropoutMasks | None], torch.Tensor]] = {
         "eager": lambda x, masks: model(x, masks)
     }
+    if device.type == "cpu":
+        # channels_last: the layout GPUs prefer; on a CPU it can go either way, so it is timed, not assumed.
+        last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        forwards["eager, channels_last"] = lambda x, masks: last(x.contiguous(memory_format=torch.channels_last), masks)
     if device.type == "cpu" and model.head_only:
         trunk = frozen_trunk(model, torch.zeros(2, chans, size, size))
         forwards["frozen trunk"] = lambda x, masks: model.forward_head(model.pool(trunk(x)), masks)
@@ -242,8 +250,13 @@ class LoadResult:
     server_ms: dict[str, float]  # medians of the responses' own timing_ms (queue, inference, total)
 
 
-async def load(port: int, images: list[bytes], clients: int, per_client: int, cams: str) -> LoadResult:
+async def load(
+    port: int, images: list[bytes], clients: int, per_client: int, cams: str, *, upload: str = "multipart"
+) -> LoadResult:
     """``clients`` keep-alive connections, each posting ``per_client`` radiographs back to back.
+
+    ``upload``: ``multipart`` (a ``multipart/form-data`` form with one file) or ``raw`` (the PNG as the whole
+    body, ``Content-Type: image/png``).
 
     Bodies are parsed only after the load ends (for the server's own timing breakdown), so parsing costs
     the server no CPU while it is measured.
@@ -251,6 +264,8 @@ async def load(port: int, images: list[bytes], clients: int, per_client: int, ca
     host = f"127.0.0.1:{port}"
     requests = [
         multipart_request("/v1/predict", host, "file", "cxr.png", "image/png", data, query=f"cams={cams}")
+        if upload == "multipart"
+        else raw_request("/v1/predict", host, "image/png", data, query=f"cams={cams}")
         for data in images
     ]
     latencies: list[float] = []
@@ -309,6 +324,12 @@ def main() -> None:
     parser.add_argument(
         "--clients", type=int, default=16, help="concurrent clients of the many-client runs (16: the CPU target)"
     )
+    parser.add_argument(
+        "--upload",
+        choices=("multipart", "raw"),
+        default="multipart",
+        help="multipart/form-data (default) or the PNG as the raw request body (Content-Type: image/png)",
+    )
     args = parser.parse_args()
     tune_allocator()  # as the service, the archive scorer and train fit do at start-up (bayesnet/runtime.py)
 
@@ -329,12 +350,14 @@ def main() -> None:
         server_env["CXR_MAX_WAIT_MS"] = str(args.max_wait_ms)
     server = start_server(port, args.model, args.device, log_path, server_env, workers=args.workers)
     try:
-        asyncio.run(load(port, images, 4, 2, "auto"))  # warm the server's allocator and thread pools
+        up = args.upload
+        asyncio.run(load(port, images, 4, 2, "auto", upload=up))  # warm the server's allocator and thread pools
+        n1, many, per_client = args.single_client_requests, args.clients, args.requests_per_client
         runs = {
-            ("none", 1): asyncio.run(load(port, images, 1, args.single_client_requests, "none")),
-            ("auto", 1): asyncio.run(load(port, images, 1, args.single_client_requests, "auto")),
-            ("none", args.clients): asyncio.run(load(port, images, args.clients, args.requests_per_client, "none")),
-            ("auto", args.clients): asyncio.run(load(port, images, args.clients, args.requests_per_client, "auto")),
+            ("none", 1): asyncio.run(load(port, images, 1, n1, "none", upload=up)),
+            ("auto", 1): asyncio.run(load(port, images, 1, n1, "auto", upload=up)),
+            ("none", many): asyncio.run(load(port, images, many, per_client, "none", upload=up)),
+            ("auto", many): asyncio.run(load(port, images, many, per_client, "auto", upload=up)),
         }
     finally:
         server.terminate()
@@ -347,7 +370,10 @@ def main() -> None:
     defaults = Settings.model_fields
     max_batch = args.max_batch_images or defaults["max_batch_images"].default
     max_wait = args.max_wait_ms if args.max_wait_ms is not None else defaults["max_wait_ms"].default
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, T={args.samples}, 512x512 PNG uploads")
+    print(
+        f"device {args.device}, torch threads {torch.get_num_threads()}, T={args.samples}, 512x512 PNG uploads "
+        f"({args.upload})"
+    )
     spec = load_spec(args.model)
     print(f"model {spec.arch} ({spec.name} {spec.version}) from {args.model}, {spec.image_size} px")
     processes = f"Gunicorn, {args.workers} workers" if args.workers else "python -m service"
@@ -377,11 +403,17 @@ def main() -> None:
         )
     auto16, auto1, none16 = runs[("auto", args.clients)], runs[("auto", 1)], runs[("none", args.clients)]
     checks = {
-        f"b(cams=auto, {args.clients} clients) >= 0.6 x a": auto16.images_per_s >= 0.6 * a,
+        f"b(cams=auto, {args.clients} clients) >= 0.5 x a": auto16.images_per_s >= 0.5 * a,
+        "p50 at 1 client (cams=auto) <= 2.5 x single forward": auto1.p50_ms <= 2.5 * limits["single_forward_ms"],
         "b >= 10 x c": none16.images_per_s >= 10 * c and auto16.images_per_s >= 10 * c,
-        "p50 at 1 client <= 2 x single forward": auto1.p50_ms <= 2 * limits["single_forward_ms"],
         f"{args.clients} clients >= 1.5 x 1 client throughput": auto16.images_per_s >= 1.5 * auto1.images_per_s,
     }
+    if args.device.startswith("cuda"):  # issue #16's GPU targets (H200-class GPU, 16 cores, 64-256 clients)
+        checks |= {
+            f"GPU: cams=none >= 1,500 images/s at {args.clients} clients": none16.images_per_s >= 1500,
+            f"GPU: cams=auto >= 1,000 images/s at {args.clients} clients": auto16.images_per_s >= 1000,
+            "GPU: p99 <= 250 ms at the many-client runs": max(none16.p99_ms, auto16.p99_ms) <= 250,
+        }
     for cams in ("none", "auto"):
         one = runs[(cams, 1)]
         print(

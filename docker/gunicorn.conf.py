@@ -1,11 +1,11 @@
 """Gunicorn for the service, as the original project ran it (behind nginx on 127.0.0.1:8000).
 
 Each worker is a separate process holding its own model and micro-batcher. Batching works within a
-worker, so more workers split the traffic into smaller batches. On a GPU start with one worker per GPU:
-on an H200 one process's decoding, heatmaps and HTTP were the limit while the GPU sat mostly idle
-(docs/benchmarks.md), so a second worker on the same GPU may serve more, at the cost of another copy of the
-model and CUDA context (not measured yet). On a CPU, 1-2 workers (each batch already uses every core
-through torch's thread pool; CXR_TORCH_THREADS divides them when running more).
+worker, so more workers split the traffic into smaller batches. On a GPU host run several workers on the
+one GPU (one per 2-4 cores; CUDA MPS where its daemon can run): on an H200 one process's decoding, heatmaps
+and HTTP were the limit while the GPU sat mostly idle, and each worker costs another copy of the model and a
+CUDA context (~0.5 GB); the rows that size it (bench/gpu_session.sh, feed-*) have not run on a GPU yet. On a
+CPU run one worker: on 2 cores two workers served 0.63x of one (docs/benchmarks.md, 2026-12-02).
 Environment: CXR_BIND (127.0.0.1:8000), CXR_WORKERS (1), plus the app's own CXR_* settings.
 """
 

@@ -55,6 +55,20 @@ class UploadTooLargeError(ServiceError):
     title = "Upload too large"
 
 
+class MissingFileError(ServiceError):
+    """A form without the field ``file``, or an empty raw body: nothing to score."""
+
+    status = 422
+    title = "Invalid request"
+
+
+class UnsupportedUploadError(ServiceError):
+    """A request body that is neither a multipart form nor an image Content-Type."""
+
+    status = 415
+    title = "Unsupported media type"
+
+
 class BadRequestParameterError(ServiceError):
     status = 422
     title = "Invalid request parameter"

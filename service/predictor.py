@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from bayesnet import BayesianEfficientNet, ModelSpec, gradcam
 from bayesnet.cudagraph import CudaGraphError, GraphedTrunk
 from bayesnet.decision import Decision, decide
 from bayesnet.frozen import FrozenGraphError, frozen_trunk
-from bayesnet.gradcam import cams_from_features
+from bayesnet.gradcam import GridCams, cam_grids, resampling_matrices
 from bayesnet.mc import MCPrediction, mc_from_trunk
 from bayesnet.ood import OODGate
 from bayesnet.referral import study_cleared
@@ -52,7 +52,7 @@ class InferenceResult:
     interval: np.ndarray  # (K, 2): 5th and 95th percentile of the sample probabilities
     mutual_information: np.ndarray
     decisions: tuple[Decision, ...]
-    cams: dict[int, np.ndarray]  # label index -> (S, S) float32 in [0, 1]
+    cams: Mapping[int, np.ndarray]  # label index -> (S, S) float32 in [0, 1] (GridCams: resampled when read)
     ood_score: float | None = None  # the OOD gate's score; None when the checkpoint has no gate
     cleared: bool = False  # the study-level referral rule clears the film as normal (bayesnet.referral)
 
@@ -104,6 +104,7 @@ class Predictor:
         self._trunk: Callable[[Tensor], Tensor] = self.model.forward_features
         # Built on the first run, i.e. on the thread that runs the model (bayesnet/runtime.py: one OpenMP team).
         self._freeze_pending = freeze_trunk and device.type == "cpu" and self.model.head_only
+        self._resamplers: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         pad = device.type == "cuda" if pad_batches is None else pad_batches
         self.buckets: tuple[int, ...] = batch_buckets(max_batch) if pad and max_batch else ()
         self._graph_pending = cuda_graphs and device.type == "cuda" and self.model.head_only and bool(self.buckets)
@@ -281,16 +282,29 @@ class Predictor:
         if not wanted or not rows:
             return
         size = (x.shape[-2], x.shape[-1])
+        chosen = dict(cam_requests)
+        if features is not None:
+            # Closed form on the feature grid; each map is resampled to the input size by whoever reads it (GridCams:
+            # the decode threads), not on this thread, and only h x w floats per map leave the device.
+            with self._precision(), torch.inference_mode():
+                grids = cam_grids(self.model, features[rows].float(), wanted).cpu().numpy()
+            ry, rx = self._resampling(grids.shape[-2:], size)
+            for row, i in enumerate(rows):
+                maps = GridCams({k: grids[row, wanted.index(k)] for k in chosen[i]}, ry, rx)
+                results[i] = replace(results[i], cams=maps)
+            return
         with self._precision():
-            if features is not None:
-                with torch.inference_mode():
-                    maps = cams_from_features(self.model, features[rows].float(), wanted, size)
-            else:
-                maps = gradcam(self.model, self._padded(x[rows]), wanted)[: len(rows)]
-        maps_np = maps.float().cpu().numpy()
+            full = gradcam(self.model, self._padded(x[rows]), wanted)[: len(rows)]
+        maps_np = full.float().cpu().numpy()
         for row, i in enumerate(rows):
-            for k in dict(cam_requests)[i]:
-                results[i].cams[k] = maps_np[row, wanted.index(k)]
+            results[i] = replace(results[i], cams={k: maps_np[row, wanted.index(k)] for k in chosen[i]})
+
+    def _resampling(self, grid: tuple[int, ...], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The (Ry, Rx) resampling matrices from the feature grid to ``size``, computed once per shape."""
+        key = (grid[0], grid[1], *size)
+        if key not in self._resamplers:
+            self._resamplers[key] = resampling_matrices(self.model, (grid[0], grid[1]), size)
+        return self._resamplers[key]
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:

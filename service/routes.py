@@ -20,9 +20,11 @@ from service.audit import Auditor, AuditSubject, AuditTrail, client_id_for
 from service.dicom import DicomSourceError, dicom_source, sr_answer, stow
 from service.disconnect import cancel_on_disconnect
 from service.errors import (
+    MissingFileError,
     NotAcceptableError,
     NotReadyError,
     UnauthorizedError,
+    UnsupportedUploadError,
     UploadTooLargeError,
     problem_for,
     problem_response,
@@ -209,6 +211,48 @@ async def _read_upload(upload: UploadFile, request: Request) -> bytes:
     return data
 
 
+#: Content-Types of a raw-body upload: the whole request body is the image (no multipart form to parse).
+RAW_UPLOAD_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
+_RAW_BODY_SCHEMA = {"type": "string", "format": "binary"}
+#: OpenAPI: the single-image endpoints also take the image itself as the body (merged into FastAPI's form).
+RAW_UPLOAD_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "content": {media: {"schema": _RAW_BODY_SCHEMA} for media in RAW_UPLOAD_TYPES},
+        "description": "Either a multipart/form-data form with the image in the field `file`, or the image itself "
+        "as the whole body with Content-Type image/png, image/jpeg, application/dicom or application/octet-stream "
+        "(the format is sniffed from the bytes either way; the raw body skips the form parsing).",
+    }
+}
+
+
+async def _read_image(request: Request, file: UploadFile | None) -> bytes:
+    """The uploaded image: the form's ``file`` field, or the raw body for an image Content-Type (415 otherwise).
+
+    Raw bodies are bounded by ``BodyLimitMiddleware`` before they are read (413), as forms are.
+    """
+    if file is not None:
+        return await _read_upload(file, request)
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        raise MissingFileError(
+            "The multipart/form-data body has no field named 'file' (or it never closes its boundary): send the "
+            "radiograph as the form field 'file'."
+        )
+    if media_type not in RAW_UPLOAD_TYPES:
+        raise UnsupportedUploadError(
+            f"Content-Type {media_type[:100]!r} is not an upload this endpoint reads. Send multipart/form-data "
+            f"with the image in the field 'file', or the image itself as the body with Content-Type "
+            f"{', '.join(RAW_UPLOAD_TYPES)}."
+        )
+    data = await request.body()
+    limit = _state(request).settings.max_upload_bytes
+    if len(data) > limit:
+        raise UploadTooLargeError(f"The file exceeds the limit of {limit} bytes; send a smaller image.")
+    if not data:
+        raise MissingFileError("The request body is empty: send the radiograph's bytes as the body.")
+    return data
+
+
 @router.post(
     "/v1/predict",
     response_model=PredictionResponse,
@@ -216,19 +260,23 @@ async def _read_upload(upload: UploadFile, request: Request) -> bytes:
     dependencies=Protected,
     summary="Findings, uncertainty and heatmaps for one radiograph",
     tags=["predict"],
+    openapi_extra=RAW_UPLOAD_OPENAPI,
 )
 async def predict(
     request: Request,
     response: Response,
     pipeline: Pipeline,
     media_type: SingleMediaType,
-    file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph (sniffed by content)")],
+    file: Annotated[
+        UploadFile | None,
+        File(description="PNG, JPEG or DICOM radiograph (sniffed by content); or send the image as the raw body"),
+    ] = None,
     cams: CamsQuery = "auto",
     mc_samples: SamplesQuery = None,
 ) -> PredictionResponse | Response:
     received_at = time.perf_counter()
     auditor = _auditor(request)
-    data = await _read_upload(file, request)
+    data = await _read_image(request, file)
     source = None
     if media_type == DICOM:  # checked before any inference: an SR can only answer a DICOM image
         try:
@@ -274,6 +322,7 @@ router.add_api_route(
     summary="Same as /v1/predict, at the original project's path",
     tags=["predict"],
     operation_id="predict_legacy",
+    openapi_extra=RAW_UPLOAD_OPENAPI,
 )
 
 
@@ -336,7 +385,7 @@ async def predict_batch(
         **_ERRORS,  # type: ignore[dict-item]
     },
     dependencies=Protected,
-    summary="STOW-RS: score each DICOM instance; the SRs go to the configured PACS (docs/dicom.md)",
+    summary="STOW-RS: score each DICOM instance; the SRs and heatmaps go to the configured PACS (docs/dicom.md)",
     tags=["dicomweb"],
 )
 async def stow_studies(request: Request, pipeline: Pipeline) -> Response:
@@ -374,13 +423,16 @@ async def stow_studies(request: Request, pipeline: Pipeline) -> Response:
     dependencies=Protected,
     summary="The decoded radiograph as a PNG a browser can show (DICOM included)",
     tags=["predict"],
+    openapi_extra=RAW_UPLOAD_OPENAPI,
 )
 async def preview(
     request: Request,
     pipeline: Pipeline,
-    file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM radiograph")],
+    file: Annotated[
+        UploadFile | None, File(description="PNG, JPEG or DICOM radiograph; or send the image as the raw body")
+    ] = None,
 ) -> Response:
-    data = await _read_upload(file, request)
+    data = await _read_image(request, file)
     return Response(await pipeline.preview(data), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from bayesnet import BayesianEfficientNet, ModelModeError, ModelSpec, build_model, gradcam
-from bayesnet.gradcam import gradcam_autograd, normalise_maps
+from bayesnet.gradcam import (
+    GridCams,
+    cam_grids,
+    cams_from_features,
+    gradcam_autograd,
+    normalise_maps,
+    resampling_matrices,
+)
 from bayesnet.model import GridAlignment
 
 
@@ -93,3 +101,25 @@ def test_separable_resample_equals_border_clamped_bilinear_sampling(
     ).reshape(2, 3, *size)
     peak = sampled.amax(dim=(2, 3), keepdim=True)
     torch.testing.assert_close(got, sampled / peak, atol=1e-5, rtol=0)
+
+
+def test_grid_cams_read_lazily_equal_the_full_resolution_maps() -> None:
+    torch.manual_seed(1)
+    model = build_model(ModelSpec(image_size=96))
+    x = torch.randn(3, 1, 96, 96)
+    with torch.inference_mode():
+        features = model.forward_features(x)
+        full = cams_from_features(model, features, [2, 7, 11], (96, 96))
+        grids = cam_grids(model, features, [2, 7, 11]).numpy()
+    assert grids.shape == (3, 3, *features.shape[-2:]) and grids.min() >= 0
+    ry, rx = resampling_matrices(model, grids.shape[-2:], (96, 96))
+    for b in range(3):
+        lazy = GridCams({k: grids[b, j] for j, k in enumerate((2, 7, 11))}, ry, rx)
+        assert list(lazy) == [2, 7, 11] and len(lazy) == 3
+        for j, k in enumerate((2, 7, 11)):
+            got = lazy[k]
+            assert got.shape == (96, 96) and got.dtype == np.float32
+            np.testing.assert_allclose(got, full[b, j].numpy(), atol=1e-5, rtol=0)
+            assert lazy[k] is got  # resampled once, then kept
+    zero = GridCams({0: np.zeros_like(grids[0, 0])}, ry, rx)
+    assert not zero[0].any()  # an all-zero map stays zero (no division by its peak)

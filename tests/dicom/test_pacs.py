@@ -122,6 +122,35 @@ def test_a_study_in_the_pacs_gets_its_sr_back_with_the_findings_it_was_scored_wi
     assert (rendered[..., 0] - rendered[..., 2]).max() > 100  # red-to-yellow where the map is hot
 
 
+def test_a_chest_cr_from_another_source_round_trips_too(
+    pacs: str, dicom_checkpoint: Path, tmp_path: Path, shared_data: Path
+) -> None:
+    """The acceptance film: a real chest CR none of the code was written against (SIIM-ACR, JPEG Baseline,
+    ../shared/data/originals), into the PACS, to the service by STOW-RS, its SR back into its own study."""
+    upload = (shared_data / "originals" / "siim-chest-cr-jpeg-baseline.dcm").read_bytes()
+    source = pydicom.dcmread(io.BytesIO(upload))
+    study = str(source.StudyInstanceUID)
+    pacs_client(pacs).store_instances([source])
+    with live_server(settings_for(dicom_checkpoint, pacs, tmp_path / "outbox")) as live, live.client() as client:
+        response = stow(client, [(upload, "application/dicom")])
+        assert response.status_code == 200, response.text
+        (record,) = audit_records(client, response.headers["x-request-id"], ADMIN_KEY)
+        wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_outbox_instances", 1) == 0)
+        assert outbox_metrics(client)["cxr_dicomweb_forwarded_total"] >= 1
+    (series,) = sr_series(pacs, study)
+    series_uid = str(series["0020000E"]["Value"][0])  # type: ignore[index]
+    (instance,) = pacs_client(pacs).search_for_instances(study_instance_uid=study, series_instance_uid=series_uid)
+    sr = pacs_client(pacs).retrieve_instance(study, series_uid, str(instance["00080018"]["Value"][0]))
+    assert sr.StudyInstanceUID == study and sr.PatientID == source.PatientID
+    assert dciodvfy_errors(_part10(sr), tmp_path) == []
+    findings, refer, reasons = read_sr_findings(sr)
+    assert set(findings) == set(record["findings"])
+    for label, finding in findings.items():
+        assert finding.decision == record["findings"][label]["decision"]
+        assert finding.conf == pytest.approx(record["findings"][label]["conf"], abs=1e-6)
+    assert (refer, reasons) == (record["referral"]["refer"], record["referral"]["reasons"])
+
+
 def test_results_wait_in_the_outbox_while_the_pacs_is_down_and_survive_a_restart(
     pacs: str, dicom_checkpoint: Path, tmp_path: Path
 ) -> None:

@@ -128,8 +128,13 @@ def test_dicom_monochrome1_and_no_patient_identifiers_leak(client: httpx.Client)
     body = response.json()
     assert body["image"]["format"] == "dicom"
     assert body["image"]["photometric"] == "MONOCHROME1"
+    # The heatmaps' base64 is random-looking text in which "Doe" turns up now and then (this test failed so): it
+    # is checked as pixels elsewhere, and left out here.
+    text = response.text
+    for heatmap in body["gradcam"].values():
+        text = text.replace(heatmap["png_base64"], "")
     for secret in (PATIENT_NAME, "Doe", PATIENT_ID, "ACC-5551234"):
-        assert secret not in response.text
+        assert secret not in text
 
 
 def test_a_child_or_lateral_dicom_is_referred_as_outside_the_intended_population(client: httpx.Client) -> None:
@@ -177,6 +182,44 @@ def test_bad_parameters_and_missing_file(client: httpx.Client) -> None:
     missing = client.post("/v1/predict", files={"wrong": ("x.png", png_bytes())})
     assert missing.status_code == 422
     assert "'file'" in missing.json()["detail"]
+
+
+def test_raw_body_upload_answers_as_the_form_does(client: httpx.Client) -> None:
+    image = png_bytes(seed=3)
+    form = post_file(client, image, cams="all", mc_samples=20)
+    raw = client.post(
+        "/v1/predict", content=image, headers={"Content-Type": "image/png"}, params={"cams": "all", "mc_samples": 20}
+    )
+    assert form.status_code == raw.status_code == 200, raw.text
+    a, b = PredictionResponse.model_validate(form.json()), PredictionResponse.model_validate(raw.json())
+    assert a.image == b.image
+    assert a.gradcam.keys() == b.gradcam.keys()
+    for label, finding in a.predictions.items():  # the same film; the MC draws differ from request to request
+        assert abs(finding.conf - b.predictions[label].conf) < 0.1
+    dicom = client.post("/predict", content=dicom_with_identifiers(), headers={"Content-Type": "application/dicom"})
+    assert dicom.status_code == 200 and dicom.json()["image"]["format"] == "dicom"
+    octets = client.post("/v1/preview", content=image, headers={"Content-Type": "application/octet-stream"})
+    assert octets.status_code == 200 and octets.content.startswith(b"\x89PNG")
+
+
+def test_raw_body_bad_input(client: httpx.Client) -> None:
+    wrong_type = client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415
+    assert "multipart/form-data" in wrong_type.json()["detail"]
+    empty = client.post("/v1/predict", content=b"", headers={"Content-Type": "image/png"})
+    assert empty.status_code == 422 and "empty" in empty.json()["detail"]
+    not_png = client.post("/v1/predict", content=b"GIF89a" + b"\0" * 64, headers={"Content-Type": "image/png"})
+    assert not_png.status_code == 415  # sniffed from the bytes, whatever the header claims
+    big = client.post(
+        "/v1/predict", content=b"\x89PNG" + b"\0" * (9 * 1024 * 1024), headers={"Content-Type": "image/png"}
+    )
+    assert big.status_code == 413
+    assert client.get("/readyz").status_code == 200
+
+
+def test_openapi_documents_the_raw_body_beside_the_form(client: httpx.Client) -> None:
+    body = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/png", "image/jpeg", "application/dicom"} <= body.keys()
 
 
 def test_body_over_the_limit_is_refused_while_streaming(client: httpx.Client) -> None:
