@@ -13,6 +13,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from service.dicom import read_sr_findings
+
 SHARED_SIIM = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "originals" / "siim-chest-cr-jpeg-baseline.dcm"
 )
@@ -69,3 +71,15 @@ def audit_records(client: httpx.Client, request_id: str, admin_key: str) -> list
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]
     return items
+
+
+def assert_sr_matches_record(sr: Dataset, record: dict[str, Any]) -> None:
+    """The SR's findings (decision, MC mean and std) and referral equal the audit record of the same request."""
+    findings, refer, reasons = read_sr_findings(sr)
+    assert set(findings) == set(record["findings"])
+    for label, finding in findings.items():
+        expected = record["findings"][label]
+        assert finding.decision == expected["decision"], label
+        assert finding.conf == pytest.approx(expected["conf"], abs=1e-6), label
+        assert finding.std == pytest.approx(expected["std"], abs=1e-6), label
+    assert (refer, reasons) == (record["referral"]["refer"], record["referral"]["reasons"])

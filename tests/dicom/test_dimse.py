@@ -32,12 +32,11 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from service.app import create_app
-from service.dicom import read_sr_findings
 from service.dicom.dimse import ROUTE
 from service.dicom.stow import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from service.settings import Settings
 from tests.dicom.conftest import ADMIN_KEY
-from tests.dicom.dicom_files import OPERATOR, PATIENT_ID, PATIENT_NAME, chest_cr, to_bytes
+from tests.dicom.dicom_files import OPERATOR, PATIENT_ID, PATIENT_NAME, assert_sr_matches_record, chest_cr, to_bytes
 from tests.dicom.orthanc import orthanc
 from tests.dicom.test_pacs import pacs_client, sr_series
 from tests.service.live import HeldInference, LiveServer, free_port, live_server, tiny_settings, wait_until
@@ -308,9 +307,4 @@ def test_orthanc_pushes_a_radiograph_by_c_store_and_the_sr_comes_back_into_its_s
         pacs = pacs_client(dicomweb)
         (instance,) = pacs.search_for_instances(study_instance_uid=study, series_instance_uid=series_uid)
         sr = pacs.retrieve_instance(study, series_uid, str(instance["00080018"]["Value"][0]))
-    findings, refer, reasons = read_sr_findings(sr)
-    assert set(findings) == set(record["findings"])
-    for label, finding in findings.items():
-        assert finding.decision == record["findings"][label]["decision"]
-        assert finding.conf == pytest.approx(record["findings"][label]["conf"], abs=1e-6)
-    assert (refer, reasons) == (record["referral"]["refer"], record["referral"]["reasons"])
+    assert_sr_matches_record(sr, record)

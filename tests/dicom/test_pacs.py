@@ -14,11 +14,10 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from service.dicom import read_sr_findings
 from service.predictor import AUTO_CAM_LIMIT
 from service.settings import Settings
 from tests.dicom.conftest import ADMIN_KEY
-from tests.dicom.dicom_files import audit_records, chest_cr, dciodvfy_errors
+from tests.dicom.dicom_files import assert_sr_matches_record, audit_records, chest_cr, dciodvfy_errors
 from tests.dicom.orthanc import orthanc
 from tests.dicom.test_heatmaps import evidence_uids
 from tests.dicom.test_stow import REFERENCED_SOP, items, stow
@@ -92,14 +91,7 @@ def test_a_study_in_the_pacs_gets_its_sr_back_with_the_findings_it_was_scored_wi
     sop_uid = str(instance["00080018"]["Value"][0])
     sr = pacs_client(pacs).retrieve_instance(study, series_uid, sop_uid)
     assert dciodvfy_errors(_part10(sr), tmp_path) == []
-    findings, refer, reasons = read_sr_findings(sr)
-    assert set(findings) == set(record["findings"])
-    for label, finding in findings.items():
-        expected = record["findings"][label]
-        assert finding.decision == expected["decision"]
-        assert finding.conf == pytest.approx(expected["conf"], abs=1e-6)
-        assert finding.std == pytest.approx(expected["std"], abs=1e-6)
-    assert (refer, reasons) == (record["referral"]["refer"], record["referral"]["reasons"])
+    assert_sr_matches_record(sr, record)
 
     # The heatmaps: Secondary Capture images in one more series of the same study, each valid and naming its finding.
     (heatmaps,) = pacs_client(pacs).search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
@@ -143,12 +135,7 @@ def test_a_chest_cr_from_another_source_round_trips_too(
     sr = pacs_client(pacs).retrieve_instance(study, series_uid, str(instance["00080018"]["Value"][0]))
     assert sr.StudyInstanceUID == study and sr.PatientID == source.PatientID
     assert dciodvfy_errors(_part10(sr), tmp_path) == []
-    findings, refer, reasons = read_sr_findings(sr)
-    assert set(findings) == set(record["findings"])
-    for label, finding in findings.items():
-        assert finding.decision == record["findings"][label]["decision"]
-        assert finding.conf == pytest.approx(record["findings"][label]["conf"], abs=1e-6)
-    assert (refer, reasons) == (record["referral"]["refer"], record["referral"]["reasons"])
+    assert_sr_matches_record(sr, record)
 
 
 def test_results_wait_in_the_outbox_while_the_pacs_is_down_and_survive_a_restart(
