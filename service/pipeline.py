@@ -32,6 +32,7 @@ from service.errors import (
 from service.predictor import InferenceRequest, InferenceResult, Predictor
 from service.responses import CamSelectionError, build_response, heatmaps, ood_result, parse_cams
 from service.schemas import ModelRef, PredictionResponse
+from service.uploads import Upload, as_upload
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -139,11 +140,15 @@ class PredictionPipeline:
         except CamSelectionError as err:
             raise BadRequestParameterError(str(err)) from err
 
-    async def decode(self, data: bytes) -> tuple[DecodedImage, Tensor]:
-        """Decode and preprocess off the event loop: ``(image, model input tensor)``."""
+    async def decode(self, data: bytes | Upload) -> tuple[DecodedImage, Tensor]:
+        """Decode and preprocess off the event loop: ``(image, model input tensor)``. An :class:`Upload` that asks
+        for it is hashed in the same thread, right after (the audit trail's digest, without a hop of its own)."""
+        upload = as_upload(data)
 
         def work() -> tuple[DecodedImage, Tensor]:
-            image, tensor = decode_for_model(data, self.spec, max_pixels=self.max_pixels)
+            image, tensor = decode_for_model(upload.data, self.spec, max_pixels=self.max_pixels)
+            if upload.hash_when_decoded:
+                upload.sha256()
             return image, tensor if self.stage is None else self.stage(tensor)
 
         return await self._off_loop(work)
@@ -169,9 +174,10 @@ class PredictionPipeline:
             )
 
     async def predict(
-        self, data: bytes, *, request_id: str, cams: str, mc_samples: int | None, received_at: float
+        self, data: bytes | Upload, *, request_id: str, cams: str, mc_samples: int | None, received_at: float
     ) -> tuple[PredictionResponse, int]:
-        """One upload -> (response, size of the batch it ran in)."""
+        """One upload -> (response, size of the batch it ran in). Pass the :class:`Upload` the auditor was given,
+        so that its digest is taken while decoding."""
         wanted = self.parse_cams(cams)
         n_samples = mc_samples if mc_samples is not None else self.default_samples
         # Admission control before any work: uploads being decoded count against the queue bound, so a burst

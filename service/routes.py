@@ -43,6 +43,7 @@ from service.schemas import (
     Readiness,
 )
 from service.state import ServiceState
+from service.uploads import Upload
 
 router = APIRouter()
 
@@ -286,13 +287,14 @@ async def predict(
                 f"A DICOM SR ({DICOM}) can only answer a DICOM upload, and {err}. Send the DICOM file, or "
                 f"Accept: {JSON} or {FHIR_JSON} for this image."
             ) from err
+    upload = Upload(data)  # one object for the auditor and the pipeline: the digest is taken while decoding
     result, batch_size = await cancel_on_disconnect(
         request,
         auditor.audited(
             _audit_subject(request, pipeline),
-            data,
+            upload,
             pipeline.predict(
-                data, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
+                upload, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
             ),
         ),
     )
@@ -353,7 +355,7 @@ async def predict_batch(
 
     async def one(index: int, upload: UploadFile) -> BatchItem:
         try:
-            data = await _read_upload(upload, request)
+            data = Upload(await _read_upload(upload, request))
             result, _ = await auditor.audited(  # one audit record per file
                 _audit_subject(request, pipeline, index),
                 data,
@@ -396,7 +398,9 @@ async def stow_studies(request: Request, pipeline: Pipeline) -> Response:
         request.headers.get("content-type", ""), await request.body(), max_parts=settings.max_files_per_request
     )
 
-    def audited(index: int, data: bytes, prediction: Awaitable[PredictionResponse]) -> Awaitable[PredictionResponse]:
+    def audited(
+        index: int, data: bytes | Upload, prediction: Awaitable[PredictionResponse]
+    ) -> Awaitable[PredictionResponse]:
         return auditor.audited(_audit_subject(request, pipeline, index), data, prediction)  # one record per instance
 
     outbox = request.app.state.dicom_outbox  # service.dicom.outbox.Outbox when CXR_DICOMWEB_FORWARD_URL is set

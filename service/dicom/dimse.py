@@ -51,6 +51,7 @@ from service.dicom.multipart import Part
 from service.dicom.stow import OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceOutcome, receive
 from service.pipeline import PredictionPipeline
 from service.schemas import PredictionResponse
+from service.uploads import Upload
 
 log = logging.getLogger("service.dicom.dimse")
 
@@ -124,7 +125,9 @@ def scorer(
             route=ROUTE, request_id=request_id, client_id=f"ae-{calling_ae}", model=pipeline.model_ref
         )
 
-        def audited(_: int, upload: bytes, prediction: Awaitable[PredictionResponse]) -> Awaitable[PredictionResponse]:
+        def audited(
+            _: int, upload: bytes | Upload, prediction: Awaitable[PredictionResponse]
+        ) -> Awaitable[PredictionResponse]:
             return auditor.audited(subject, upload, prediction)
 
         (outcome,) = await receive(

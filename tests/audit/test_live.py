@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,8 @@ def test_a_burst_of_uploads_leaves_exactly_one_record_per_image_and_no_identifie
             rec = by_id[(rid, None)]
             assert rec.status == answer.status_code and rec.client_id == client_id_for(KEY)
             assert rec.route == "/v1/predict" and rec.input_bytes == len(uploads[rid])
+            # Hashed in the decode thread when decoded, after the refusal otherwise: the same digest either way.
+            assert rec.input_sha256 == hashlib.sha256(uploads[rid]).hexdigest()
             assert rec.model == live.state.model_ref
             if answer.status_code == 200:
                 body = answer.json()

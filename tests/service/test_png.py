@@ -84,3 +84,16 @@ def test_smooth_maps_compress_well() -> None:
 def test_rejects_what_is_not_a_2d_map(bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         heatmap_png(bad)
+
+
+def test_isal_deflates_and_the_zlib_fallback_decodes_to_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.png
+
+    intensity = smooth_map(5)
+    assert service.png._deflate.__module__ == "isal.isal_zlib"  # the serve extra installs it
+    fast = heatmap_png(intensity)
+    monkeypatch.setattr(service.png, "_deflate", zlib.compress)  # what runs where isal is not installed
+    fallback = heatmap_png(intensity)
+    assert fast != fallback
+    np.testing.assert_array_equal(decode_rgba(fast), heatmap_rgba(intensity))
+    np.testing.assert_array_equal(decode_rgba(fallback), heatmap_rgba(intensity))
