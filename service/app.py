@@ -61,6 +61,7 @@ def open_audit_trail(settings: Settings) -> AuditTrail:
         rolling_window=settings.audit_rolling_window,
         durable_timeout_s=settings.request_timeout_s,
         sqlite_synchronous=settings.audit_sqlite_synchronous,
+        group_commit_s=settings.audit_group_commit_ms / 1e3,
     )
     log.info("audit trail: %s (%s)", trail.store.engine.url.render_as_string(hide_password=True), settings.audit_policy)
     return trail
@@ -132,6 +133,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             # The audit trail first: a service that cannot keep its trail must not start answering (docs/audit.md).
             trail = await asyncio.to_thread(open_audit_trail, settings)
+            # Group commit: hold a transaction open while answers (each with its record) are being finished.
+            trail.writer.more_coming = lambda: state.pipeline is not None and state.pipeline.answers_coming()
             app.state.audit = trail
             outbox = await asyncio.to_thread(open_outbox, settings)  # before the model: it fails fast and cheaply
             app.state.dicom_outbox = outbox

@@ -101,6 +101,7 @@ class AuditSnapshot:
     queued: int
     spool_depth: int
     written: int
+    commits: int
     failures: int
     spooled: int
     replayed: int
@@ -128,6 +129,11 @@ class AuditCollector(Collector):
         )
         for name, text, value in (
             ("cxr_audit_records_written", "Audit records committed to the database", snap.written),
+            (
+                "cxr_audit_commits",
+                "Database transactions that committed audit records (records written / commits: the group size)",
+                snap.commits,
+            ),
             ("cxr_audit_write_failures", "Audit write batches the database refused", snap.failures),
             ("cxr_audit_records_spooled", "Audit records written to the spool", snap.spooled),
             ("cxr_audit_records_replayed", "Spooled audit records replayed into the database", snap.replayed),

@@ -124,10 +124,19 @@ class PredictionPipeline:
         self.default_samples = default_samples
         self.timeout_s = timeout_s
         self._decoding = 0  # uploads between arrival and the queue: tells the batcher whether to wait
+        self._finishing = 0  # inferred, answer not yet returned: tells the audit writer more records are coming
 
     def more_coming(self) -> bool:
         """Whether uploads are being decoded right now (the batcher's hint to hold a partial batch)."""
         return self._decoding > 0
+
+    def answers_coming(self) -> bool:
+        """Whether inferred images are having their answers built right now (the audit writer's hint to hold
+        a transaction open for their records). Read from the writer's thread: one int, no lock needed."""
+        return self._finishing > 0
+
+    def _finished(self) -> None:
+        self._finishing -= 1
 
     async def _off_loop(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
@@ -200,23 +209,29 @@ class PredictionPipeline:
                 f"Inference failed for the batch containing this image ({type(err).__name__}); the service keeps "
                 "serving. Retry; report the request id if it persists."
             ) from err
-        self._check_in_distribution(done.result, image, n_samples)
+        # From here to the caller's audit record: counted, and uncounted only on the next loop iteration, after
+        # the caller (in this same task step) has submitted the record the writer may be waiting for.
+        self._finishing += 1
+        try:
+            self._check_in_distribution(done.result, image, n_samples)
 
-        def respond() -> PredictionResponse:
-            return build_response(
-                request_id=request_id,
-                model_ref=self.model_ref,
-                spec=self.spec,
-                n_samples=n_samples,
-                image=image,
-                result=done.result,
-                heatmaps=heatmaps(done.result, self.spec) if done.result.cams else {},
-                queue_s=done.queue_s,
-                inference_s=done.inference_s,
-                total_s=time.perf_counter() - received_at,
-            )
+            def respond() -> PredictionResponse:
+                return build_response(
+                    request_id=request_id,
+                    model_ref=self.model_ref,
+                    spec=self.spec,
+                    n_samples=n_samples,
+                    image=image,
+                    result=done.result,
+                    heatmaps=heatmaps(done.result, self.spec) if done.result.cams else {},
+                    queue_s=done.queue_s,
+                    inference_s=done.inference_s,
+                    total_s=time.perf_counter() - received_at,
+                )
 
-        # With heatmaps: resampling and encoding the maps and building the response in one trip to the pool;
-        # without, the response is built here on the loop, as before.
-        response = await self._off_loop(respond) if done.result.cams else respond()
+            # With heatmaps: resampling and encoding the maps and building the response in one trip to the pool;
+            # without, the response is built here on the loop, as before.
+            response = await self._off_loop(respond) if done.result.cams else respond()
+        finally:
+            asyncio.get_running_loop().call_soon(self._finished)
         return response, done.batch_size

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         description="Delete audit records older than this (hourly, in small transactions); None: keep them. At "
         "least 183 days: the EU AI Act (Art. 19, 26) asks for at least six months",
     )
+    audit_group_commit_ms: float = Field(
+        default=3.0,
+        ge=0,
+        le=100,
+        description="Under load, the audit writer holds a transaction open up to this long while answers are "
+        "being finished, so that the answers of one inference batch share one commit (the answers wait for it); "
+        "a lone request never waits. 0: commit whatever is queued at once (docs/benchmarks.md)",
+    )
     audit_rolling_window: int = Field(
         default=1000, ge=10, description="Predictions behind the rolling referral/OOD/label rates in /metrics"
     )

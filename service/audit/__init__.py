@@ -54,6 +54,7 @@ class AuditTrail:
         rolling_window: int,
         durable_timeout_s: float = 60.0,
         sqlite_synchronous: SqliteSynchronous = "NORMAL",
+        group_commit_s: float = 0.0,
     ) -> AuditTrail:
         """Connect, migrate the schema to the newest revision and start the writer (blocking: call off the loop).
 
@@ -61,7 +62,9 @@ class AuditTrail:
         written its trail should not begin answering."""
         store = AuditStore.open(url, sqlite_synchronous=sqlite_synchronous)
         spool = Spool(spool_dir, max_records=spool_max_records) if policy == "buffer" and spool_dir else None
-        writer = AuditWriter(store, policy=policy, spool=spool, retention_days=retention_days)
+        writer = AuditWriter(
+            store, policy=policy, spool=spool, retention_days=retention_days, group_commit_s=group_commit_s
+        )
         writer.start()
         auditor = Auditor(writer, rolling_window=rolling_window, durable_timeout_s=durable_timeout_s)
         return cls(store=store, writer=writer, auditor=auditor)
@@ -79,6 +82,7 @@ def snapshot(trail: AuditTrail) -> AuditSnapshot:
         queued=trail.writer.queued,
         spool_depth=trail.writer.spool_depth,
         written=stats.written,
+        commits=stats.commits,
         failures=stats.failures,
         spooled=stats.spooled,
         replayed=stats.replayed,

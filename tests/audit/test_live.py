@@ -84,6 +84,8 @@ def test_a_burst_of_uploads_leaves_exactly_one_record_per_image_and_no_identifie
         "bad-html": 415, "bad-truncated": 422, "bad-bomb": 413, "bad-empty": 422,
     }  # fmt: skip
     assert no_key.status_code == 401
+    # Every answer finished: the audit writer's group-commit hint is down again.
+    assert live.state.pipeline is not None and not live.state.pipeline.answers_coming()
 
     store = _store(live)
     try:
@@ -206,6 +208,7 @@ def test_metrics_show_rolling_rates_and_audit_health(live: LiveServer) -> None:
     assert metric_value(metrics, "cxr_rolling_window_predictions") == 4
     assert metric_value(metrics, "cxr_rolling_referral_rate") == 1.0  # the tiny model has no referral rule
     assert metric_value(metrics, "cxr_audit_records_written_total") == 4
+    assert metric_value(metrics, "cxr_audit_commits_total") == 4  # one client: nothing to group, nobody waits
     assert metric_value(metrics, "cxr_audit_lag_seconds") >= 0
     assert 'cxr_rolling_positive_rate{label="Cardiomegaly"}' in metrics
     assert 'cxr_rolling_mean_conf{label="Cardiomegaly"}' in metrics

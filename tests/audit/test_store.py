@@ -3,8 +3,11 @@ idempotent spool replay, retention purge and the writer thread's policies."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, text
@@ -162,4 +165,51 @@ def test_sqlite_runs_in_wal_mode_with_the_chosen_synchronous_level(tmp_path: Pat
             assert connection.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
             assert connection.execute(text("PRAGMA synchronous")).scalar_one() == pragma
     finally:
+        store.close()
+
+
+def test_group_commit_holds_a_transaction_only_while_more_records_are_coming(tmp_path: Path) -> None:
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'audit.sqlite3'}")
+    batches: list[int] = []
+    insert = store.insert
+
+    def counting_insert(records: Any, **kwargs: Any) -> int:
+        batches.append(len(records))
+        return insert(records, **kwargs)
+
+    store.insert = counting_insert  # type: ignore[method-assign]
+    coming = threading.Event()
+    writer = AuditWriter(store, policy="fail-closed", spool=None, group_commit_s=30.0, more_coming=coming.is_set)
+    writer.start()
+    try:
+        # Nothing else coming: a lone record is committed at once, never held for the (huge) window.
+        writer.submit(record(NOW)).result(timeout=10)
+        # Answers being finished: the first record waits for the others, all commit together...
+        coming.set()
+        first = writer.submit(record(NOW))
+        time.sleep(0.05)
+        assert not first.done()
+        rest = [writer.submit(record(NOW)) for _ in range(2)]
+        time.sleep(0.05)
+        assert not first.done()
+        # ... as soon as the service says no more are coming (well inside the 30 s window).
+        coming.clear()
+        for future in (first, *rest):
+            future.result(timeout=10)
+        assert batches == [1, 3] and store.count() == 4
+    finally:
+        writer.stop()
+        store.close()
+
+
+def test_group_commit_waits_no_longer_than_its_window(tmp_path: Path) -> None:
+    store = AuditStore.open(f"sqlite:///{tmp_path / 'audit.sqlite3'}")
+    writer = AuditWriter(store, policy="fail-closed", spool=None, group_commit_s=0.2, more_coming=lambda: True)
+    writer.start()
+    try:
+        started = time.monotonic()
+        writer.submit(record(NOW)).result(timeout=10)  # "more coming" forever: the window ends the wait
+        assert 0.2 <= time.monotonic() - started < 5
+    finally:
+        writer.stop()
         store.close()
