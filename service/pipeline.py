@@ -135,9 +135,6 @@ class PredictionPipeline:
         a transaction open for their records). Read from the writer's thread: one int, no lock needed."""
         return self._finishing > 0
 
-    def _finished(self) -> None:
-        self._finishing -= 1
-
     async def _off_loop(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decode_pool, lambda: fn(*args, **kwargs))
@@ -209,8 +206,8 @@ class PredictionPipeline:
                 f"Inference failed for the batch containing this image ({type(err).__name__}); the service keeps "
                 "serving. Retry; report the request id if it persists."
             ) from err
-        # From here to the caller's audit record: counted, and uncounted only on the next loop iteration, after
-        # the caller (in this same task step) has submitted the record the writer may be waiting for.
+        # Counted from here until the answer is returned. The caller submits its audit record in this same task
+        # step, with the GIL held, so the writer sees the count drop and the record arrive as one change.
         self._finishing += 1
         try:
             self._check_in_distribution(done.result, image, n_samples)
@@ -233,5 +230,5 @@ class PredictionPipeline:
             # without, the response is built here on the loop, as before.
             response = await self._off_loop(respond) if done.result.cams else respond()
         finally:
-            asyncio.get_running_loop().call_soon(self._finished)
+            self._finishing -= 1
         return response, done.batch_size

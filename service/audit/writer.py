@@ -43,9 +43,6 @@ log = logging.getLogger("service.audit")
 
 AuditPolicy = Literal["fail-closed", "buffer"]
 
-# While holding a transaction open for more records, how often the writer asks whether more are coming.
-_GROUP_POLL_S = 0.0005
-
 
 @dataclass
 class _Pending:
@@ -152,20 +149,20 @@ class AuditWriter:
         more_coming = self.more_coming
         if stopping or self.group_commit_s <= 0 or more_coming is None:
             return batch, stopping
+        # Woken only by arrivals (or the window's end): no polling, which would take the GIL from the threads
+        # finishing those very answers.
         deadline = time.monotonic() + self.group_commit_s
         while len(batch) < self.max_batch and more_coming():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
-                item = self._queue.get(timeout=min(left, _GROUP_POLL_S))
+                item = self._queue.get(timeout=left)
             except queue.Empty:
-                continue
-            stopping = self._add(batch, item) or self._drain(batch)
-            if stopping:
                 break
-        # The answer that ended the wait submits its record just after: take it if it is already there.
-        return batch, self._drain(batch) or stopping
+            if self._add(batch, item) or self._drain(batch):
+                return batch, True
+        return batch, stopping
 
     def _drain(self, batch: list[_Pending]) -> bool:
         """Move what is queued now into ``batch`` (up to ``max_batch``); True if the stop marker was among it."""

@@ -192,11 +192,13 @@ def test_group_commit_holds_a_transaction_only_while_more_records_are_coming(tmp
         rest = [writer.submit(record(NOW)) for _ in range(2)]
         time.sleep(0.05)
         assert not first.done()
-        # ... as soon as the service says no more are coming (well inside the 30 s window).
+        # ... until the service says no more are coming and the last record arrives (as in the service: the
+        # count drops, then that answer's record is submitted), well inside the 30 s window.
         coming.clear()
-        for future in (first, *rest):
+        last = writer.submit(record(NOW))
+        for future in (first, *rest, last):
             future.result(timeout=10)
-        assert batches == [1, 3] and store.count() == 4
+        assert batches == [1, 4] and store.count() == 5
     finally:
         writer.stop()
         store.close()
