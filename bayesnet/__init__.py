@@ -28,7 +28,7 @@ from bayesnet.errors import (
     UnsupportedFormatError,
 )
 from bayesnet.gradcam import gradcam
-from bayesnet.imaging import DecodedImage, check_radiograph_geometry, decode_image, sniff_format
+from bayesnet.imaging import DecodedImage, ImageFacts, check_radiograph_geometry, decode_image, sniff_format
 from bayesnet.labels import CHEXPERT_LABELS
 from bayesnet.mc import MCPrediction, mc_predict
 from bayesnet.model import BayesianEfficientNet, DropoutMasks, build_model
@@ -51,6 +51,7 @@ __all__ = [
     "DropoutMasks",
     "EmptyImageError",
     "ImageError",
+    "ImageFacts",
     "ImageGeometryError",
     "MCPrediction",
     "ModelModeError",

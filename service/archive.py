@@ -61,7 +61,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from bayesnet import CheckpointError, DecodedImage, ModelSpec, single_threaded_torch, sniff_format, tune_allocator
+from bayesnet import CheckpointError, ImageFacts, ModelSpec, single_threaded_torch, sniff_format, tune_allocator
 from service.decoding import decode_for_model
 from service.model_loading import LoadedModel, build_predictor, load_model
 from service.predictor import InferenceRequest, InferenceResult, Predictor, resolve_device
@@ -331,7 +331,7 @@ def make_progress(total: int) -> Progress:
 @dataclass(frozen=True)
 class _Decoded:
     item: ScoreItem
-    image: DecodedImage
+    image: ImageFacts
     tensor: Tensor
     submitted_at: float
     ready_at: float
@@ -390,7 +390,7 @@ class ArchiveScorer:
         self.decode_workers = decode_workers
         self.max_pixels = max_pixels
 
-    def _decode(self, item: ScoreItem) -> tuple[DecodedImage, Tensor]:
+    def _decode(self, item: ScoreItem) -> tuple[ImageFacts, Tensor]:
         image, tensor = decode_for_model(item.file.read_bytes(), self.spec, max_pixels=self.max_pixels)
         return image, self.predictor.stage(tensor)  # page-locked on CUDA: the batch's copies become DMAs
 
@@ -401,7 +401,7 @@ class ArchiveScorer:
         # Enough decoded images in flight to fill the next batch while the model runs the current one.
         window = 2 * self.batch_size + self.decode_workers
         todo = iter(items)
-        pending: deque[tuple[ScoreItem, float, Future[tuple[DecodedImage, Tensor]]]] = deque()
+        pending: deque[tuple[ScoreItem, float, Future[tuple[ImageFacts, Tensor]]]] = deque()
         batch: list[_Decoded] = []
         errors: list[str] = []
         writing: Future[None] | None = None

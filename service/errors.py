@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from bayesnet import DecodedImage
+from bayesnet import ImageFacts
 from bayesnet.errors import (
     EmptyImageError,
     ImageError,
@@ -100,7 +100,7 @@ class OutOfDistributionError(ServiceError):
         detail: str,
         *,
         ood: OODResult | None = None,
-        image: DecodedImage | None = None,
+        image: ImageFacts | None = None,
         mc_samples: int | None = None,
     ) -> None:
         super().__init__(detail)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from bayesnet import DecodedImage, ModelSpec, decode_image
+from bayesnet import DecodedImage, ImageFacts, ModelSpec, decode_image
 from service.batcher import BatcherError, MicroBatcher
 from service.decoding import decode_for_model
 from service.errors import (
@@ -146,12 +146,12 @@ class PredictionPipeline:
         except CamSelectionError as err:
             raise BadRequestParameterError(str(err)) from err
 
-    async def decode(self, data: bytes | Upload) -> tuple[DecodedImage, Tensor]:
-        """Decode and preprocess off the event loop: ``(image, model input tensor)``. An :class:`Upload` that asks
+    async def decode(self, data: bytes | Upload) -> tuple[ImageFacts, Tensor]:
+        """Decode and preprocess off the event loop: ``(image facts, model input tensor)``. An :class:`Upload` that asks
         for it is hashed in the same thread, right after (the audit trail's digest, without a hop of its own)."""
         upload = as_upload(data)
 
-        def work() -> tuple[DecodedImage, Tensor]:
+        def work() -> tuple[ImageFacts, Tensor]:
             image, tensor = decode_for_model(upload.data, self.spec, max_pixels=self.max_pixels)
             if upload.hash_when_decoded:
                 upload.sha256()
@@ -165,7 +165,7 @@ class PredictionPipeline:
 
         return await self._off_loop(work)
 
-    def _check_in_distribution(self, result: InferenceResult, image: DecodedImage, n_samples: int) -> None:
+    def _check_in_distribution(self, result: InferenceResult, image: ImageFacts, n_samples: int) -> None:
         """In reject mode, refuse an image the out-of-distribution gate flags (never without a gate)."""
         verdict = ood_result(result, self.spec)
         if self.ood_action == "reject" and verdict is not None and not verdict.in_distribution:

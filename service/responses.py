@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from typing import Literal
 
-from bayesnet import DecodedImage, ModelSpec
+from bayesnet import ImageFacts, ModelSpec
 from bayesnet.referral import describe, referral_reasons
 from service.png import heatmap_png
 from service.predictor import AUTO, InferenceResult
@@ -108,7 +108,7 @@ def referral_info(spec: ModelSpec) -> ReferralInfo | None:
     )
 
 
-def referral(result: InferenceResult, spec: ModelSpec, image: DecodedImage) -> Referral:
+def referral(result: InferenceResult, spec: ModelSpec, image: ImageFacts) -> Referral:
     """The film's triage outcome: the study rule, the findings' decisions and the gates."""
     verdict = ood_result(result, spec)
     outcome = referral_reasons(
@@ -143,7 +143,7 @@ def build_response(
     model_ref: ModelRef,
     spec: ModelSpec,
     n_samples: int,
-    image: DecodedImage,
+    image: ImageFacts,
     result: InferenceResult,
     heatmaps: dict[str, Heatmap],
     queue_s: float,

@@ -22,7 +22,8 @@ One module per concern; each module's docstring records the decisions it makes:
   formats that are not read (DICOM without the Part 10 header among them).
 * :mod:`~bayesnet.imaging.limits`: the pixel budget checked before decoding, and the size and shape
   a radiograph can have (:func:`check_radiograph_geometry`).
-* :mod:`~bayesnet.imaging.decoded`: :class:`DecodedImage`, the result, and its warning strings.
+* :mod:`~bayesnet.imaging.decoded`: :class:`DecodedImage`, the result, :class:`ImageFacts` (the result without
+  its pixels), and the warning strings.
 * :mod:`~bayesnet.imaging.raster`: PNG and JPEG, the header parsed here and the pixels by Pillow.
 * :mod:`~bayesnet.imaging.dicom`: DICOM through pydicom: accepted modalities, colour, and the
   modality and VOI intensity transforms.
@@ -46,6 +47,7 @@ from bayesnet.imaging.decoded import (
     WARN_MONOCHROME1,
     WARN_NO_VOI,
     DecodedImage,
+    ImageFacts,
     population_flags,
 )
 from bayesnet.imaging.dicom import decode_dicom
@@ -66,6 +68,7 @@ __all__ = [
     "WARN_MONOCHROME1",
     "WARN_NO_VOI",
     "DecodedImage",
+    "ImageFacts",
     "check_radiograph_geometry",
     "decode_image",
     "population_flags",

@@ -1,5 +1,8 @@
 """The decoders' common result: :class:`DecodedImage`, its warning strings and the luminance reduction.
 
+:class:`ImageFacts` is a decoded image without its pixels: what a response, an audit record or a report says
+about the image, kept instead of the whole :class:`DecodedImage` once the model's input has been made.
+
 Every decoder (:mod:`~bayesnet.imaging.raster`, :mod:`~bayesnet.imaging.dicom`) returns a
 :class:`DecodedImage` and notes in its ``warnings`` what a conversion changed or assumed. Colour is
 reduced to gray in the same way for every format, by :func:`luminance`.
@@ -7,7 +10,7 @@ reduced to gray in the same way for every format, by :func:`luminance`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Final
 
 import numpy as np
@@ -39,6 +42,29 @@ _AGE_UNITS_YEARS: Final[dict[str, float]] = {"D": 1 / 365.25, "W": 7 / 365.25, "
 _LUMA_WEIGHTS: Final[tuple[float, float, float]] = (0.299, 0.587, 0.114)
 
 FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """A decoded radiograph's description without its pixels (the fields of :class:`DecodedImage` but ``pixels``).
+
+    The service and the archive scorer keep this, not the :class:`DecodedImage`, from the moment the model's input
+    exists until the answer is sent: the full-resolution array (1 MB of float32 for a 512 px PNG, 36 MB for a
+    3,000 px DICOM) is freed in the thread that made it, instead of being held by every request waiting for its
+    batch, which kept the caches of a busy 2-core server full of pixels nobody would read again
+    (docs/benchmarks.md).
+    """
+
+    format: str
+    width: int
+    height: int
+    bit_depth: int
+    photometric: str
+    warnings: tuple[str, ...]
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+    population_flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +104,11 @@ class DecodedImage:
                 f"DecodedImage.pixels must be float32 of shape (height, width) = "
                 f"({self.height}, {self.width}), got {self.pixels.dtype} {self.pixels.shape}"
             )
+
+    @property
+    def facts(self) -> ImageFacts:
+        """Everything but the pixels: what to keep once the model's input has been made from them."""
+        return ImageFacts(**{field.name: getattr(self, field.name) for field in fields(ImageFacts)})
 
 
 def luminance(rgb: npt.NDArray[np.generic], warnings: list[str]) -> FloatArray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from bayesnet import DecodedImage, sniff_format
+from bayesnet import ImageFacts, sniff_format
 from service.audit.writer import AuditWriter
 from service.errors import AuditUnavailableError, OutOfDistributionError, problem_for
 from service.schemas import AuditFindingRecord, AuditRecord, ModelRef, PredictionResponse
@@ -192,7 +192,7 @@ def _refusal(
     )
 
 
-def _image_fields(image: DecodedImage | None) -> dict[str, Any]:
+def _image_fields(image: ImageFacts | None) -> dict[str, Any]:
     if image is None:
         return {}
     return {

@@ -44,6 +44,7 @@ from bayesnet.imaging import (
     WARN_MONOCHROME1,
     WARN_NO_VOI,
     DecodedImage,
+    ImageFacts,
     decode_image,
     sniff_format,
 )
@@ -445,6 +446,26 @@ def test_jpeg2000_chest_matches_uncompressed(rg1: DecodedImage) -> None:
     j2k = decode_image(pydicom_data_bytes("RG1_J2KI.dcm"))
     assert j2k.pixels.shape == rg1.pixels.shape
     assert float(np.abs(j2k.pixels - rg1.pixels).mean()) < 0.005
+
+
+def test_facts_are_the_decoded_image_without_its_pixels() -> None:
+    image = decode_image(pydicom_data_bytes("RG3_UNCR.dcm"))  # a non-chest film: every DICOM field and a flag set
+    facts = image.facts
+    assert isinstance(facts, ImageFacts)
+    assert not hasattr(facts, "pixels")
+    assert facts == ImageFacts(
+        format="dicom",
+        width=image.width,
+        height=image.height,
+        bit_depth=10,
+        photometric="MONOCHROME1",
+        warnings=image.warnings,
+        modality="CR",
+        body_part="EXTREMITY",
+        view_position="AP",
+        population_flags=image.population_flags,
+    )
+    assert facts.population_flags  # a tibia is outside the chest population: the flag survives the pixels
 
 
 def test_tibia_cr_decodes_with_its_body_part() -> None:
