@@ -124,9 +124,13 @@ class GridCams(Mapping[int, np.ndarray]):
     def __getitem__(self, k: int) -> np.ndarray:
         done = self._maps.get(k)
         if done is None:
-            resampled = self._ry @ self._grids[k] @ self._rx.T
+            resampled = (self._ry @ self._grids[k] @ self._rx.T).astype(np.float32, copy=False)
             peak = float(resampled.max())
-            done = (resampled / peak if peak > 0 else np.zeros_like(resampled)).astype(np.float32, copy=False)
+            if peak > 0:
+                resampled /= np.float32(peak)  # in place: the product is a fresh array, no second one per map
+            else:
+                resampled[...] = 0.0
+            done = resampled
             self._maps[k] = done
         return done
 

@@ -80,6 +80,7 @@ _PROJECT_RULES = (
     ("GridCams.", HEATMAPS),  # Grad-CAM maps resampled to the input size where they are read (decode threads)
     ("heatmaps@service/responses.py", HEATMAPS),
     ("_pillow_to_gray", PREPROCESS),
+    ("_to_unit_float@", PREPROCESS),  # inside _pillow_to_gray: the samples to float in [0, 1]
     ("luminance", PREPROCESS),
     ("bayesnet/preprocess.py", PREPROCESS),
     ("check_radiograph_geometry", PREPROCESS),

@@ -66,7 +66,10 @@ def heatmap_levels(intensity: np.ndarray) -> np.ndarray:
     """
     if intensity.ndim != 2:
         raise ValueError(f"expected an (H, W) map, got shape {intensity.shape}")
-    levels: np.ndarray = (np.clip(intensity, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8, order="C")
+    scaled = np.clip(intensity, 0.0, 1.0)  # a new array: the caller's map is never written
+    scaled *= 255.0  # in place, the same float operations as a chained expression without its two temporaries
+    scaled += 0.5
+    levels: np.ndarray = scaled.astype(np.uint8, order="C")
     return levels
 
 

@@ -220,6 +220,14 @@ def _apply_exif_orientation(image: Image.Image, warnings: list[str]) -> Image.Im
     return transposed
 
 
+def _to_unit_float(image: Image.Image, full_scale: float) -> npt.NDArray[np.float32]:
+    """Samples as float32 divided by ``full_scale``, in place: one full-size float array, not two (the division
+    is the same IEEE operation either way; a 512 px film is 1 MB of float32, a 3,000 px one 36 MB)."""
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels /= np.float32(full_scale)
+    return pixels
+
+
 def _pillow_to_gray(image: Image.Image, bit_depth: int, warnings: list[str]) -> npt.NDArray[np.float32]:
     """Convert a loaded Pillow image to float32 ``(H, W)`` in [0, 1] without any per-image scaling.
 
@@ -230,17 +238,17 @@ def _pillow_to_gray(image: Image.Image, bit_depth: int, warnings: list[str]) -> 
     if mode == "1":
         return np.asarray(image, dtype=np.float32)
     if mode in {"I;16", "I;16L", "I;16B", "I;16N"}:
-        return np.asarray(image, dtype=np.float32) / np.float32(65535.0)
+        return _to_unit_float(image, 65535.0)
     if mode == "I":
         # 32-bit container Pillow may use for 16-bit (or lower) grayscale PNG.
         depth = bit_depth if bit_depth in (8, 16) else 16
         gray = np.asarray(image, dtype=np.float64) / float(2**depth - 1)
         return np.clip(gray, 0.0, 1.0).astype(np.float32)
     if mode == "L":
-        return np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        return _to_unit_float(image, 255.0)
     if mode == "LA":
         warnings.append(WARN_ALPHA)
-        return np.asarray(image.getchannel("L"), dtype=np.float32) / np.float32(255.0)
+        return _to_unit_float(image.getchannel("L"), 255.0)
     if bit_depth == 16 and mode in {"RGB", "RGBA"}:
         warnings.append("16-bit colour reduced to 8 bits per channel by the decoder")
     if mode in {"P", "PA"}:
