@@ -199,11 +199,13 @@ def start_server(
     extra_env: dict[str, str] | None = None,
     *,
     workers: int = 0,
+    launcher: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """The server on ``port``; ``extra_env`` (``CXR_*``) overrides the benchmark's settings.
 
     ``workers`` 0: ``python -m service`` (one process); N >= 1: Gunicorn with N worker processes, each with
-    its own model and batcher, as ``docker/gunicorn.conf.py`` runs it in production.
+    its own model and batcher, as ``docker/gunicorn.conf.py`` runs it in production. ``launcher``: a script run
+    instead of ``-m service`` that starts the same server (bench/stage_timer.py).
     """
     env = {
         **os.environ,
@@ -214,7 +216,7 @@ def start_server(
         "CXR_MODEL_PATH": str(model_dir),
         **(extra_env or {}),
     }
-    command = [sys.executable, "-m", "service"]
+    command = [sys.executable, "-m", "service"] if launcher is None else [sys.executable, str(launcher)]
     if workers:
         # INFO (the production default): each worker logs "ready: model ..." after its warm-up, counted below.
         env |= {"CXR_BIND": f"127.0.0.1:{port}", "CXR_WORKERS": str(workers), "CXR_LOG_LEVEL": "INFO"}

@@ -1,0 +1,140 @@
+"""``python bench/stage_timer.py [service args]``: ``python -m service`` with exact CPU timers on its stages.
+
+bench/stages.py starts the server through this launcher. It wraps the functions that make up the stages of a
+request (decoding, the conversion to the model's input, the trunk, the heatmaps, the response objects, the
+upload's hash) so that each call adds its own thread's CPU time (``time.thread_time_ns``: the kernel's
+per-thread clock, user + system) to ``(thread, stage)``. Nested timed calls are exclusive: the gray conversion
+inside a decode counts as conversion, not decoding. Sampling could not do this reliably: py-spy undercounted
+the decode threads' time inside Pillow's C decoder (about 1.4 of the 3.4 core-ms that these timers measure in
+the same run), and the split of a thread's time between stages followed the sample counts.
+
+Nothing in the service changes but these wrappers (a few microseconds per image). A function a tree does not
+have is skipped, so the same launcher times older commits. On each line written to the FIFO named by
+``CXR_STAGE_TIMER_FIFO`` it appends one JSON snapshot to ``CXR_STAGE_TIMER_OUT``: the threads' names and
+the nanoseconds per stage per thread (native thread ids) so far; the benchmark takes one before and one after
+its load and subtracts.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Stage names: the same strings as bench/stages.py's rows.
+TRUNK = "inference thread: trunk"
+HEAD = "inference thread: MC head, OOD, summaries, Grad-CAM maps, batch assembly"
+DECODER = "upload decoding (Pillow/zlib, pydicom)"
+PREPROCESS = "gray conversion, resize to the model's size, normalisation"
+HEATMAPS = "heatmap PNGs"
+RESPONSE = "response objects, validation and JSON"
+AUDIT = "audit trail (hash, record, writer thread)"
+
+#: (module, attribute path, stage): the callables wrapped. Module attributes are replaced where the caller
+#: looks them up (e.g. ``service.decoding.decode_image``, the name decode_for_model calls).
+TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("service.decoding", "decode_image", DECODER),
+    ("bayesnet.imaging.raster", "_pillow_to_gray", PREPROCESS),
+    ("service.decoding", "check_radiograph_geometry", PREPROCESS),
+    ("service.decoding", "preprocess", PREPROCESS),
+    ("service.pipeline", "heatmaps", HEATMAPS),
+    ("service.pipeline", "build_response", RESPONSE),
+    ("service.uploads", "Upload.sha256", AUDIT),
+    ("service.audit.recorder", "_sha256", AUDIT),
+    ("service.predictor", "Predictor.run", HEAD),
+)
+
+_threads: dict[int, dict[str, int]] = {}  # native thread id -> stage -> ns (each dict written by its thread only)
+_local = threading.local()
+
+
+def _account(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` adding its exclusive thread CPU time to ``stage`` for the calling thread."""
+
+    @functools.wraps(fn)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        stack: list[list[int]] | None = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+            _threads[threading.get_native_id()] = _local.totals = {}
+        frame = [0]  # CPU ns of timed calls nested in this one
+        stack.append(frame)
+        started = time.thread_time_ns()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            elapsed = time.thread_time_ns() - started
+            stack.pop()
+            totals: dict[str, int] = _local.totals
+            totals[stage] = totals.get(stage, 0) + elapsed - frame[0]
+            if stack:
+                stack[-1][0] += elapsed
+
+    return timed
+
+
+def _install() -> list[str]:
+    """Wrap every target this tree has; returns the ones wrapped."""
+    wrapped = []
+    for module_name, path, stage in TARGETS:
+        try:
+            owner: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent, None)
+        if owner is None or not callable(getattr(owner, name, None)):
+            continue
+        setattr(owner, name, _account(stage, getattr(owner, name)))
+        wrapped.append(f"{module_name}.{path}")
+    # The trunk: whatever frozen_trunk returns is timed as the trunk (inside Predictor.run, so exclusive of it).
+    predictor = importlib.import_module("service.predictor")
+    freeze = getattr(predictor, "frozen_trunk", None)
+    if freeze is not None:
+
+        def frozen_and_timed(*args: Any, **kwargs: Any) -> Any:
+            return _account(TRUNK, freeze(*args, **kwargs))
+
+        predictor.frozen_trunk = frozen_and_timed
+        wrapped.append("service.predictor.frozen_trunk (its result)")
+    return wrapped
+
+
+def _snapshot() -> dict[str, Any]:
+    return {
+        "threads": {str(t.native_id): t.name for t in threading.enumerate() if t.native_id is not None},
+        "stages": {str(tid): dict(totals) for tid, totals in list(_threads.items())},
+    }
+
+
+def _serve_snapshots(fifo: Path, out: Path) -> None:
+    """Append a snapshot to ``out`` for every line written to ``fifo`` (a daemon thread; EOF reopens it)."""
+    while True:
+        with fifo.open() as requests:
+            for _ in requests:
+                with out.open("a") as sink:
+                    sink.write(json.dumps(_snapshot()) + "\n")
+
+
+def main() -> int:
+    wrapped = _install()
+    fifo, out = os.environ.get("CXR_STAGE_TIMER_FIFO"), os.environ.get("CXR_STAGE_TIMER_OUT")
+    if fifo and out:
+        threading.Thread(target=_serve_snapshots, args=(Path(fifo), Path(out)), name="stage-timer", daemon=True).start()
+    print(f"stage timers on: {', '.join(wrapped)}", file=sys.stderr, flush=True)
+    from service.__main__ import main as serve
+
+    return serve(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())  # the tree being measured, as `python -m service` would find it
+    sys.exit(main())
