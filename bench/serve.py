@@ -61,12 +61,16 @@ def radiographs(n: int) -> list[bytes]:
     """512x512 PNG radiographs: the real NIH sample when present, else synthetic films.
 
     ``CXR_BENCH_FILMS`` names another folder of PNG films (e.g. a copy of the NIH sample on a GPU box,
-    where ../shared does not exist).
+    where ../shared does not exist). Says on stderr which films it is: synthetic films decode in about 60% of
+    a real film's time, so figures from the two are not comparable (a worktree outside the checkout's parent
+    has no ../shared and silently measured synthetic films until this line existed).
     """
     folder = Path(os.environ.get("CXR_BENCH_FILMS") or SHARED_IMAGES)
     files = sorted(folder.glob("*.png"))[:n] if folder.is_dir() else []
     if files:
+        print(f"bench films: {len(files)} real PNGs from {folder}", file=sys.stderr)
         return [f.read_bytes() for f in files]
+    print(f"bench films: {n} SYNTHETIC 512 px PNGs ({folder} not found; set CXR_BENCH_FILMS)", file=sys.stderr)
     from train.synthetic import PLANTED_FINDINGS, render_sample
 
     rng = np.random.default_rng(0)

@@ -95,16 +95,23 @@ def _install() -> list[str]:
             continue
         setattr(owner, name, _account(stage, getattr(owner, name)))
         wrapped.append(f"{module_name}.{path}")
-    # The trunk: whatever frozen_trunk returns is timed as the trunk (inside Predictor.run, so exclusive of it).
-    predictor = importlib.import_module("service.predictor")
-    freeze = getattr(predictor, "frozen_trunk", None)
-    if freeze is not None:
+    # The trunk: whatever Predictor._trunk is when a batch starts (eager, the frozen graph, CUDA graphs: it is
+    # replaced during warm-up) is timed as the trunk, inside Predictor.run and so exclusive of it.
+    predictor_class = getattr(importlib.import_module("service.predictor"), "Predictor", None)
+    if predictor_class is not None and hasattr(predictor_class, "run"):
+        timed_run = predictor_class.run
 
-        def frozen_and_timed(*args: Any, **kwargs: Any) -> Any:
-            return _account(TRUNK, freeze(*args, **kwargs))
+        @functools.wraps(timed_run)
+        def run_with_timed_trunk(self: Any, *args: Any, **kwargs: Any) -> Any:
+            trunk = getattr(self, "_trunk", None)
+            if trunk is not None and not getattr(trunk, "stage_timed", False):
+                timed_trunk = _account(TRUNK, trunk)
+                timed_trunk.stage_timed = True  # type: ignore[attr-defined]
+                self._trunk = timed_trunk
+            return timed_run(self, *args, **kwargs)
 
-        predictor.frozen_trunk = frozen_and_timed
-        wrapped.append("service.predictor.frozen_trunk (its result)")
+        predictor_class.run = run_with_timed_trunk
+        wrapped.append("service.predictor.Predictor._trunk")
     return wrapped
 
 
