@@ -8,6 +8,7 @@ mocked. Tests that need a data source skip with the reason when it is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import logging
@@ -466,6 +467,13 @@ def test_facts_are_the_decoded_image_without_its_pixels() -> None:
         population_flags=image.population_flags,
     )
     assert facts.population_flags  # a tibia is outside the chest population: the flag survives the pixels
+
+
+def test_facts_declare_every_field_of_the_decoded_image_but_its_pixels() -> None:
+    # The two classes spell out the same fields; a field added to one only would silently drop out of .facts.
+    decoded = [(f.name, f.type, f.default) for f in dataclasses.fields(DecodedImage) if f.name != "pixels"]
+    facts = [(f.name, f.type, f.default) for f in dataclasses.fields(ImageFacts)]
+    assert decoded == facts
 
 
 def test_tibia_cr_decodes_with_its_body_part() -> None:
