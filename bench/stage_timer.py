@@ -4,11 +4,12 @@ bench/stages.py starts the server through this launcher. It wraps the functions 
 request (decoding, the conversion to the model's input, the trunk, the heatmaps, the response objects, the
 upload's hash) so that each call adds its own thread's CPU time (``time.thread_time_ns``: the kernel's
 per-thread clock, user + system) to ``(thread, stage)``. Nested timed calls are exclusive: the gray conversion
-inside a decode counts as conversion, not decoding. Sampling could not do this reliably: py-spy undercounted
-the decode threads' time inside Pillow's C decoder (about 1.4 of the 3.4 core-ms that these timers measure in
-the same run), and the split of a thread's time between stages followed the sample counts.
+inside a decode counts as conversion, not decoding. Sampling could not do this reliably: in the same runs
+py-spy's split put 1.3-2.1 core-ms per image under thread hand-offs where these timers leave 0.4-0.6, and
+0.3-0.5 less than they measure in the Pillow decoder (docs/benchmarks.md).
 
-Nothing in the service changes but these wrappers (a few microseconds per image). A function a tree does not
+Nothing in the service changes but these wrappers (two clock reads of about 0.5 us per timed call, about ten
+timed calls per image). A function a tree does not
 have is skipped, so the same launcher times older commits. On each line written to the FIFO named by
 ``CXR_STAGE_TIMER_FIFO`` it appends one JSON snapshot to ``CXR_STAGE_TIMER_OUT``: the threads' names and
 the nanoseconds per stage per thread (native thread ids) so far; the benchmark takes one before and one after

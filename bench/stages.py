@@ -15,8 +15,8 @@ with ``--clients`` keep-alive clients posting 512x512 PNG radiographs while py-s
   that names a stage: :func:`stage_of`), leaving out samples inside timed stages.
 
 The second column repeats the previous method, py-spy alone (every thread split by its samples), for
-comparison: on a busy 2-core machine it undercounted the decode threads' time inside Pillow's C decoder
-(about 1.4 of the 3.4 core-ms the timers measure) and so overstated the host work sitting beside it.
+comparison: on a busy 2-core machine it put decode-thread time under hand-offs (1.3-2.1 core-ms per image
+against the timers' 0.4-0.6) and so overstated host work by 0.4-0.8 core-ms.
 ``--no-timers`` starts plain ``python -m service`` and reports only the sampled split.
 
     python bench/stages.py [--upload multipart|raw] [--cams auto|none] [--clients 16] [--requests-per-client 25]
@@ -279,13 +279,13 @@ def main() -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     scratch = Path(tempfile.mkdtemp(prefix="bench-stages-"))
     fifo, timer_out = scratch / "timer.fifo", scratch / "timers.jsonl"
-    launcher = None
+    launcher, timer_env = None, None
     if not args.no_timers:
         os.mkfifo(fifo)
-        os.environ |= {"CXR_STAGE_TIMER_FIFO": str(fifo), "CXR_STAGE_TIMER_OUT": str(timer_out)}
+        timer_env = {"CXR_STAGE_TIMER_FIFO": str(fifo), "CXR_STAGE_TIMER_OUT": str(timer_out)}
         launcher = Path(__file__).resolve().parent / "stage_timer.py"
     port = free_port()
-    server = start_server(port, args.model, args.device, scratch / "server.log", launcher=launcher)
+    server = start_server(port, args.model, args.device, scratch / "server.log", timer_env, launcher=launcher)
     try:
         images = radiographs(32)
         asyncio.run(load(port, images, 4, 4, args.cams, upload=args.upload))  # warm-up, outside the profile
