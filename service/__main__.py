@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from service.openmp import limit_openmp_spin
+
 EXIT_STARTUP_FAILED = 3  # what uvicorn and the Gunicorn arbiter use for a worker that could not boot
 EXIT_WORKER_DIED = 70  # EX_SOFTWARE: an internal error; the supervisor should start a fresh process
 
@@ -29,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="checkpoint directory (default models/demo, CXR_MODEL_PATH)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (CXR_DEVICE)")
     args = parser.parse_args(argv)
+    limit_openmp_spin()  # before torch is imported (by service.app, below): libgomp reads it once
 
     import uvicorn
 

@@ -1,0 +1,43 @@
+"""How long the model thread's idle OpenMP worker spins before it sleeps: set before torch is imported.
+
+torch's CPU kernels run on GNU OpenMP (libgomp). After each parallel region its worker threads spin-wait for
+the next one, by default for 300,000 iterations (``OMP_WAIT_POLICY`` unset), before they sleep. Inside one
+forward pass that keeps the regions' hand-offs cheap; after the last region it keeps a core busy doing
+nothing for several milliseconds. With one image at a time on a 2-core machine that is the core the request's
+event loop, decode thread, heatmaps and audit writer need: ``bench/timeline.py`` showed the answer waiting
+2.5-3.4 ms for a core right after inference in half the runs. At 10,000 spins one client's median latency
+(60 requests, 4 interleaved rounds) was 15.9-16.3 ms against 18.7-19.4 at the default, the inference itself
+unchanged (8.5-8.7 ms against 8.6-10.3), and 16 clients' throughput unchanged (busy batches run one model
+thread and so have no OpenMP team; docs/benchmarks.md).
+
+libgomp reads the variable once, when it is loaded, so the service's entry points (``python -m service`` and
+``service.asgi`` for Gunicorn) call :func:`limit_openmp_spin` before anything imports torch. An operator's own
+``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is left alone. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+
+__all__ = ["SPIN_COUNT", "limit_openmp_spin"]
+
+#: libgomp's ``GOMP_SPINCOUNT`` for the service (measured on the 2-core CPU; see the module docstring).
+SPIN_COUNT = "10000"
+
+
+def limit_openmp_spin(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Set ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` unless the environment already says how OpenMP threads wait.
+
+    Returns whether the setting was made and can still take effect: False when the operator set
+    ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` (theirs is kept), or when torch is already imported (libgomp has
+    read its environment; nothing is changed then).
+    """
+    env = os.environ if environ is None else environ
+    if "GOMP_SPINCOUNT" in env or "OMP_WAIT_POLICY" in env:
+        return False
+    if "torch" in sys.modules:
+        return False
+    env["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return True
