@@ -213,7 +213,7 @@ def start_server(
 
     The audit trail is a new SQLite file beside the log (unless ``CXR_AUDIT_URL`` is set), not the user's
     default one: that file grows with every run, and an insert into the development machine's 250 MB trail
-    took 1.5-1.7 ms against 0.85-1.0 ms into a new or freshly copied one (docs/benchmarks.md), so figures
+    took 1.5-1.7 ms in the server against 0.84-0.89 ms into a new file (docs/benchmarks.md), so figures
     would depend on the machine's history.
     """
     audit = log_path.with_name(log_path.stem + "-audit.sqlite3")
