@@ -68,6 +68,8 @@ else
 fi
 # Per-image host CPU by stage on the GPU box (py-spy + kernel CPU times; bench/stages.py).
 step feed-stages 90 $PY bench/stages.py --device cuda --upload raw --clients 64 --requests-per-client 16
+# Where a lone request's time goes on the GPU box (the H200's one-client p50 was 18.6 ms for a 0.8 ms forward).
+step feed-timeline 60 $PY bench/timeline.py --device cuda --requests 40
 SERVE="--max-batch-images 32 --clients 64 --limit-seconds 0.3 --requests-per-client 8 --single-client-requests 12"
 step serve-demo 100 $PY bench/serve.py $SERVE
 # Two Gunicorn workers sharing the GPU: the host (one Python process), not the GPU, limited one worker.

@@ -212,6 +212,12 @@ def create_app(settings: Settings) -> FastAPI:
                 predictor,
                 threads=intraop_threads if predictor.device.type == "cpu" else None,
                 busy_threads=settings.busy_torch_threads if predictor.device.type == "cpu" else None,
+                quiet=lambda: (
+                    state.pipeline is not None
+                    and not state.pipeline.more_coming()
+                    and state.batcher is not None
+                    and state.batcher.queue_depth == 0
+                ),
             ),
             max_batch_size=settings.max_batch_images,
             max_wait_ms=settings.max_wait_ms,

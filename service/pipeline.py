@@ -31,7 +31,7 @@ from service.errors import (
 )
 from service.predictor import InferenceRequest, InferenceResult, Predictor
 from service.responses import CamSelectionError, build_response, heatmaps, ood_result, parse_cams
-from service.schemas import ModelRef, PredictionResponse
+from service.schemas import Heatmap, ModelRef, PredictionResponse
 from service.uploads import Upload, as_upload
 
 P = ParamSpec("P")
@@ -52,6 +52,9 @@ class JobResult:
     queue_s: float
     inference_s: float
     batch_size: int
+    #: The image's heatmaps when the inference thread rendered them itself (a lone image in a quiet moment:
+    #: :func:`batch_processor`); None: rendered later, in a decode thread.
+    heatmaps: dict[str, Heatmap] | None = None
 
 
 def preview_png(image: DecodedImage) -> bytes:
@@ -70,7 +73,11 @@ def preview_png(image: DecodedImage) -> bytes:
 
 
 def batch_processor(
-    predictor: Predictor, *, threads: int | None = None, busy_threads: int | None = None
+    predictor: Predictor,
+    *,
+    threads: int | None = None,
+    busy_threads: int | None = None,
+    quiet: Callable[[], bool] | None = None,
 ) -> Callable[[list[Job]], list[JobResult]]:
     """The function the batcher's worker thread runs on each batch of jobs.
 
@@ -79,6 +86,12 @@ def batch_processor(
     decoding, heatmap encoding and HTTP need CPU too; one model thread leaves them the other cores (with
     ``cams=auto`` on 2 cores: 1.3x the throughput, docs/benchmarks.md). A lone image means a quiet moment,
     and every core goes to its latency. ``None``: leave the thread count alone.
+
+    ``quiet``: called after a single-image batch; True means nothing else waits for this thread (no upload
+    being decoded, none queued), and the image's heatmaps are then rendered here, by the thread that is
+    already running, instead of by a decode thread woken for them after the answer's trip through the event
+    loop (a hand-off that waited 2-4 ms for a core in a quarter to half of lone requests: docs/benchmarks.md).
+    Under load the decode threads keep that work, so that the next batch is not held up.
     """
 
     def process(jobs: list[Job]) -> list[JobResult]:
@@ -88,8 +101,11 @@ def batch_processor(
         started = time.perf_counter()
         results = predictor.run([job.request for job in jobs])
         inference_s = time.perf_counter() - started
+        maps = None
+        if quiet is not None and len(results) == 1 and results[0].cams and quiet():
+            maps = heatmaps(results[0], predictor.spec)
         return [
-            JobResult(result, started - job.enqueued_at, inference_s, len(jobs))
+            JobResult(result, started - job.enqueued_at, inference_s, len(jobs), maps)
             for job, result in zip(jobs, results, strict=True)
         ]
 
@@ -212,7 +228,7 @@ class PredictionPipeline:
         try:
             self._check_in_distribution(done.result, image, n_samples)
 
-            def respond() -> PredictionResponse:
+            def respond(maps: dict[str, Heatmap]) -> PredictionResponse:
                 return build_response(
                     request_id=request_id,
                     model_ref=self.model_ref,
@@ -220,15 +236,18 @@ class PredictionPipeline:
                     n_samples=n_samples,
                     image=image,
                     result=done.result,
-                    heatmaps=heatmaps(done.result, self.spec) if done.result.cams else {},
+                    heatmaps=maps,
                     queue_s=done.queue_s,
                     inference_s=done.inference_s,
                     total_s=time.perf_counter() - received_at,
                 )
 
-            # With heatmaps: resampling and encoding the maps and building the response in one trip to the pool;
-            # without, the response is built here on the loop, as before.
-            response = await self._off_loop(respond) if done.result.cams else respond()
+            # Heatmaps still to render: resampling and encoding the maps and building the response in one trip to
+            # the pool. Without heatmaps, or with those the inference thread rendered, it is built here on the loop.
+            if done.result.cams and done.heatmaps is None:
+                response = await self._off_loop(lambda: respond(heatmaps(done.result, self.spec)))
+            else:
+                response = respond(done.heatmaps or {})
         finally:
             self._finishing -= 1
         return response, done.batch_size

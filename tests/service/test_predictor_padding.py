@@ -127,3 +127,26 @@ def test_staging_falls_back_to_pageable_memory_when_page_locking_fails(
     assert predictor.stage(image) is image and predictor.stage(image) is image
     assert len(calls) == 1  # tried once, then pageable for good
     assert "page-locked staging unavailable" in caplog.text
+
+
+def test_a_lone_image_in_a_quiet_moment_gets_its_heatmaps_from_the_inference_thread() -> None:
+    """The same maps the decode threads would render, rendered by the thread already running (no hand-off);
+    only for a batch of one image while ``quiet()`` says nothing else waits, and only when maps were asked for."""
+    from service.pipeline import Job, batch_processor
+    from service.responses import heatmaps
+
+    spec = ModelSpec(arch="test_efficientnet", image_size=64)
+    predictor = Predictor(build_model(spec), spec, device=CPU, max_batch=4)
+    x = torch.rand(spec.in_chans, 64, 64)
+    with_maps = Job(InferenceRequest(x, 2, (0, 1)), 0.0)
+    quiet = [True]
+    process = batch_processor(predictor, quiet=lambda: quiet[0])
+    (alone,) = process([with_maps])
+    assert alone.heatmaps is not None
+    assert set(alone.heatmaps) == {spec.labels[0], spec.labels[1]}
+    assert alone.heatmaps == heatmaps(alone.result, spec)
+    assert [r.heatmaps for r in process([with_maps, with_maps])] == [None, None]  # under load: the decode threads
+    assert process([Job(InferenceRequest(x, 2, ()), 0.0)])[0].heatmaps is None  # no maps asked for
+    quiet[0] = False
+    assert process([with_maps])[0].heatmaps is None
+    assert batch_processor(predictor)([with_maps])[0].heatmaps is None  # no quiet() given: never
