@@ -81,10 +81,13 @@ def _account(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return timed
 
 
-def _install() -> list[str]:
-    """Wrap every target this tree has; returns the ones wrapped."""
+def wrap_targets(
+    targets: tuple[tuple[str, str, str], ...], wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]
+) -> list[str]:
+    """Replace each ``(module, attribute path, label)`` callable this tree has with ``wrap(label, callable)``,
+    where its callers look it up; returns the ``module.path`` of those replaced (bench/timeline.py uses it too)."""
     wrapped = []
-    for module_name, path, stage in TARGETS:
+    for module_name, path, label in targets:
         try:
             owner: Any = importlib.import_module(module_name)
         except ImportError:
@@ -94,8 +97,14 @@ def _install() -> list[str]:
             owner = getattr(owner, parent, None)
         if owner is None or not callable(getattr(owner, name, None)):
             continue
-        setattr(owner, name, _account(stage, getattr(owner, name)))
+        setattr(owner, name, wrap(label, getattr(owner, name)))
         wrapped.append(f"{module_name}.{path}")
+    return wrapped
+
+
+def _install() -> list[str]:
+    """Wrap every target this tree has; returns the ones wrapped."""
+    wrapped = wrap_targets(TARGETS, _account)
     # The trunk: whatever Predictor._trunk is when a batch starts (eager, the frozen graph, CUDA graphs: it is
     # replaced during warm-up) is timed as the trunk, inside Predictor.run and so exclusive of it.
     predictor_class = getattr(importlib.import_module("service.predictor"), "Predictor", None)

@@ -57,6 +57,7 @@ SEGMENTS: tuple[tuple[str, tuple[str, str], tuple[str, str]], ...] = (
     ("trunk + MC head + Grad-CAM grids", ("inference", "start"), ("inference", "end")),
     ("inferred -> heatmaps start", ("inference", "end"), ("heatmaps", "start")),
     ("heatmap PNGs", ("heatmaps", "start"), ("heatmaps", "end")),
+    ("heatmaps -> response objects start", ("heatmaps", "end"), ("response objects", "start")),
     ("response objects", ("response objects", "start"), ("response objects", "end")),
     ("built -> audit record submitted", ("response objects", "end"), ("audit durable", "start")),
     ("audit: wait until durable", ("audit durable", "start"), ("audit durable", "end")),
@@ -102,19 +103,9 @@ def _wrap(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
 
 
 def _install() -> list[str]:
-    wrapped = []
-    for module_name, path, label in TARGETS:
-        try:
-            owner: Any = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        *parents, name = path.split(".")
-        for parent in parents:
-            owner = getattr(owner, parent, None)
-        if owner is None or not callable(getattr(owner, name, None)):
-            continue
-        setattr(owner, name, _wrap(getattr(owner, name), label))
-        wrapped.append(f"{module_name}.{path}")
+    from stage_timer import wrap_targets  # this file's folder is on sys.path: it is the script run
+
+    wrapped = wrap_targets(TARGETS, lambda label, fn: _wrap(fn, label))
     app_module = importlib.import_module("service.app")
     create_app = app_module.create_app
 
