@@ -141,7 +141,18 @@ def _serve_snapshots(fifo: Path, out: Path) -> None:
                     sink.write(json.dumps(_snapshot()) + "\n")
 
 
+def limit_openmp_spin() -> None:
+    """What ``python -m service`` does first (service/openmp.py, where the tree has it): a launcher must do it
+    too, before wrapping the targets imports torch, or the server it starts runs with libgomp's default spin."""
+    try:
+        from service.openmp import limit_openmp_spin as limit
+    except ImportError:  # an older tree
+        return
+    limit()
+
+
 def main() -> int:
+    limit_openmp_spin()
     wrapped = _install()
     fifo, out = os.environ.get("CXR_STAGE_TIMER_FIFO"), os.environ.get("CXR_STAGE_TIMER_OUT")
     if fifo and out:

@@ -155,6 +155,9 @@ def _dump_on_signal(path: Path) -> None:
 
 def serve() -> int:
     _dump_on_signal(Path(os.environ["CXR_TIMELINE_OUT"]))
+    from stage_timer import limit_openmp_spin  # this file's folder is on sys.path: it is the script run
+
+    limit_openmp_spin()  # before _install imports torch
     wrapped = _install()
     print(f"timeline events on: {', '.join(wrapped)}", file=sys.stderr, flush=True)
     from service.__main__ import main as service_main

@@ -90,7 +90,8 @@ def batch_processor(
     ``quiet``: called after a single-image batch; True means nothing else waits for this thread (no upload
     being decoded, none queued), and the image's heatmaps are then rendered here, by the thread that is
     already running, instead of by a decode thread woken for them after the answer's trip through the event
-    loop (a hand-off that waited 2-4 ms for a core in a quarter to half of lone requests: docs/benchmarks.md).
+    loop (0.15-0.2 ms less at the service's OpenMP spin setting; with the model thread's OpenMP worker spinning
+    at libgomp's default, that wake-up waited 2-4 ms in a quarter to half of lone requests: docs/benchmarks.md).
     Under load the decode threads keep that work, so that the next batch is not held up.
     """
 
