@@ -54,7 +54,11 @@ class Settings(BaseSettings):
     max_files_per_request: int = Field(default=16, ge=1, le=256)
     request_timeout_s: float = Field(default=60.0, gt=0)
     decode_workers: int = Field(default=2, ge=1, le=64, description="Threads decoding/preprocessing uploads")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads; None: torch default")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch.set_num_threads; None: torch default (docker/gunicorn.conf.py sets it when workers > 1)",
+    )
     busy_torch_threads: int | None = Field(
         default=1,
         ge=1,

@@ -1,14 +1,19 @@
-"""The service's OpenMP spin setting (service/openmp.py): made before torch loads, never over an operator's."""
+"""The service's OpenMP settings (service/openmp.py): the spin count made before torch loads, never over an
+operator's; several Gunicorn workers share the cores instead of each taking them all."""
 
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from service.openmp import SPIN_COUNT, limit_openmp_spin
+from service.openmp import SPIN_COUNT, limit_openmp_spin, share_cores
+
+GUNICORN_CONF = Path(__file__).resolve().parents[2] / "docker" / "gunicorn.conf.py"
 
 PROBE = (
     "import os, sys; from service.openmp import limit_openmp_spin; "
@@ -50,3 +55,39 @@ def test_the_entry_points_do_not_load_torch_before_they_set_it(entry: str) -> No
     """``python -m service`` and Gunicorn's ``service.asgi`` call limit_openmp_spin first thing; that only works
     while importing them has not loaded torch yet."""
     assert _run(f"import sys, {entry}; print('torch' in sys.modules)") == "False"
+
+
+@pytest.mark.parametrize(
+    ("workers", "cores", "expected"), [(2, 2, "1"), (2, 16, "8"), (8, 16, "2"), (4, 2, "1"), (3, 16, "5")]
+)
+def test_several_workers_share_the_cores(workers: int, cores: int, expected: str) -> None:
+    env: dict[str, str] = {}
+    assert share_cores(workers, env, cores=cores) == int(expected)
+    assert env == {"CXR_TORCH_THREADS": expected}
+
+
+def test_one_worker_or_an_operators_thread_count_is_left_alone() -> None:
+    env: dict[str, str] = {}
+    assert share_cores(1, env, cores=16) is None
+    assert env == {}
+    env = {"CXR_TORCH_THREADS": "6"}
+    assert share_cores(4, env, cores=16) is None
+    assert env == {"CXR_TORCH_THREADS": "6"}
+    with pytest.raises(ValueError, match="at least 1"):
+        share_cores(0, {}, cores=2)
+
+
+def test_share_cores_counts_the_cpus_this_process_may_use() -> None:
+    env: dict[str, str] = {}
+    share_cores(2, env)
+    assert env["CXR_TORCH_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+
+
+@pytest.mark.parametrize(("workers", "set_by_conf"), [("1", False), ("2", True)])
+def test_the_gunicorn_config_applies_it(monkeypatch: pytest.MonkeyPatch, workers: str, set_by_conf: bool) -> None:
+    """docker/gunicorn.conf.py runs in the master before it forks: the workers inherit what it sets."""
+    monkeypatch.setenv("CXR_WORKERS", workers)
+    monkeypatch.delenv("CXR_TORCH_THREADS", raising=False)
+    config = runpy.run_path(str(GUNICORN_CONF))
+    assert config["workers"] == int(workers)
+    assert ("CXR_TORCH_THREADS" in os.environ) is set_by_conf
