@@ -86,8 +86,10 @@ def test_share_cores_counts_the_cpus_this_process_may_use() -> None:
 @pytest.mark.parametrize(("workers", "set_by_conf"), [("1", False), ("2", True)])
 def test_the_gunicorn_config_applies_it(monkeypatch: pytest.MonkeyPatch, workers: str, set_by_conf: bool) -> None:
     """docker/gunicorn.conf.py runs in the master before it forks: the workers inherit what it sets."""
-    monkeypatch.setenv("CXR_WORKERS", workers)
-    monkeypatch.delenv("CXR_TORCH_THREADS", raising=False)
+    # A copy of the environment stands in for it (what the config sets must not reach the other tests).
+    environ = {k: v for k, v in os.environ.items() if k != "CXR_TORCH_THREADS"} | {"CXR_WORKERS": workers}
+    monkeypatch.setattr(os, "environ", environ)
     config = runpy.run_path(str(GUNICORN_CONF))
     assert config["workers"] == int(workers)
-    assert ("CXR_TORCH_THREADS" in os.environ) is set_by_conf
+    expected = str(max(1, len(os.sched_getaffinity(0)) // int(workers))) if set_by_conf else None
+    assert environ.get("CXR_TORCH_THREADS") == expected
