@@ -30,8 +30,8 @@ from bayesnet.errors import (
 from bayesnet.gradcam import gradcam
 from bayesnet.imaging import DecodedImage, ImageFacts, check_radiograph_geometry, decode_image, sniff_format
 from bayesnet.labels import CHEXPERT_LABELS
-from bayesnet.mc import MCPrediction, mc_predict
-from bayesnet.model import BayesianEfficientNet, DropoutMasks, build_model
+from bayesnet.mc import MCPrediction, input_seed, mc_predict
+from bayesnet.model import BayesianEfficientNet, DropoutMasks, PerImageMasks, build_model
 from bayesnet.ood import OODGate, load_ood_gate, save_ood_gate
 from bayesnet.preprocess import preprocess
 from bayesnet.pretrained import init_pretrained
@@ -61,6 +61,7 @@ __all__ = [
     "NotRadiographError",
     "OODGate",
     "OODSpec",
+    "PerImageMasks",
     "PretrainedWeightsError",
     "Referral",
     "ReferralSpec",
@@ -74,6 +75,7 @@ __all__ = [
     "decode_image",
     "gradcam",
     "init_pretrained",
+    "input_seed",
     "load_checkpoint",
     "load_ood_gate",
     "load_spec",

@@ -9,13 +9,22 @@ Uncertainty summaries, per image and label, over the T per-sample probabilities 
 - ``mean`` = E[p_t] (the reported confidence), ``variance`` = Var[p_t] (population variance, divisor T),
   ``std`` = its square root;
 - ``entropy`` = H(E[p_t]) (predictive/total uncertainty, binary entropy in nats),
-  ``expected_entropy`` = E[H(p_t)] (aleatoric), ``mutual_information`` = their difference (epistemic).
+  ``expected_entropy`` = E[H(p_t)] (aleatoric), ``mutual_information`` = their difference (epistemic);
+- ``standard_error`` = the Monte-Carlo standard error of ``mean`` as an estimate of the expectation over
+  dropout masks, ``sqrt(s^2 / T)`` with the unbiased sample variance ``s^2`` (NaN for T = 1): how much the
+  reported confidence would move with another set of T masks.
+
+Repeatable answers: :func:`input_seed` derives a seed from an image's model input and the weights' digest, and
+:class:`~bayesnet.model.PerImageMasks` draws each image's masks from its own seed, so one film gets one answer
+whatever batch it runs in, on every replica. ``T`` (``mc_samples``) stays the knob for precision.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +44,7 @@ class MCPrediction:
     entropy: Tensor
     expected_entropy: Tensor
     mutual_information: Tensor
+    standard_error: Tensor
     samples: Tensor | None = None
 
     @property
@@ -51,8 +61,11 @@ def binary_entropy(p: Tensor) -> Tensor:
 def summarise(probs: Tensor, *, keep_samples: bool = False) -> MCPrediction:
     """Summaries of per-sample probabilities ``(T, B, K)`` (computed in float32)."""
     probs = probs.float()
+    n_samples = int(probs.shape[0])
     mean = probs.mean(dim=0)
     variance = probs.var(dim=0, correction=0)
+    # s^2 / T with s^2 = variance * T / (T - 1): variance / (T - 1); undefined for one sample.
+    standard_error = (variance / (n_samples - 1)).sqrt() if n_samples > 1 else torch.full_like(mean, float("nan"))
     entropy = binary_entropy(mean)
     expected_entropy = binary_entropy(probs).mean(dim=0)
     return MCPrediction(
@@ -63,8 +76,22 @@ def summarise(probs: Tensor, *, keep_samples: bool = False) -> MCPrediction:
         expected_entropy=expected_entropy,
         # Jensen makes this >= 0 mathematically; clamp the float round-off.
         mutual_information=(entropy - expected_entropy).clamp_min(0.0),
+        standard_error=standard_error,
         samples=probs if keep_samples else None,
     )
+
+
+def input_seed(x: Tensor | np.ndarray, weights_sha256: str) -> int:
+    """The MC seed of one image: the first 8 bytes of sha256(weights digest, dtype, shape, model-input bytes).
+
+    ``x`` is the image's model input ``(C, S, S)`` as it enters the network (float32 after preprocessing). The same
+    input with the same weights always gives the same seed; any change to either gives an unrelated one.
+    """
+    array = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, Tensor) else x)
+    digest = hashlib.sha256(weights_sha256.encode("ascii"))
+    digest.update(f"{array.dtype.str}{array.shape}".encode("ascii"))
+    digest.update(array.tobytes())  # 200 KB for a 224 px float32 input
+    return int.from_bytes(digest.digest()[:8], "big") & ((1 << 63) - 1)  # torch seeds are signed 64-bit
 
 
 def _check_eval(model: BayesianEfficientNet) -> None:

@@ -19,7 +19,7 @@ sampling repeats only what is random.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -82,6 +82,35 @@ class DropoutMasks:
         keep = torch.empty(x.shape, device=device, dtype=torch.float32)
         keep.bernoulli_(1.0 - p, generator=self.generator)
         return (keep / (1.0 - p)).to(device=x.device, dtype=x.dtype)
+
+
+class PerImageMasks(DropoutMasks):
+    """Masks for the ``T x B`` stacked rows of an MC batch (row ``t * B + b``), drawn per image from its own seed.
+
+    Image ``b``'s ``T`` masks at every site come from ``torch.Generator().manual_seed(seeds[b])`` alone, in the
+    network's fixed site order, always on the CPU: the same image with the same seed gets the same masks whatever
+    else is in its batch, on any device, in any process. With a seed derived from the image itself
+    (:func:`bayesnet.mc.input_seed`) the same film gets the same answer every time it is sent.
+    """
+
+    def __init__(self, seeds: Sequence[int], n_samples: int, *, record: bool = False) -> None:
+        super().__init__(None, record=record)
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        self.n_samples = n_samples
+        self._generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+    def sample(self, x: Tensor, p: float) -> Tensor:
+        images, rows = len(self._generators), self.n_samples * len(self._generators)
+        if x.shape[0] != rows:
+            raise ValueError(f"{images} images x {self.n_samples} samples = {rows} rows, activation has {x.shape[0]}")
+        if p == 0.0:
+            return torch.ones_like(x)
+        keep = torch.empty((self.n_samples, images, *x.shape[1:]), dtype=torch.float32)
+        for b, generator in enumerate(self._generators):
+            # Drawn contiguous, one image at a time: the stream of an image never depends on its neighbours.
+            keep[:, b] = torch.empty((self.n_samples, *x.shape[1:])).bernoulli_(1.0 - p, generator=generator)
+        return (keep.reshape(x.shape) / (1.0 - p)).to(device=x.device, dtype=x.dtype)
 
 
 @dataclass(frozen=True)

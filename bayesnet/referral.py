@@ -28,6 +28,7 @@ __all__ = [
     "NO_RULE",
     "OUTSIDE_POPULATION",
     "OUT_OF_DISTRIBUTION",
+    "POPULATION_UNVERIFIED",
     "POSSIBLE_FINDING",
     "REASONS",
     "UNCERTAIN_FINDING",
@@ -44,6 +45,7 @@ NOT_CLEARED: Final = "not_cleared_as_normal"
 OUT_OF_DISTRIBUTION: Final = "out_of_distribution"
 OUTSIDE_POPULATION: Final = "outside_intended_population"
 NO_RULE: Final = "no_referral_rule"
+POPULATION_UNVERIFIED: Final = "population_unverified"
 
 #: Every reason code, with what it means (the API documents these).
 REASONS: Final[dict[str, str]] = {
@@ -51,7 +53,10 @@ REASONS: Final[dict[str, str]] = {
     UNCERTAIN_FINDING: "a finding could be neither cleared nor called positive under the rule",
     NOT_CLEARED: "no finding is positive or uncertain, but the film as a whole is not confidently normal",
     OUT_OF_DISTRIBUTION: "the image does not look like the radiographs the model was trained on",
-    OUTSIDE_POPULATION: "the DICOM header says the film is outside the intended use (child, lateral view, not chest)",
+    OUTSIDE_POPULATION: "the DICOM header or the declared patient age / view says the film is outside the intended "
+    "population (child, lateral view, not chest)",
+    POPULATION_UNVERIFIED: "nothing verifies that the film is an adult frontal chest radiograph (no DICOM header or "
+    "declared patient age and view says so), so it cannot be cleared",
     NO_RULE: "the model has no risk-controlled referral rule: every film is referred",
 }
 
@@ -90,24 +95,32 @@ def referral_reasons(
     has_rule: bool,
     out_of_distribution: bool,
     outside_population: bool,
+    population_verified: bool = True,
 ) -> Referral:
     """The referral of one film from its trained findings' decisions and what the gates said.
 
-    ``refer`` is False only when the study rule cleared the film and nothing else asks for a radiologist.
+    ``refer`` is False only when the study rule cleared the film, its population is verified (adult frontal chest)
+    and nothing else asks for a radiologist. A film the gates flag (out of distribution, outside the intended
+    population) is referred for that alone: its findings' decisions are withheld, so no finding-based reason is
+    given for it.
     """
     reasons = []
     if out_of_distribution:
         reasons.append(OUT_OF_DISTRIBUTION)
     if outside_population:
         reasons.append(OUTSIDE_POPULATION)
+    withheld = bool(reasons)
     if not has_rule:
         reasons.append(NO_RULE)
-    if Decision.POSITIVE in decisions:
-        reasons.append(POSSIBLE_FINDING)
-    if Decision.UNCERTAIN in decisions:
-        reasons.append(UNCERTAIN_FINDING)
-    if has_rule and not cleared and not reasons:
-        reasons.append(NOT_CLEARED)
+    if not withheld and not population_verified:
+        reasons.append(POPULATION_UNVERIFIED)
+    if not withheld:
+        if Decision.POSITIVE in decisions:
+            reasons.append(POSSIBLE_FINDING)
+        if Decision.UNCERTAIN in decisions:
+            reasons.append(UNCERTAIN_FINDING)
+        if has_rule and not cleared and not reasons:
+            reasons.append(NOT_CLEARED)
     return Referral(refer=bool(reasons) or not cleared, reasons=tuple(reasons))
 
 

@@ -253,6 +253,7 @@ def create_app(settings: Settings) -> FastAPI:
             timeout_s=settings.request_timeout_s,
             ood_action=settings.ood_action,
             stage=predictor.stage,
+            seed=predictor.seed_for,
         )
         state.ready, state.detail = True, "ready"
         log.info("ready: model %s %s on %s", loaded.spec.name, loaded.spec.version, predictor.device)

@@ -28,6 +28,8 @@ PROJECT_URL = "https://github.com/bayesnet-cxr/bayesnet-cxr/fhir"
 FINDING_SYSTEM = f"{PROJECT_URL}/CodeSystem/chexpert-finding"
 #: The project's own measures: MC-dropout summaries, the method, the referral recommendation.
 MEASURE_SYSTEM = f"{PROJECT_URL}/CodeSystem/bayesnet-cxr"
+#: The API's finding reason codes (``predictions[label].reason``).
+REASON_SYSTEM = f"{PROJECT_URL}/CodeSystem/finding-reason"
 #: Identifier systems: the request id (X-Request-ID) and the sha256 of the model weights.
 REQUEST_ID_SYSTEM = f"{PROJECT_URL}/sid/request-id"
 MODEL_SHA256_SYSTEM = f"{PROJECT_URL}/sid/model-sha256"
@@ -39,6 +41,7 @@ V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 MEDIA_TYPE = "http://terminology.hl7.org/CodeSystem/media-type"
+DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 ISSUE_TYPE_BY_STATUS = {
     401: "security",
     413: "too-long",
@@ -74,6 +77,11 @@ INTERPRETATION_BY_DECISION = {
 }
 
 DISCLAIMER = "Research software, not a medical device: not a diagnosis."
+NO_CLEARING = "This model cannot rule out any finding at its stated guarantee; every film goes to a radiologist."
+WITHHELD_WORDS = {
+    "out_of_distribution": "the image does not look like a frontal chest radiograph",
+    "outside_intended_population": "the film is outside the intended population (adult frontal chest radiographs)",
+}
 OOD_WARNING = (
     "This image does not look like the frontal chest radiographs the model was trained on: "
     "its findings should not be trusted."
@@ -103,9 +111,23 @@ def _probability(value: float) -> JSONDict:
     return {"value": value, "unit": "probability", "system": UCUM, "code": "1"}
 
 
+#: What each finding's reason code says, in a clinician's words (the conclusion and the Observations' notes).
+REASON_WORDS = {
+    "cleared": "ruled out by the rule",
+    "above_positive_threshold": "at or above the rule's positive threshold",
+    "between_thresholds": "neither ruled out nor called positive by the rule",
+    "cannot_be_cleared_by_this_model": "cannot be ruled out by this model",
+    "both_thresholds_met": "the rule's thresholds conflict for this score",
+    "no_rule_mc_disagreement": "the Monte-Carlo samples disagree about the threshold",
+    "withheld_out_of_distribution": "not decided: the image does not look like a frontal chest radiograph",
+    "withheld_outside_population": "not decided: the film is outside the intended population",
+}
+
+
 def _components(prediction: FindingPrediction) -> list[JSONDict]:
+    """The finding's uncertainty and the rule that decided it (the thresholds it carries, the reason code)."""
     low, high = prediction.interval
-    return [
+    components: list[JSONDict] = [
         {"code": _measure("mc-variance", "MC-dropout variance"), "valueQuantity": _probability(prediction.uncertainty)},
         {"code": _measure("mc-std", "MC-dropout standard deviation"), "valueQuantity": _probability(prediction.std)},
         {
@@ -116,11 +138,38 @@ def _components(prediction: FindingPrediction) -> list[JSONDict]:
             "code": _measure("mutual-information", "Mutual information (epistemic uncertainty)"),
             "valueQuantity": {"value": prediction.mutual_information, "unit": "nat"},
         },
-        {
-            "code": _measure("decision-threshold", "Decision threshold"),
-            "valueQuantity": _probability(prediction.threshold),
-        },
     ]
+    if prediction.mc_standard_error is not None:
+        components.append(
+            {
+                "code": _measure("mc-standard-error", "Monte-Carlo standard error of the mean probability"),
+                "valueQuantity": _probability(prediction.mc_standard_error),
+            }
+        )
+    on = "the mean probability" if prediction.decided_on == "conf" else "the MC interval"
+    for code, display, value in (
+        ("clear-below-threshold", f"Cleared when {on} is below", prediction.clear_below),
+        ("positive-at-threshold", f"Positive when {on} reaches", prediction.positive_at),
+    ):
+        component: JSONDict = {"code": _measure(code, display)}
+        if value is None:
+            component["dataAbsentReason"] = {
+                "coding": [{"system": DATA_ABSENT, "code": "not-applicable", "display": "Not Applicable"}],
+                "text": "The model's rule has no such threshold for this finding",
+            }
+        else:
+            component["valueQuantity"] = _probability(value)
+        components.append(component)
+    components.append(
+        {
+            "code": _measure("decision-reason", "Why this decision"),
+            "valueCodeableConcept": {
+                "coding": [{"system": REASON_SYSTEM, "code": prediction.reason}],
+                "text": REASON_WORDS[prediction.reason],
+            },
+        }
+    )
+    return components
 
 
 def _model_text(response: PredictionResponse) -> str:
@@ -147,9 +196,7 @@ def _observation(label: str, prediction: FindingPrediction, response: Prediction
         "component": _components(prediction),
     }
     if prediction.decision == "uncertain":
-        observation["note"] = [
-            {"text": "Neither cleared nor called positive by the model's referral rule: refer to a radiologist."}
-        ]
+        observation["note"] = [{"text": f"{REASON_WORDS[prediction.reason].capitalize()}: refer to a radiologist."}]
     return observation
 
 
@@ -222,21 +269,40 @@ def _media(label: str, heatmap: Heatmap, issued: str) -> JSONDict:
     }
 
 
+def _rule_text(p: FindingPrediction) -> str:
+    """The thresholds that decided a finding, as the conclusion states them."""
+    on = "" if p.decided_on == "conf" else " (on the MC interval)"
+    clear = "cannot be ruled out" if p.clear_below is None else f"cleared below {p.clear_below:.2f}"
+    positive = "never called positive" if p.positive_at is None else f"positive at {p.positive_at:.2f}"
+    return f"{clear}, {positive}{on}"
+
+
 def conclusion(response: PredictionResponse) -> str:
-    """The report's conclusion: positive and uncertain findings, the referral, what produced it."""
-    positive = [(lb, p) for lb, p in response.predictions.items() if p.decision == "positive"]
-    uncertain = [(lb, p) for lb, p in response.predictions.items() if p.decision == "uncertain"]
+    """The report's conclusion: positive and uncertain findings with the rule that decided them, the referral.
 
-    def listing(items: list[tuple[str, FindingPrediction]]) -> str:
-        ordered = sorted(items, key=lambda item: -item[1].conf)
-        return ", ".join(f"{label} (probability {p.conf:.2f}, threshold {p.threshold:.2f})" for label, p in ordered)
-
+    A film whose decisions are withheld (out of distribution, outside the intended population) lists no finding.
+    """
     parts = [f"Preliminary AI result from model {response.model.name} {response.model.version}."]
     if response.ood is not None and not response.ood.in_distribution:
         parts.append(OOD_WARNING)
-    parts.append(f"Positive: {listing(positive)}." if positive else "No finding was decided positive.")
-    if uncertain:
-        parts.append(f"Uncertain (neither cleared nor positive under the referral rule): {listing(uncertain)}.")
+    if response.decisions_withheld:
+        why = " and ".join(WITHHELD_WORDS[w] for w in response.decisions_withheld)
+        parts.append(f"No findings are reported because {why}.")
+    else:
+        positive = [(lb, p) for lb, p in response.predictions.items() if p.decision == "positive"]
+        uncertain = [(lb, p) for lb, p in response.predictions.items() if p.decision == "uncertain"]
+
+        def listing(items: list[tuple[str, FindingPrediction]]) -> str:
+            ordered = sorted(items, key=lambda item: -item[1].conf)
+            return "; ".join(
+                f"{label} (probability {p.conf:.2f}; {_rule_text(p)}; {REASON_WORDS[p.reason]})" for label, p in ordered
+            )
+
+        if response.predictions and all(p.clear_below is None for p in response.predictions.values()):
+            parts.append(NO_CLEARING)
+        parts.append(f"Positive: {listing(positive)}." if positive else "No finding was decided positive.")
+        if uncertain:
+            parts.append(f"Uncertain: {listing(uncertain)}.")
     if _refer(response):
         reasons = ", ".join(reason.replace("_", " ") for reason in response.referral.reasons)
         parts.append(f"Refer to a radiologist for review ({reasons}).")
@@ -304,10 +370,12 @@ def diagnostic_report(response: PredictionResponse, *, issued: datetime, study: 
     if issued.tzinfo is None:
         raise ValueError("issued must be timezone-aware: FHIR instants carry a time zone")
     when = issued.isoformat(timespec="milliseconds")
-    observations = [_observation(lb, p, response, when) for lb, p in response.predictions.items()]
+    # A flagged film's findings are not reported as if they applied: no finding Observations, no heatmaps.
+    shown = {} if response.decisions_withheld else response.predictions
+    observations = [_observation(lb, p, response, when) for lb, p in shown.items()]
     if response.ood is not None:
         observations.append(_ood_observation(response.ood, when))
-    media = [_media(lb, heatmap, when) for lb, heatmap in response.gradcam.items()]
+    media = [] if response.decisions_withheld else [_media(lb, hm, when) for lb, hm in response.gradcam.items()]
     text = conclusion(response)
     conclusion_codes = [finding_concept(lb) for lb, p in response.predictions.items() if p.decision == "positive"]
     if response.ood is not None and not response.ood.in_distribution:

@@ -107,4 +107,5 @@ def build_predictor(loaded: LoadedModel, settings: Settings, *, device: torch.de
         freeze_trunk=settings.freeze_trunk,
         max_batch=max_batch,
         cuda_graphs=settings.cuda_graphs,
+        weights_sha256=loaded.sha256,
     )

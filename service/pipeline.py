@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from bayesnet import DecodedImage, ImageFacts, ModelSpec, decode_image
+from bayesnet.population import Declared, assess
 from service.batcher import BatcherError, MicroBatcher
 from service.decoding import decode_for_model
 from service.errors import (
@@ -29,7 +30,7 @@ from service.errors import (
     InferenceTimeoutError,
     OutOfDistributionError,
 )
-from service.predictor import InferenceRequest, InferenceResult, Predictor
+from service.predictor import AUTO, InferenceRequest, InferenceResult, Predictor
 from service.responses import CamSelectionError, build_response, heatmaps, ood_result, parse_cams
 from service.schemas import Heatmap, ModelRef, PredictionResponse
 from service.uploads import Upload, as_upload
@@ -128,11 +129,15 @@ class PredictionPipeline:
         timeout_s: float,
         ood_action: Literal["flag", "reject"] = "flag",
         stage: Callable[[Tensor], Tensor] | None = None,
+        seed: Callable[[Tensor], int] | None = None,
     ) -> None:
         """``stage``: readies each preprocessed image for the model's device in the decode thread
-        (:meth:`Predictor.stage`: page-locked memory on CUDA); None leaves the tensors as they are."""
+        (:meth:`Predictor.stage`: page-locked memory on CUDA); None leaves the tensors as they are. ``seed``: the
+        image's MC seed (:meth:`Predictor.seed_for`), taken in the decode thread too; None leaves it to the
+        predictor, on the inference thread."""
         self.spec = spec
         self.stage = stage
+        self.seed = seed
         self.ood_action = ood_action
         self.model_ref = model_ref
         self.batcher = batcher
@@ -163,16 +168,18 @@ class PredictionPipeline:
         except CamSelectionError as err:
             raise BadRequestParameterError(str(err)) from err
 
-    async def decode(self, data: bytes | Upload) -> tuple[ImageFacts, Tensor]:
-        """Decode and preprocess off the event loop: ``(image facts, model input tensor)``. An :class:`Upload` that asks
-        for it is hashed in the same thread, right after (the audit trail's digest, without a hop of its own)."""
+    async def decode(self, data: bytes | Upload) -> tuple[ImageFacts, Tensor, int | None]:
+        """Decode and preprocess off the event loop: ``(image facts, model input tensor, MC seed)``. An
+        :class:`Upload` that asks for it is hashed in the same thread, right after (the audit trail's digest,
+        without a hop of its own)."""
         upload = as_upload(data)
 
-        def work() -> tuple[ImageFacts, Tensor]:
+        def work() -> tuple[ImageFacts, Tensor, int | None]:
             image, tensor = decode_for_model(upload.data, self.spec, max_pixels=self.max_pixels)
             if upload.hash_when_decoded:
                 upload.sha256()
-            return image, tensor if self.stage is None else self.stage(tensor)
+            seed = None if self.seed is None else self.seed(tensor)
+            return image, tensor if self.stage is None else self.stage(tensor), seed
 
         return await self._off_loop(work)
 
@@ -197,10 +204,17 @@ class PredictionPipeline:
             )
 
     async def predict(
-        self, data: bytes | Upload, *, request_id: str, cams: str, mc_samples: int | None, received_at: float
+        self,
+        data: bytes | Upload,
+        *,
+        request_id: str,
+        cams: str,
+        mc_samples: int | None,
+        received_at: float,
+        declared: Declared | None = None,
     ) -> tuple[PredictionResponse, int]:
         """One upload -> (response, size of the batch it ran in). Pass the :class:`Upload` the auditor was given,
-        so that its digest is taken while decoding."""
+        so that its digest is taken while decoding. ``declared``: the client's declared patient age and view."""
         wanted = self.parse_cams(cams)
         n_samples = mc_samples if mc_samples is not None else self.default_samples
         # Admission control before any work: uploads being decoded count against the queue bound, so a burst
@@ -208,10 +222,12 @@ class PredictionPipeline:
         self.batcher.admit(pending=self._decoding)
         self._decoding += 1
         try:
-            image, tensor = await self.decode(data)
+            image, tensor, seed = await self.decode(data)
         finally:
             self._decoding -= 1
-        job = Job(InferenceRequest(tensor, n_samples, wanted), time.perf_counter())
+        if wanted == AUTO and assess(image, declared).flags:
+            wanted = ()  # a film outside the intended population gets no findings shown, so no heatmaps drawn
+        job = Job(InferenceRequest(tensor, n_samples, wanted, seed), time.perf_counter())
         try:
             done = await asyncio.wait_for(self.batcher.submit(job), timeout=self.timeout_s)
         except TimeoutError as err:
@@ -241,6 +257,7 @@ class PredictionPipeline:
                     queue_s=done.queue_s,
                     inference_s=done.inference_s,
                     total_s=time.perf_counter() - received_at,
+                    declared=declared,
                 )
 
             # Heatmaps still to render: resampling and encoding the maps and building the response in one trip to

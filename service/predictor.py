@@ -19,10 +19,11 @@ from torch import Tensor
 
 from bayesnet import BayesianEfficientNet, ModelSpec, gradcam
 from bayesnet.cudagraph import CudaGraphError, GraphedTrunk
-from bayesnet.decision import Decision, decide
+from bayesnet.decision import Decision, Reason, decide_with_reasons
 from bayesnet.frozen import FrozenGraphError, frozen_trunk
 from bayesnet.gradcam import GridCams, cam_grids, resampling_matrices
-from bayesnet.mc import MCPrediction, mc_from_trunk
+from bayesnet.mc import MCPrediction, input_seed, mc_from_trunk
+from bayesnet.model import PerImageMasks
 from bayesnet.ood import OODGate
 from bayesnet.referral import study_cleared
 
@@ -40,6 +41,8 @@ class InferenceRequest:
     tensor: Tensor  # (C, S, S) float32, CPU
     n_samples: int
     cams: str | tuple[int, ...]  # AUTO, or label indices (possibly empty)
+    #: The image's MC seed (bayesnet.input_seed of ``tensor`` and the weights); None: the predictor derives it.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,12 @@ class InferenceResult:
     mean: np.ndarray  # (K,)
     variance: np.ndarray
     std: np.ndarray
+    standard_error: np.ndarray  # Monte-Carlo standard error of ``mean`` (NaN with one sample)
     interval: np.ndarray  # (K, 2): 5th and 95th percentile of the sample probabilities
     mutual_information: np.ndarray
     decisions: tuple[Decision, ...]
+    reasons: tuple[Reason, ...]  # why each label got its decision (bayesnet.decision.Reason)
+    seed: int  # the seed this image's dropout masks were drawn from
     cams: Mapping[int, np.ndarray]  # label index -> (S, S) float32 in [0, 1] (GridCams: resampled when read)
     ood_score: float | None = None  # the OOD gate's score; None when the checkpoint has no gate
     cleared: bool = False  # the study-level referral rule clears the film as normal (bayesnet.referral)
@@ -78,8 +84,12 @@ class Predictor:
         max_batch: int | None = None,
         pad_batches: bool | None = None,
         cuda_graphs: bool = True,
+        weights_sha256: str = "",
     ) -> None:
-        """``max_batch``: the most images one ``run`` gets (the batcher's limit).
+        """``weights_sha256``: the digest of the weights, mixed into every image's MC seed (:meth:`seed_for`), so
+        that one film gets one answer from these weights on any replica, and other weights draw other masks.
+
+        ``max_batch``: the most images one ``run`` gets (the batcher's limit).
 
         ``pad_batches`` (default: on CUDA): pad each batch with blank images up to a size in
         :func:`batch_buckets` and warm every such size up, so the network only ever sees a handful of
@@ -95,6 +105,7 @@ class Predictor:
         """
         self.spec = spec
         self.device = device
+        self.weights_sha256 = weights_sha256
         self.model = model.to(device).eval()
         self.ood = ood.to(device) if ood is not None else None
         if device.type == "cuda":
@@ -133,6 +144,11 @@ class Predictor:
         else:
             with torch.autocast(self.device.type, dtype=self._autocast_dtype):
                 yield
+
+    def seed_for(self, tensor: Tensor) -> int:
+        """The MC seed of one preprocessed image ``(C, S, S)``: a digest of it and of the weights. Callers on
+        other threads (the decode pool) compute it there, off the inference thread."""
+        return input_seed(tensor, self.weights_sha256)
 
     def warmup(self) -> None:
         """One real batch through every code path (trunk, stacked head, Grad-CAM); each bucket size when padding."""
@@ -216,15 +232,20 @@ class Predictor:
             else:
                 trunk = self.model.forward_trunk(x)[:n]
             scores = self._ood_scores(trunk)
+            seeds = [self.seed_for(r.tensor) if r.seed is None else r.seed for r in requests]
             for n_samples, idx in _group_by_samples(requests):
-                pred = mc_from_trunk(self.model, trunk[idx], n_samples, return_samples=True)
-                summaries = self._summaries(pred, None if scores is None else [scores[i] for i in idx])
+                # Each image's masks come from its own seed, whatever else shares the batch (PerImageMasks).
+                masks = PerImageMasks([seeds[i] for i in idx], n_samples)
+                pred = mc_from_trunk(self.model, trunk[idx], n_samples, masks=masks, return_samples=True)
+                summaries = self._summaries(
+                    pred, None if scores is None else [scores[i] for i in idx], [seeds[i] for i in idx]
+                )
                 for i, result in zip(idx, summaries, strict=True):
                     results[i] = result
         done = [r for r in results if r is not None]
         assert len(done) == len(requests)
         cam_requests = [
-            (i, self._cam_classes(request.cams, result.mean, result.decisions))
+            (i, self._cam_classes(request.cams, result))
             for i, (request, result) in enumerate(zip(requests, done, strict=True))
         ]
         self._add_cams(x, features, cam_requests, done)
@@ -237,25 +258,29 @@ class Predictor:
         scores: list[float] = self.ood.score(self.model.trunk_features(trunk).float()).cpu().tolist()
         return scores
 
-    def _summaries(self, pred: MCPrediction, ood_scores: list[float] | None) -> list[InferenceResult]:
+    def _summaries(self, pred: MCPrediction, ood_scores: list[float] | None, seeds: list[int]) -> list[InferenceResult]:
         """Per-image results of one MC call, converted to numpy in one go (rows in the call's order)."""
         assert pred.samples is not None
         samples = pred.samples.float()  # (T, G, K)
-        decisions = decide(samples, self.spec)
+        decided = decide_with_reasons(samples, self.spec)
         cleared = study_cleared(samples, self.spec)
         q = torch.tensor([0.05, 0.95], device=samples.device)
         interval = torch.quantile(samples, q, dim=0).permute(1, 2, 0)  # (G, K, 2)
-        mean, variance, std, mi, interval_np = (
-            t.cpu().numpy() for t in (pred.mean, pred.variance, pred.std, pred.mutual_information, interval)
+        mean, variance, std, se, mi, interval_np = (
+            t.cpu().numpy()
+            for t in (pred.mean, pred.variance, pred.std, pred.standard_error, pred.mutual_information, interval)
         )
         return [
             InferenceResult(
                 mean=mean[g],
                 variance=variance[g],
                 std=std[g],
+                standard_error=se[g],
                 interval=interval_np[g],
                 mutual_information=mi[g],
-                decisions=tuple(decisions[g]),
+                decisions=tuple(decision for decision, _ in decided[g]),
+                reasons=tuple(reason for _, reason in decided[g]),
+                seed=seeds[g],
                 cams={},
                 ood_score=None if ood_scores is None else ood_scores[g],
                 cleared=cleared[g],
@@ -263,11 +288,14 @@ class Predictor:
             for g in range(samples.shape[1])
         ]
 
-    def _cam_classes(self, cams: str | tuple[int, ...], mean: np.ndarray, decisions: tuple[Decision, ...]) -> list[int]:
+    def _cam_classes(self, cams: str | tuple[int, ...], result: InferenceResult) -> list[int]:
         if not isinstance(cams, str):
             return list(cams)
+        if self.spec.ood is not None and result.ood_score is not None and result.ood_score > self.spec.ood.threshold:
+            return []  # out of distribution: no finding is shown for it, so no heatmap is drawn (explicit cams are)
+        decisions = result.decisions
         flagged = [k for k in self._trained if decisions[k] in (Decision.POSITIVE, Decision.UNCERTAIN)]
-        flagged.sort(key=lambda k: float(mean[k]), reverse=True)
+        flagged.sort(key=lambda k: float(result.mean[k]), reverse=True)
         return flagged[:AUTO_CAM_LIMIT]
 
     def _add_cams(

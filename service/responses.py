@@ -12,10 +12,13 @@ import base64
 from typing import Literal
 
 from bayesnet import ImageFacts, ModelSpec
-from bayesnet.referral import describe, referral_reasons
+from bayesnet.decision import Decision, FindingRule, Reason, finding_rules
+from bayesnet.population import Declared, Population, assess
+from bayesnet.referral import OUT_OF_DISTRIBUTION, OUTSIDE_POPULATION, describe, referral_reasons
 from service.png import heatmap_png
 from service.predictor import AUTO, InferenceResult
 from service.schemas import (
+    FindingEvidence,
     FindingPrediction,
     Heatmap,
     ImageInfo,
@@ -108,20 +111,98 @@ def referral_info(spec: ModelSpec) -> ReferralInfo | None:
     )
 
 
-def referral(result: InferenceResult, spec: ModelSpec, image: ImageFacts) -> Referral:
-    """The film's triage outcome: the study rule, the findings' decisions and the gates."""
+def referral(result: InferenceResult, spec: ModelSpec, population: Population) -> Referral:
+    """The film's triage outcome: the study rule, the findings' decisions, the gates and the population check."""
     verdict = ood_result(result, spec)
     outcome = referral_reasons(
         [result.decisions[spec.label_index(label)] for label in spec.trained_labels],
         cleared=result.cleared,
         has_rule=spec.referral is not None,
         out_of_distribution=verdict is not None and not verdict.in_distribution,
-        outside_population=bool(image.population_flags),
+        outside_population=bool(population.flags),
+        population_verified=population.verified,
     )
     return Referral(
         refer=outcome.refer,
         reasons=list(outcome.reasons),  # type: ignore[arg-type]
-        population=list(image.population_flags),  # type: ignore[arg-type]
+        population=list(population.flags),  # type: ignore[arg-type]
+        population_verified=population.verified,
+        population_missing=list(population.missing),  # type: ignore[arg-type]
+    )
+
+
+_WITHHELD_REASON = {
+    OUT_OF_DISTRIBUTION: Reason.WITHHELD_OUT_OF_DISTRIBUTION,
+    OUTSIDE_POPULATION: Reason.WITHHELD_OUTSIDE_POPULATION,
+}
+
+
+def withheld_because(triage: Referral) -> list[str]:
+    """The gates that withhold every finding's decision (in the referral's order); empty: the decisions apply."""
+    return [reason for reason in triage.reasons if reason in _WITHHELD_REASON]
+
+
+def can_clear(spec: ModelSpec) -> bool:
+    """Whether the model's rule can clear anything: some finding with a clear-below threshold and a study rule."""
+    rule = spec.referral
+    if rule is None:
+        return True  # the disagreement rule clears a finding below its threshold (no guarantee: GET /v1/model)
+    return rule.study_threshold is not None and any(t is not None for t in rule.negative_threshold)
+
+
+def evidence(spec: ModelSpec, metrics: dict[str, object]) -> dict[str, FindingEvidence]:
+    """Per trained finding: its AUROC and bootstrap CI as the model card measured them (``metrics`` of the
+    checkpoint: ``auc_mc``, ``auc_mc_ci``, ``n_images``, ``data``), and whether the CI excludes chance."""
+    auc = metrics.get("auc_mc") if isinstance(metrics.get("auc_mc"), dict) else {}
+    ci = metrics.get("auc_mc_ci") if isinstance(metrics.get("auc_mc_ci"), dict) else {}
+    low = ci.get("lo", {}) if isinstance(ci, dict) else {}
+    high = ci.get("hi", {}) if isinstance(ci, dict) else {}
+    n_films = metrics.get("n_images")
+    data = metrics.get("data")
+    source = (
+        f"{n_films} held-out films of {data}, the same films that chose the epoch and fitted the calibration "
+        "(optimistic; the model card also gives cross-validated figures)"
+        if data
+        else "not measured"
+    )
+    out = {}
+    for label in spec.trained_labels:
+        value = _number(auc.get(label) if isinstance(auc, dict) else None)
+        lo = _number(low.get(label) if isinstance(low, dict) else None)
+        hi = _number(high.get(label) if isinstance(high, dict) else None)
+        out[label] = FindingEvidence(
+            auroc=value,
+            ci_low=lo,
+            ci_high=hi,
+            n_films=n_films if isinstance(n_films, int) else None,
+            source=source,
+            better_than_chance=None if lo is None or hi is None else not (lo <= 0.5 <= hi),
+        )
+    return out
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def finding(
+    result: InferenceResult, spec: ModelSpec, k: int, rule: FindingRule, withheld: Reason | None
+) -> FindingPrediction:
+    """One finding's numbers and the rule that decided it; with ``withheld`` (a gate fired) no decision is made."""
+    se = float(result.standard_error[k])
+    return FindingPrediction(
+        conf=float(result.mean[k]),
+        uncertainty=float(result.variance[k]),
+        std=float(result.std[k]),
+        mc_standard_error=None if se != se else se,  # NaN with one sample
+        interval=(float(result.interval[k, 0]), float(result.interval[k, 1])),
+        mutual_information=float(result.mutual_information[k]),
+        decision=(Decision.UNCERTAIN if withheld else result.decisions[k]).value,
+        clear_below=rule.clear_below,
+        positive_at=rule.positive_at,
+        decided_on=rule.decided_on,
+        reason=(withheld or result.reasons[k]).value,  # type: ignore[arg-type]
+        threshold=spec.threshold[k],
     )
 
 
@@ -149,31 +230,31 @@ def build_response(
     queue_s: float,
     inference_s: float,
     total_s: float,
+    declared: Declared | None = None,
 ) -> PredictionResponse:
     """The API's response for one image: one entry per trained label, the referral flag, image facts.
 
     Only the decoded image's format, size, photometric interpretation and decoding warnings are
-    reported: nothing from DICOM headers that could identify a patient.
+    reported: nothing from DICOM headers (or the client's declared age and view) that could identify a patient.
+    A film the gates flag keeps its numbers, with every decision withheld (uncertain, ``withheld_*`` reason).
     """
+    triage = referral(result, spec, assess(image, declared))
+    withheld = withheld_because(triage)
+    withheld_reason = _WITHHELD_REASON[withheld[0]] if withheld else None
+    rules = finding_rules(spec)
     predictions = {}
     for label in spec.trained_labels:
         k = spec.label_index(label)
-        predictions[label] = FindingPrediction(
-            conf=float(result.mean[k]),
-            uncertainty=float(result.variance[k]),
-            std=float(result.std[k]),
-            interval=(float(result.interval[k, 0]), float(result.interval[k, 1])),
-            mutual_information=float(result.mutual_information[k]),
-            decision=result.decisions[k].value,
-            threshold=spec.threshold[k],
-        )
+        predictions[label] = finding(result, spec, k, rules[k], withheld_reason)
     return PredictionResponse(
         request_id=request_id,
         model=model_ref,
         mc_samples=n_samples,
+        mc_seed=f"{result.seed:016x}",
         predictions=predictions,
+        decisions_withheld=withheld,  # type: ignore[arg-type]
         uncertain=any(p.decision == "uncertain" for p in predictions.values()),
-        referral=referral(result, spec, image),
+        referral=triage,
         ood=ood_result(result, spec),
         gradcam=heatmaps,
         image=ImageInfo(

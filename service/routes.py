@@ -15,6 +15,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bayesnet.population import Declared, DeclaredView
 from service import fhir
 from service.audit import Auditor, AuditSubject, AuditTrail, client_id_for
 from service.dicom import DicomSourceError, dicom_source, sr_answer, stow
@@ -31,7 +32,7 @@ from service.errors import (
 )
 from service.negotiation import DICOM, FHIR_JSON, FHIR_JSON_R4, JSON, choose_media_type
 from service.pipeline import PredictionPipeline
-from service.responses import ood_gate_info, referral_info
+from service.responses import can_clear, evidence, ood_gate_info, referral_info
 from service.schemas import (
     BatchItem,
     BatchItemError,
@@ -80,12 +81,24 @@ _NOT_ACCEPTABLE: dict[int, dict[str, Any]] = {
 }
 
 
-def _predict_responses(what: str) -> dict[int, dict[str, Any]]:
-    """OpenAPI responses of a predict endpoint: the 200's FHIR alternative, 406, and the shared errors."""
-    ok: dict[str, Any] = {
-        "description": f"{what}: {JSON} by default, or FHIR R4 JSON with `Accept: {FHIR_JSON}`",
-        "content": {FHIR_JSON: {"schema": _FHIR_SCHEMA}},
-    }
+_DICOM_SR_SCHEMA = {
+    "type": "string",
+    "format": "binary",
+    "description": "A DICOM Part 10 Comprehensive 3D SR (TID 1500 measurement report, IHE AI Results) in the "
+    "uploaded image's study: per finding the decision, the MC mean and SD, the rule's thresholds and the decision "
+    "reason; the referral and its reasons. Only for a DICOM upload (406 otherwise). See docs/dicom.md.",
+}
+
+
+def _predict_responses(what: str, *, dicom: bool = False) -> dict[int, dict[str, Any]]:
+    """OpenAPI responses of a predict endpoint: the 200's FHIR (and, for one DICOM image, SR) alternatives, 406,
+    and the shared errors."""
+    content: dict[str, Any] = {FHIR_JSON: {"schema": _FHIR_SCHEMA}}
+    description = f"{what}: {JSON} by default, or FHIR R4 JSON with `Accept: {FHIR_JSON}`"
+    if dicom:
+        content[DICOM] = {"schema": _DICOM_SR_SCHEMA}
+        description += f", or a DICOM SR with `Accept: {DICOM}` (DICOM uploads only)"
+    ok: dict[str, Any] = {"description": description, "content": content}
     return {200: ok, **_NOT_ACCEPTABLE, **_ERRORS}
 
 
@@ -100,6 +113,28 @@ CamsQuery = Annotated[
 SamplesQuery = Annotated[
     int | None, Query(ge=1, le=100, description="Monte-Carlo samples T (default: the model's, usually 20)")
 ]
+AgeQuery = Annotated[
+    float | None,
+    Query(
+        ge=0,
+        le=150,
+        description="The patient's age in years, declared by the sender (PNG and JPEG carry no header). Under 18: "
+        "outside the intended population. Without patient_age and view a PNG or JPEG is scored but never cleared "
+        "(population_unverified). A DICOM header's Patient's Age is used first; a declaration can only add to it. "
+        "Never logged or returned",
+    ),
+]
+ViewQuery = Annotated[
+    DeclaredView | None,
+    Query(
+        description="The film's view, declared by the sender: PA or AP (frontal, the intended population) or a "
+        "lateral, oblique or decubitus view (outside it). Never logged or returned",
+    ),
+]
+
+
+def _declared(patient_age: float | None, view: str | None) -> Declared | None:
+    return None if patient_age is None and view is None else Declared(age_years=patient_age, view=view)
 
 
 def _state(request: Request) -> ServiceState:
@@ -257,7 +292,7 @@ async def _read_image(request: Request, file: UploadFile | None) -> bytes:
 @router.post(
     "/v1/predict",
     response_model=PredictionResponse,
-    responses=_predict_responses("The findings"),  # type: ignore[arg-type]
+    responses=_predict_responses("The findings", dicom=True),  # type: ignore[arg-type]
     dependencies=Protected,
     summary="Findings, uncertainty and heatmaps for one radiograph",
     tags=["predict"],
@@ -274,6 +309,8 @@ async def predict(
     ] = None,
     cams: CamsQuery = "auto",
     mc_samples: SamplesQuery = None,
+    patient_age: AgeQuery = None,
+    view: ViewQuery = None,
 ) -> PredictionResponse | Response:
     received_at = time.perf_counter()
     auditor = _auditor(request)
@@ -294,7 +331,12 @@ async def predict(
             _audit_subject(request, pipeline),
             upload,
             pipeline.predict(
-                upload, request_id=request.state.request_id, cams=cams, mc_samples=mc_samples, received_at=received_at
+                upload,
+                request_id=request.state.request_id,
+                cams=cams,
+                mc_samples=mc_samples,
+                received_at=received_at,
+                declared=_declared(patient_age, view),
             ),
         ),
     )
@@ -319,7 +361,7 @@ router.add_api_route(
     predict,
     methods=["POST"],
     response_model=PredictionResponse,
-    responses=_predict_responses("The findings"),  # type: ignore[arg-type]
+    responses=_predict_responses("The findings", dicom=True),  # type: ignore[arg-type]
     dependencies=Protected,
     summary="Same as /v1/predict, at the original project's path",
     tags=["predict"],
@@ -344,6 +386,8 @@ async def predict_batch(
     files: Annotated[list[UploadFile], File(description="Radiographs, repeated field 'files'")],
     cams: CamsQuery = "auto",
     mc_samples: SamplesQuery = None,
+    patient_age: AgeQuery = None,
+    view: ViewQuery = None,
 ) -> BatchResponse | Response:
     settings = _state(request).settings
     if len(files) > settings.max_files_per_request:
@@ -360,7 +404,12 @@ async def predict_batch(
                 _audit_subject(request, pipeline, index),
                 data,
                 pipeline.predict(
-                    data, request_id=f"{request_id}-{index}", cams=cams, mc_samples=mc_samples, received_at=received_at
+                    data,
+                    request_id=f"{request_id}-{index}",
+                    cams=cams,
+                    mc_samples=mc_samples,
+                    received_at=received_at,
+                    declared=_declared(patient_age, view),
                 ),
             )
             return BatchItem(index=index, filename=upload.filename, result=result)
@@ -471,6 +520,8 @@ async def model_card(request: Request) -> ModelCard:
         card_markdown=loaded.card_markdown,
         ood=ood_gate_info(spec, state.settings.ood_action),
         referral=referral_info(spec),
+        can_clear=can_clear(spec),
+        evidence=evidence(spec, dict(metrics)),
     )
 
 

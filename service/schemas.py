@@ -12,6 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 DecisionName = Literal["positive", "negative", "uncertain"]
 
+FindingReason = Literal[
+    "cleared",
+    "above_positive_threshold",
+    "between_thresholds",
+    "cannot_be_cleared_by_this_model",
+    "both_thresholds_met",
+    "no_rule_mc_disagreement",
+    "withheld_out_of_distribution",
+    "withheld_outside_population",
+]
+
+WithheldBecause = Literal["out_of_distribution", "outside_intended_population"]
+
 
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -21,16 +34,48 @@ class FindingPrediction(_Schema):
     conf: float = Field(description="MC-dropout mean probability after temperature scaling", ge=0, le=1)
     uncertainty: float = Field(description="Variance of the MC sample probabilities (divisor T)", ge=0)
     std: float = Field(description="Standard deviation of the MC sample probabilities", ge=0)
+    mc_standard_error: float | None = Field(
+        description="Monte-Carlo standard error of conf: sqrt(s^2 / T) with the unbiased sample variance s^2, i.e. "
+        "how far conf could move with another draw of the T dropout masks (more mc_samples make it smaller); null "
+        "with one sample",
+        ge=0,
+    )
     interval: tuple[float, float] = Field(description="5th and 95th percentile of the MC sample probabilities")
     mutual_information: float = Field(description="Epistemic uncertainty (nats): H(mean) - mean(H(sample))", ge=0)
     decision: DecisionName = Field(
-        description="positive | negative (auto-cleared) | uncertain (refer). With a referral rule (GET /v1/model "
-        "referral), the risk-controlled rule decides: negative only where its guarantee allows clearing; "
-        "without one, uncertain means the MC samples disagree about the threshold"
+        description="positive | negative (cleared for this finding) | uncertain (refer). Always follows from "
+        "clear_below, positive_at and decided_on in this same object (reason says which case); uncertain with a "
+        "withheld_* reason when the film's decisions are withheld (see decisions_withheld)"
+    )
+    clear_below: float | None = Field(
+        description="The deciding rule's clear-below threshold: negative when the decided-on score is below it. "
+        "null: this model cannot clear (rule out) this finding at its stated guarantee",
+        ge=0,
+        le=1,
+    )
+    positive_at: float | None = Field(
+        description="The deciding rule's positive-at threshold: positive when the decided-on score reaches it. "
+        "null: this model never calls this finding positive",
+        ge=0,
+        le=1,
+    )
+    decided_on: Literal["conf", "interval"] = Field(
+        description="Which score the thresholds compare. conf: conf < clear_below clears, conf >= positive_at is "
+        "positive. interval: interval[1] (95th percentile) < clear_below clears, interval[0] (5th percentile) >= "
+        "positive_at is positive. Both at once, or neither: uncertain"
+    )
+    reason: FindingReason = Field(
+        description="Why this decision: cleared (below clear_below); above_positive_threshold (at or above "
+        "positive_at); between_thresholds (neither); cannot_be_cleared_by_this_model (clear_below is null and "
+        "positive_at is not reached); both_thresholds_met (below clear_below and at positive_at: refer); "
+        "no_rule_mc_disagreement (a model without a referral rule: the MC samples disagree about the threshold); "
+        "withheld_out_of_distribution / withheld_outside_population (the film is flagged: no decision is made for "
+        "any finding, the numbers are kept for integrators)"
     )
     threshold: float = Field(
-        description="The label's point-estimate threshold on conf (Youden's J on the calibration films); the "
-        "referral rule's own thresholds are in GET /v1/model referral",
+        description="Legacy field: the label's point-estimate threshold on conf (Youden's J on the calibration "
+        "films). It is NOT the rule that decides when the model has a referral rule (clear_below and positive_at "
+        "are); it equals both of them for a model without one",
         gt=0,
         lt=1,
     )
@@ -84,6 +129,7 @@ ReferralReason = Literal[
     "not_cleared_as_normal",
     "out_of_distribution",
     "outside_intended_population",
+    "population_unverified",
     "no_referral_rule",
 ]
 
@@ -91,18 +137,31 @@ ReferralReason = Literal[
 class Referral(_Schema):
     refer: bool = Field(
         description="Send the film to a radiologist. False only for a film the study-level rule cleared as normal, "
-        "with no finding positive or uncertain and no gate raised"
+        "with no finding positive or uncertain, no gate raised and its population verified (population_verified)"
     )
     reasons: list[ReferralReason] = Field(
         description="Why it is referred: possible_finding (a finding decided positive), uncertain_finding (neither "
         "cleared nor positive under the rule), not_cleared_as_normal (no single finding, but the film as a whole is "
-        "not confidently normal), out_of_distribution (the OOD gate), outside_intended_population (DICOM header: "
-        "child, lateral or oblique view, not a chest), no_referral_rule (the model has no fitted rule)"
+        "not confidently normal), out_of_distribution (the OOD gate), outside_intended_population (DICOM header or "
+        "declared patient_age / view: child, lateral or oblique view, not a chest), population_unverified (nothing "
+        "establishes an adult frontal chest film: a PNG or JPEG without declared patient_age and view, or a DICOM "
+        "header without Patient's Age or View Position; such a film is never cleared), no_referral_rule (the model "
+        "has no fitted rule). A film flagged out_of_distribution or outside_intended_population gets no "
+        "finding-based reason: its findings' decisions are withheld"
     )
     population: list[Literal["paediatric", "lateral_or_oblique_view", "non_chest_body_part"]] = Field(
         default_factory=list,
-        description="For outside_intended_population: which header check fired (the header values are never "
+        description="For outside_intended_population: which check fired (header or declared values are never "
         "returned or logged)",
+    )
+    population_verified: bool = Field(
+        default=False,
+        description="True when the DICOM header or the declared patient_age and view establish an adult (18 years "
+        "or older) frontal (PA or AP) film and nothing puts it outside the population; clearing requires it",
+    )
+    population_missing: list[Literal["age", "view"]] = Field(
+        default_factory=list,
+        description="What nobody established (declare it with patient_age / view to make the film clearable)",
     )
 
 
@@ -110,7 +169,17 @@ class PredictionResponse(_Schema):
     request_id: str
     model: ModelRef
     mc_samples: int
+    mc_seed: str = Field(
+        description="The seed (16 hex digits) this image's dropout masks were drawn from: a digest of the model "
+        "input and the weights' sha256, so the same film gives the same numbers, decisions and heatmaps every time, "
+        "whatever else is in its batch, on every replica with the same device type and weights"
+    )
     predictions: dict[str, FindingPrediction] = Field(description="One entry per trained label, by label name")
+    decisions_withheld: list[WithheldBecause] = Field(
+        description="Empty when the findings' decisions apply. Otherwise why no finding is decided: every decision "
+        "is uncertain with a withheld_* reason, and conf / interval are kept only for integrators (do not show them "
+        "as findings)"
+    )
     uncertain: bool = Field(
         description="True when any finding's decision is uncertain (kept for older clients; referral.refer is the "
         "workflow flag: it is also true for positive findings, gates and films not cleared as normal)"
@@ -194,6 +263,18 @@ class ReferralInfo(_Schema):
     summary: str = Field(description="The guarantee in plain words")
 
 
+class FindingEvidence(_Schema):
+    auroc: float | None = Field(description="ROC AUC of conf for this finding on the films named in source")
+    ci_low: float | None = Field(description="Lower end of its bootstrap 95% confidence interval")
+    ci_high: float | None = Field(description="Upper end of its bootstrap 95% confidence interval")
+    n_films: int | None = Field(description="Films it was measured on")
+    source: str = Field(description="Which films, and how they relate to training")
+    better_than_chance: bool | None = Field(
+        description="False when the interval includes 0.5: the model is not shown to be better than chance at this "
+        "finding; null when not measured"
+    )
+
+
 class ModelCard(_Schema):
     name: str
     version: str
@@ -221,6 +302,14 @@ class ModelCard(_Schema):
     referral: ReferralInfo | None = Field(
         default=None,
         description="The risk-controlled referral rule and its guarantees; null: none fitted (every film is referred)",
+    )
+    can_clear: bool = Field(
+        default=False,
+        description="False when the rule can rule out no finding (every clear-below threshold null) or clear no "
+        "film: then every film goes to a radiologist",
+    )
+    evidence: dict[str, FindingEvidence] = Field(
+        default_factory=dict, description="Per trained finding: how well the model separates it, as measured"
     )
 
 

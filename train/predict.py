@@ -15,9 +15,10 @@ import torch
 
 from bayesnet import BayesianEfficientNet, ModelSpec
 from bayesnet.checkpoint import read_checkpoint_document
-from bayesnet.mc import mc_logits
+from bayesnet.mc import input_seed, mc_logits
+from bayesnet.model import PerImageMasks
 
-__all__ = ["Predictions", "collect", "policy_of", "sigmoid"]
+__all__ = ["Predictions", "collect", "policy_of", "sigmoid", "weights_sha256_of"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Predictions:
     det_logits: np.ndarray  # (N, K) deterministic pass
     mc_logits: np.ndarray  # (T, N, K) stochastic passes (uncalibrated)
     seconds_per_image: float
+
+
+def weights_sha256_of(checkpoint: Path) -> str:
+    """The sha256 of a checkpoint's weights file, as its ``model.json`` records it (the service's MC seed salt)."""
+    return str(read_checkpoint_document(checkpoint)["weights_sha256"])
 
 
 def policy_of(checkpoint: Path) -> str:
@@ -47,8 +53,15 @@ def collect(
     workers: int = 0,
     seed: int = 0,
     device: torch.device | None = None,
+    weights_sha256: str | None = None,
 ) -> Predictions:
-    """Run the model over a CSV: deterministic logits and T stochastic logits per image (trunk once)."""
+    """Run the model over a CSV: deterministic logits and T stochastic logits per image (trunk once).
+
+    ``weights_sha256`` (a saved checkpoint's, :func:`weights_sha256_of`): each film's dropout masks come from its own
+    seed, :func:`bayesnet.input_seed` of its model input and that digest, exactly as the service and the archive
+    scorer draw them, so a film gets the numbers here that it gets over HTTP. None (a model not saved yet): one
+    stream from ``seed`` for the whole run.
+    """
     from train.chexpert_csv import parse_uncertain_policy
     from train.data import load_chexpert
     from train.loader import make_loader
@@ -64,7 +77,11 @@ def collect(
             x = x.to(device)
             trunk = model.forward_trunk(x)
             dets.append(model.forward_stochastic(trunk).float().cpu())  # eval mode, no masks: deterministic
-            mcs.append(mc_logits(model, trunk, mc_samples, generator=generator).cpu())
+            if weights_sha256 is None:
+                mcs.append(mc_logits(model, trunk, mc_samples, generator=generator).cpu())
+            else:
+                seeds = [input_seed(image, weights_sha256) for image in x]
+                mcs.append(mc_logits(model, trunk, mc_samples, masks=PerImageMasks(seeds, mc_samples)).cpu())
             ys.append(y)
     elapsed = time.perf_counter() - started
     y_all = torch.cat(ys).numpy().astype(np.float64)

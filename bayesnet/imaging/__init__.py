@@ -24,9 +24,12 @@ One module per concern; each module's docstring records the decisions it makes:
   a radiograph can have (:func:`check_radiograph_geometry`).
 * :mod:`~bayesnet.imaging.decoded`: :class:`DecodedImage`, the result, :class:`ImageFacts` (the result without
   its pixels), and the warning strings.
-* :mod:`~bayesnet.imaging.raster`: PNG and JPEG, the header parsed here and the pixels by Pillow.
+* :mod:`~bayesnet.imaging.raster`: PNG and JPEG, the header parsed here and the pixels by Pillow
+  (gray and RGB JPEG by libjpeg-turbo's strict decode).
 * :mod:`~bayesnet.imaging.dicom`: DICOM through pydicom: accepted modalities, colour, and the
   modality and VOI intensity transforms.
+* :mod:`~bayesnet.imaging.integrity`: whether the compressed pixel data is whole: a truncated or
+  damaged JPEG scan, PNG IDAT or DICOM frame is refused instead of decoded with rows missing.
 
 :func:`decode_image`, below, is the entry point: it sniffs the format, hands the bytes to that
 format's decoder and turns any other exception into :class:`~bayesnet.errors.CorruptImageError`.
@@ -42,12 +45,15 @@ from bayesnet.imaging.decoded import (
     POPULATION_LATERAL,
     POPULATION_NON_CHEST,
     POPULATION_PAEDIATRIC,
+    VERIFIED_AGE,
+    VERIFIED_VIEW,
     WARN_ALPHA,
     WARN_COLOUR,
     WARN_MONOCHROME1,
     WARN_NO_VOI,
     DecodedImage,
     ImageFacts,
+    population_evidence,
     population_flags,
 )
 from bayesnet.imaging.dicom import decode_dicom
@@ -63,6 +69,8 @@ __all__ = [
     "POPULATION_LATERAL",
     "POPULATION_NON_CHEST",
     "POPULATION_PAEDIATRIC",
+    "VERIFIED_AGE",
+    "VERIFIED_VIEW",
     "WARN_ALPHA",
     "WARN_COLOUR",
     "WARN_MONOCHROME1",
@@ -71,6 +79,7 @@ __all__ = [
     "ImageFacts",
     "check_radiograph_geometry",
     "decode_image",
+    "population_evidence",
     "population_flags",
     "sniff_format",
 ]

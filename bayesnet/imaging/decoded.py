@@ -28,12 +28,32 @@ POPULATION_PAEDIATRIC: Final[str] = "paediatric"
 POPULATION_LATERAL: Final[str] = "lateral_or_oblique_view"
 POPULATION_NON_CHEST: Final[str] = "non_chest_body_part"
 
+# What a header (or a client's declaration) positively establishes about the intended population.
+VERIFIED_AGE: Final[str] = "age"
+VERIFIED_VIEW: Final[str] = "view"
+
 #: Youngest age, in years, of the intended population (the training data are adult films).
 ADULT_AGE_YEARS: Final[float] = 18.0
 
 _FRONTAL_VIEWS: Final[frozenset[str]] = frozenset({"PA", "AP", "APS", "PAS", "APE", "APL"})
 _NON_FRONTAL_VIEWS: Final[frozenset[str]] = frozenset(
-    {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO", "OBL", "OBLIQUE", "RLD", "LLD"}
+    {
+        "LL",
+        "RL",
+        "LAT",
+        "LATERAL",
+        "LLO",
+        "RLO",
+        "LAO",
+        "RAO",
+        "LPO",
+        "RPO",
+        "OBL",
+        "OBLIQUE",
+        "RLD",
+        "LLD",
+        "DECUBITUS",
+    }
 )
 _CHEST_WORDS: Final[tuple[str, ...]] = ("CHEST", "THORAX", "LUNG", "THORACIC", "RIB", "HEART")
 _AGE_UNITS_YEARS: Final[dict[str, float]] = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
@@ -64,6 +84,7 @@ class ImageFacts:
     body_part: str | None = None
     view_position: str | None = None
     population_flags: tuple[str, ...] = ()
+    population_verified: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,7 +102,8 @@ class DecodedImage:
     conversions that changed or assumed something. ``modality``, ``body_part`` and
     ``view_position`` are copied from DICOM (None when absent or for PNG/JPEG); none of them
     identifies a patient. ``population_flags`` are the ``POPULATION_*`` codes of
-    :func:`population_flags` (always empty for PNG/JPEG, which carry no such header).
+    :func:`population_flags` (always empty for PNG/JPEG, which carry no such header);
+    ``population_verified`` the ``VERIFIED_*`` facts the header establishes (:func:`population_evidence`).
     """
 
     pixels: npt.NDArray[np.float32]
@@ -95,6 +117,7 @@ class DecodedImage:
     body_part: str | None = None
     view_position: str | None = None
     population_flags: tuple[str, ...] = ()
+    population_verified: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check the invariants every consumer relies on (cheap: shape and dtype only)."""
@@ -153,3 +176,15 @@ def population_flags(*, body_part: str | None, view_position: str | None, age: s
     if part and not any(word in part for word in _CHEST_WORDS):
         flags.append(POPULATION_NON_CHEST)
     return tuple(flags)
+
+
+def population_evidence(*, view_position: str | None, age: str | None) -> tuple[str, ...]:
+    """What the header establishes about the intended population: ``VERIFIED_AGE`` when Patient's Age (AS) says
+    adult, ``VERIFIED_VIEW`` when View Position says frontal (PA or AP). Silence establishes nothing."""
+    evidence = []
+    years = _age_years(age)
+    if years is not None and years >= ADULT_AGE_YEARS:
+        evidence.append(VERIFIED_AGE)
+    if (view_position or "").strip().upper() in _FRONTAL_VIEWS:
+        evidence.append(VERIFIED_VIEW)
+    return tuple(evidence)

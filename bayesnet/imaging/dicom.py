@@ -55,8 +55,10 @@ from bayesnet.imaging.decoded import (
     DecodedImage,
     FloatArray,
     luminance,
+    population_evidence,
     population_flags,
 )
+from bayesnet.imaging.integrity import check_encapsulated_frame
 from bayesnet.imaging.limits import check_pixel_count
 
 # DICOM elements read from uploads. Only these are parsed, so patient identifiers never are.
@@ -128,7 +130,8 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     """Decode a single-frame projection radiograph from a DICOM Part 10 file.
 
     Order of checks: pixel data present, modality, frames, photometric interpretation, pixel count,
-    transfer syntax decodable, pixel data length; only then are pixels decoded by pydicom's pixel
+    transfer syntax decodable, pixel data length (or, compressed, a complete JPEG or JPEG 2000 frame:
+    :func:`~bayesnet.imaging.integrity.check_encapsulated_frame`); only then are pixels decoded by pydicom's pixel
     handlers (native, RLE, JPEG, JPEG-LS, JPEG 2000 through pylibjpeg).
     """
     try:
@@ -208,7 +211,9 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         )
 
     transfer_syntax = _transfer_syntax(ds)
-    if not transfer_syntax.is_compressed:
+    if transfer_syntax.is_compressed:
+        check_encapsulated_frame(ds.PixelData, transfer_syntax, rows=rows, columns=columns)
+    else:
         _check_native_length(ds, rows * columns * frames, samples, bits_allocated, photometric)
 
     try:
@@ -241,6 +246,7 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         raise CorruptImageError("The DICOM intensity transform (rescale or window values) produced invalid numbers.")
     pixels = np.clip(scaled, 0.0, 1.0).astype(np.float32)
     body_part, view_position = _dicom_code(ds, "BodyPartExamined"), _dicom_code(ds, "ViewPosition")
+    age = _dicom_code(ds, "PatientAge")  # read to decide, never kept
     return DecodedImage(
         pixels=pixels,
         format="dicom",
@@ -252,9 +258,8 @@ def decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         modality=modality,
         body_part=body_part,
         view_position=view_position,
-        population_flags=population_flags(
-            body_part=body_part, view_position=view_position, age=_dicom_code(ds, "PatientAge")
-        ),
+        population_flags=population_flags(body_part=body_part, view_position=view_position, age=age),
+        population_verified=population_evidence(view_position=view_position, age=age),
     )
 
 

@@ -11,6 +11,10 @@ Decisions worth knowing (see the individual functions for details):
 * **Colour, alpha, orientation.** Colour is reduced to gray by luminance (with a warning when the
   channels differ), alpha is ignored with a warning, and the EXIF Orientation tag is applied so the
   pixels are in display orientation.
+* **Complete data only.** A PNG's chunks must reach IEND with every IDAT checksum right, and a JPEG's
+  scan data must cover the whole image (:mod:`~bayesnet.imaging.integrity`): gray and RGB JPEG are
+  decoded by libjpeg-turbo in strict mode (the same pixels as Pillow's, which would fill what a
+  truncated scan lacks with grey); other JPEG modes are checked that way and decoded by Pillow.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from bayesnet.errors import CorruptImageError, ImageError, TruncatedImageError, UnsupportedFormatError
 from bayesnet.imaging.decoded import WARN_ALPHA, DecodedImage, luminance
+from bayesnet.imaging.integrity import (
+    JpegColorspace,
+    check_jpeg_complete,
+    check_png_chunks,
+    data_ends_early,
+    decode_jpeg_strict,
+)
 from bayesnet.imaging.limits import check_pixel_count
 from bayesnet.imaging.sniff import ACCEPTED_FORMATS, PNG_SIGNATURE
 
@@ -41,6 +52,24 @@ _JPEG_SOF_MARKERS: Final[frozenset[int]] = frozenset(
 _JPEG_NO_LENGTH_MARKERS: Final[frozenset[int]] = frozenset({0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)})
 _JPEG_LS_SOF: Final[int] = 0xF7
 _JPEG_SOS: Final[int] = 0xDA
+
+# What holds a format's pixels, as named in messages about it.
+_COMPRESSED_DATA: Final[dict[str, str]] = {
+    "png": "PNG's compressed image data (IDAT)",
+    "jpeg": "JPEG's compressed data",
+}
+# Pillow modes of JPEG files whose pixels libjpeg-turbo's strict decode gives directly.
+_STRICT_JPEG_MODES: Final[dict[str, JpegColorspace]] = {"L": "GRAY", "RGB": "RGB"}
+# EXIF Orientation (2..8) -> the transposition that displays the stored pixels upright (as ImageOps.exif_transpose).
+_EXIF_TRANSPOSE: Final[dict[int, Image.Transpose]] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass(frozen=True)
@@ -141,15 +170,11 @@ def _pillow_limit(max_pixels: int) -> int:
 
 
 def decode_png(data: bytes, max_pixels: int) -> DecodedImage:
-    """Decode a PNG; the size guard reads IHDR before Pillow touches the data."""
+    """Decode a PNG; the size guard reads IHDR, and the chunk check IDAT and IEND, before Pillow touches the data."""
     header = _png_header(data)
     check_pixel_count("PNG file", header.width, header.height, 1, _pillow_limit(max_pixels))
-    return _decode_with_pillow(data, "png", header, max_pixels, complete=data.endswith(_png_iend()))
-
-
-def _png_iend() -> bytes:
-    """The 12 bytes every complete PNG ends with (empty IEND chunk and its CRC)."""
-    return struct.pack(">I4sI", 0, b"IEND", zlib.crc32(b"IEND"))
+    check_png_chunks(data)
+    return _decode_with_pillow(data, "png", header, max_pixels, complete=True)
 
 
 def decode_jpeg(data: bytes, max_pixels: int) -> DecodedImage:
@@ -174,12 +199,12 @@ def _decode_with_pillow(
             # Defence in depth: Pillow's idea of the size must agree with the header check.
             width, height = opened.size
             check_pixel_count(f"{name} file", width, height, 1, _pillow_limit(max_pixels))
-            opened.load()
             mode = opened.mode
+            image = _load(data, opened, fmt)
             warnings: list[str] = []
             if getattr(opened, "n_frames", 1) > 1:
                 warnings.append("only the first frame of a multi-frame file was read")
-            image = _apply_exif_orientation(opened, warnings)
+            image = _apply_exif_orientation(image, opened.getexif().get(0x0112, 1), warnings)
             pixels = _pillow_to_gray(image, header.bit_depth, warnings)
     except ImageError:
         raise
@@ -190,10 +215,7 @@ def _decode_with_pillow(
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
         reason = str(err)[:200]
         if not complete or "truncated" in reason.lower() or isinstance(err, EOFError):
-            raise TruncatedImageError(
-                f"The {name} file is truncated: it ends before its pixel data does ({reason}). "
-                "Upload the complete file again."
-            ) from err
+            raise data_ends_early(_COMPRESSED_DATA[fmt]) from err
         raise CorruptImageError(
             f"The {name} file is damaged and could not be decoded ({reason}). Export the image again."
         ) from err
@@ -208,16 +230,38 @@ def _decode_with_pillow(
     )
 
 
-def _apply_exif_orientation(image: Image.Image, warnings: list[str]) -> Image.Image:
+def _load(data: bytes, opened: ImageFile.ImageFile, fmt: str) -> Image.Image:
+    """The decoded pixels of an opened file: gray and RGB JPEG by libjpeg-turbo's strict decode, the rest by Pillow.
+
+    The strict decode refuses a JPEG whose scan data is truncated or damaged; a JPEG in another mode (CMYK) is
+    checked the same way and then decoded by Pillow (a second decode, for a mode no radiograph is stored in), as
+    is one the strict decode gives no verdict on (:func:`~bayesnet.imaging.integrity.decode_jpeg_strict`).
+    """
+    if fmt == "jpeg":
+        what = _COMPRESSED_DATA[fmt]
+        colorspace = _STRICT_JPEG_MODES.get(opened.mode)
+        if colorspace is None:
+            check_jpeg_complete(data, what=what, rows=opened.height, columns=opened.width)
+        else:
+            pixels = decode_jpeg_strict(data, colorspace, what=what)
+            if pixels is not None:
+                if pixels.shape[:2] != (opened.height, opened.width):
+                    raise CorruptImageError(
+                        f"The JPEG file is damaged: its data decodes to {pixels.shape[1]} x {pixels.shape[0]} "
+                        f"pixels, not the {opened.width} x {opened.height} its header declares."
+                    )
+                return Image.fromarray(pixels[..., 0] if colorspace == "GRAY" else pixels)
+    opened.load()
+    return opened
+
+
+def _apply_exif_orientation(image: Image.Image, orientation: object, warnings: list[str]) -> Image.Image:
     """Rotate/flip per the EXIF Orientation tag (2..8) so pixels are in display orientation."""
-    orientation = image.getexif().get(0x0112, 1)
-    if orientation not in range(2, 9):
-        return image
-    transposed = ImageOps.exif_transpose(image)
-    if transposed is None:  # only returned for in_place=True; keeps the type checker honest
+    method = _EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if method is None:
         return image
     warnings.append(f"EXIF orientation {orientation} applied")
-    return transposed
+    return image.transpose(method)
 
 
 def _to_unit_float(image: Image.Image, full_scale: float) -> npt.NDArray[np.float32]:

@@ -42,6 +42,10 @@ SR_SERIES_DESCRIPTION = "bayesnet-cxr AI result (research use only)"
 PROCEDURE = CodedConcept("36554-4", "LN", "XR Chest Single view")
 MC_MEAN = CodedConcept("MCMEAN", SCHEME, "Monte-Carlo dropout mean probability")
 MC_STD = CodedConcept("MCSTD", SCHEME, "Monte-Carlo dropout standard deviation")
+CLEAR_BELOW = CodedConcept("CLEARBELOW", SCHEME, "Rule: cleared below this score")
+POSITIVE_AT = CodedConcept("POSITIVEAT", SCHEME, "Rule: positive at this score")
+DECISION_REASON = CodedConcept("DECREASON", SCHEME, "Decision reason")
+WITHHELD = CodedConcept("WITHHELD", SCHEME, "Finding decisions withheld")
 MC_DROPOUT = CodedConcept("MCDROPOUT", SCHEME, "Monte-Carlo dropout")
 PROBABILITY_UNIT = CodedConcept("1", "UCUM", "no units")
 REFERRAL = CodedConcept("REFERRAL", SCHEME, "Referral to a radiologist")
@@ -61,7 +65,20 @@ REASON_MEANINGS = {
     "not_cleared_as_normal": "Film not confidently normal",
     "out_of_distribution": "Out-of-distribution image",
     "outside_intended_population": "Outside the intended population",
+    "population_unverified": "Intended population not verified",
     "no_referral_rule": "No fitted referral rule",
+}
+
+#: Finding reason codes (service.schemas.FindingPrediction.reason) -> code meanings (at most 64 characters).
+FINDING_REASON_MEANINGS = {
+    "cleared": "Score below the rule's clear-below threshold",
+    "above_positive_threshold": "Score at or above the rule's positive-at threshold",
+    "between_thresholds": "Neither cleared nor positive under the rule",
+    "cannot_be_cleared_by_this_model": "Cannot be ruled out by this model",
+    "both_thresholds_met": "Both thresholds met: refer",
+    "no_rule_mc_disagreement": "No rule; Monte-Carlo samples disagree",
+    "withheld_out_of_distribution": "Withheld: out-of-distribution image",
+    "withheld_outside_population": "Withheld: outside the intended population",
 }
 
 # Type 2 attributes of the patient and general study modules that highdicom reads from the source; a source
@@ -145,6 +162,9 @@ class SRFinding:
     decision: str
     conf: float
     std: float
+    reason: str
+    clear_below: float | None
+    positive_at: float | None
 
 
 def _algorithm(result: PredictionResponse) -> hd.sr.AlgorithmIdentification:
@@ -168,14 +188,22 @@ def _finding_group(
             name=name, value=value, unit=PROBABILITY_UNIT, method=MC_DROPOUT, algorithm_id=algorithm
         )
 
+    # The rule that decided, as the JSON carries it: its thresholds (those it has) and the reason code.
+    rule = [(CLEAR_BELOW, prediction.clear_below), (POSITIVE_AT, prediction.positive_at)]
+    reason = CodedConcept(prediction.reason, SCHEME, FINDING_REASON_MEANINGS[prediction.reason])
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label),
         finding_type=concept,
         algorithm_id=algorithm,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept, value=VALUE_BY_DECISION[prediction.decision])
+            hd.sr.QualitativeEvaluation(name=concept, value=VALUE_BY_DECISION[prediction.decision]),
+            hd.sr.QualitativeEvaluation(name=DECISION_REASON, value=reason),
         ],
-        measurements=[measurement(MC_MEAN, prediction.conf), measurement(MC_STD, prediction.std)],
+        measurements=[
+            measurement(MC_MEAN, prediction.conf),
+            measurement(MC_STD, prediction.std),
+            *(measurement(name, value) for name, value in rule if value is not None),
+        ],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
 
@@ -189,6 +217,8 @@ def _referral_group(
         hd.sr.QualitativeEvaluation(name=REFERRAL_REASON, value=CodedConcept(reason, SCHEME, REASON_MEANINGS[reason]))
         for reason in referral.reasons
     ]
+    if result.decisions_withheld:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=WITHHELD, value=YES))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Referral"),
         finding_type=REFERRAL,
@@ -218,7 +248,9 @@ def build_sr(
     in the evidence so the SR names every object of the result.
     """
     algorithm = _algorithm(result)
-    groups = [_finding_group(label, source, result, algorithm) for label in result.predictions]
+    # A film whose decisions are withheld (flagged by a gate) reports no finding as if it applied.
+    labels = [] if result.decisions_withheld else list(result.predictions)
+    groups = [_finding_group(label, source, result, algorithm) for label in labels]
     groups.append(_referral_group(result, algorithm))
     # One device UID per weights file, the same in every SR it writes (derived from the sha256, not random).
     device_uid = generate_uid(entropy_srcs=[MANUFACTURER, result.model.name, result.model.sha256])
@@ -304,9 +336,13 @@ def read_sr_findings(sr: Dataset) -> tuple[dict[str, SRFinding], bool, list[str]
             reasons = [_code(item.value) for item in evaluations if item.name == REFERRAL_REASON]
             continue
         numbers = {m.name: m.value for m in group.get_measurements()}
+        reason = next(_code(item.value) for item in evaluations if item.name == DECISION_REASON)
         findings[str(group.tracking_identifier)] = SRFinding(
             decision=decision_by_value[_concept(evaluations[0].value)],
             conf=float(numbers[MC_MEAN]),
             std=float(numbers[MC_STD]),
+            reason=reason,
+            clear_below=float(numbers[CLEAR_BELOW]) if CLEAR_BELOW in numbers else None,
+            positive_at=float(numbers[POSITIVE_AT]) if POSITIVE_AT in numbers else None,
         )
     return findings, refer, reasons

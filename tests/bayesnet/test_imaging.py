@@ -317,9 +317,9 @@ def test_pixel_limit_is_configurable() -> None:
 @pytest.mark.parametrize("keep_fraction", [0.05, 0.5, 0.95])
 def test_truncated_png_is_reported_as_truncated(keep_fraction: float) -> None:
     data = shared_bytes("originals/00000129_000.png")
-    with pytest.raises(TruncatedImageError, match="truncated") as caught:
+    # Found by the chunk walk before any decoder runs (bayesnet.imaging.integrity), so nothing is chained.
+    with pytest.raises(TruncatedImageError, match="truncated: it ends inside its IDAT chunk"):
         decode_image(data[: int(len(data) * keep_fraction)])
-    assert caught.value.__cause__ is not None  # chained to the decoder's own error
 
 
 def test_png_with_bad_header_checksum_is_corrupt() -> None:
@@ -465,6 +465,7 @@ def test_facts_are_the_decoded_image_without_its_pixels() -> None:
         body_part="EXTREMITY",
         view_position="AP",
         population_flags=image.population_flags,
+        population_verified=image.population_verified,
     )
     assert facts.population_flags  # a tibia is outside the chest population: the flag survives the pixels
 

@@ -108,7 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         CXR_BODY_LIMIT=str(APP_LIMIT + MULTIPART_SLACK_BYTES),
         CXR_BATCH_BODY_LIMIT=str(APP_LIMIT * 16 + MULTIPART_SLACK_BYTES),
     )
-    (root / "cxr.conf").write_text(site)
+    (root / "cxr.conf").write_text(site.replace("/var/log/nginx/access.log", f"{root}/nginx-access.log"))
     for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (root / name).mkdir()
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -168,6 +168,17 @@ def test_prediction_web_page_and_static_files_through_nginx(stack: Stack) -> Non
         batch = client.post("/v1/predict/batch", files=files, params={"cams": "none"})
         assert batch.status_code == 200
         assert [item["index"] for item in batch.json()["results"]] == [0, 1]
+        declared = client.post(
+            "/v1/predict",
+            files={"file": ("a.png", png_bytes())},
+            params={"patient_age": "63", "view": "PA"},
+            headers={"X-Request-ID": "declared-1"},
+        )
+        assert declared.status_code == 200 and declared.json()["referral"]["population_verified"]
+    # The declared values travel in the query string; the access log keeps the path only.
+    logged = [line for line in (stack.log_dir / "nginx-access.log").read_text().splitlines() if "declared-1" in line]
+    assert len(logged) == 1 and "/v1/predict" in logged[0]
+    assert "patient_age" not in logged[0] and "63" not in logged[0].split('"')[1]
 
 
 def test_upload_limits_at_nginx_and_at_the_app(stack: Stack) -> None:

@@ -44,14 +44,23 @@ ISSUED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 INTERPRETATIONS = {"positive": "POS", "negative": "NEG", "uncertain": "IND"}
 
 
+REASON_BY_DECISION = {"positive": "above_positive_threshold", "negative": "cleared", "uncertain": "between_thresholds"}
+
+
 def finding(conf: float, decision: str) -> FindingPrediction:
+    """A finding decided by a rule that clears below 0.1 and calls positive at 0.6 (consistent with ``decision``)."""
     return FindingPrediction(
         conf=conf,
         uncertainty=0.0025,
         std=0.05,
+        mc_standard_error=0.0112,
         interval=(max(conf - 0.08, 0.0), min(conf + 0.08, 1.0)),
         mutual_information=0.004,
         decision=decision,  # type: ignore[arg-type]
+        clear_below=0.1,
+        positive_at=0.6,
+        decided_on="conf",
+        reason=REASON_BY_DECISION[decision],  # type: ignore[arg-type]
         threshold=0.5,
     )
 
@@ -85,7 +94,9 @@ def prediction(
         request_id="req-42",
         model=ModelRef(name="demo-model", version="0.1.0+cal", sha256="ab" * 32),
         mc_samples=20,
+        mc_seed="0123456789abcdef",
         predictions=predictions,
+        decisions_withheld=["out_of_distribution"] if ood is not None and not ood.in_distribution else [],
         uncertain=uncertain,
         referral=Referral(refer=bool(reasons), reasons=reasons),  # type: ignore[arg-type]
         ood=ood,
@@ -135,7 +146,10 @@ def check_report(report: dict[str, Any]) -> DiagnosticReport:
             "mc-std",
             "mc-interval-90",
             "mutual-information",
-            "decision-threshold",
+            "mc-standard-error",
+            "clear-below-threshold",
+            "positive-at-threshold",
+            "decision-reason",
         ]
     referral = [
         c for c in report.get("conclusionCode", []) if codes(c, fhir.MEASURE_SYSTEM) == ["refer-to-radiologist"]
@@ -207,7 +221,11 @@ def test_report_maps_findings_decisions_and_referral() -> None:
         interval = by_code["mc-interval-90"]["valueRange"]
         assert (interval["low"]["value"], interval["high"]["value"]) == p.interval
         assert by_code["mutual-information"]["valueQuantity"]["value"] == p.mutual_information
-        assert by_code["decision-threshold"]["valueQuantity"]["value"] == p.threshold
+        # The rule that decided, never the legacy point threshold (0.5 here) that does not.
+        assert by_code["clear-below-threshold"]["valueQuantity"]["value"] == p.clear_below
+        assert by_code["positive-at-threshold"]["valueQuantity"]["value"] == p.positive_at
+        assert codes(by_code["decision-reason"]["valueCodeableConcept"], fhir.REASON_SYSTEM) == [p.reason]
+        assert by_code["mc-standard-error"]["valueQuantity"]["value"] == p.mc_standard_error
         assert "demo-model 0.1.0+cal" in o["method"]["text"] and "20 samples" in o["method"]["text"]
     # SNOMED CT only where the concept is unambiguous; the project code always.
     assert codes(observations["Cardiomegaly"]["code"], fhir.SNOMED) == ["8186001"]
@@ -216,12 +234,15 @@ def test_report_maps_findings_decisions_and_referral() -> None:
 
     text = report["conclusion"]
     assert (
-        "Positive: Cardiomegaly (probability 0.81, threshold 0.50), Lung Lesion (probability 0.62, threshold 0.50)."
+        "Positive: Cardiomegaly (probability 0.81; cleared below 0.10, positive at 0.60; at or above the rule's "
+        "positive threshold); Lung Lesion (probability 0.62; cleared below 0.10, positive at 0.60; at or above the "
+        "rule's positive threshold)."
     ) in text
     assert (
-        "Uncertain (neither cleared nor positive under the referral rule): Pleural Effusion (probability 0.47, "
-        "threshold 0.50)."
+        "Uncertain: Pleural Effusion (probability 0.47; cleared below 0.10, positive at 0.60; neither ruled out nor "
+        "called positive by the rule)."
     ) in text
+    assert "threshold 0.50" not in text
     assert "Refer to a radiologist for review (possible finding, uncertain finding)." in text
     assert "Pneumothorax" not in text
     assert "not a medical device" in text
@@ -428,5 +449,6 @@ def test_openapi_documents_the_fhir_media_type(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v1/predict", "/predict", "/v1/predict/batch"):
         responses = paths[path]["post"]["responses"]
-        assert set(responses["200"]["content"]) == {"application/json", "application/fhir+json"}, path
+        sr = {"application/dicom"} if path != "/v1/predict/batch" else set()  # one DICOM image: an SR answer
+        assert set(responses["200"]["content"]) == {"application/json", "application/fhir+json", *sr}, path
         assert "406" in responses, path
