@@ -51,6 +51,9 @@ class AuditEvent(Base):
     refer: Mapped[bool | None] = mapped_column(Boolean, index=True)
     referral_reasons: Mapped[list[str]] = mapped_column(JSON)
     population: Mapped[list[str]] = mapped_column(JSON)
+    #: ``referral.population_verified`` / ``.population_missing``; NULL in records older than revision 0002.
+    population_verified: Mapped[bool | None] = mapped_column(Boolean)
+    population_missing: Mapped[list[str] | None] = mapped_column(JSON)
     ood_score: Mapped[float | None] = mapped_column(Float)
     ood_threshold: Mapped[float | None] = mapped_column(Float)
     in_distribution: Mapped[bool | None] = mapped_column(Boolean)

@@ -118,6 +118,8 @@ def _event_values(record: AuditRecord) -> dict[str, Any]:
         "refer": None if record.referral is None else record.referral.refer,
         "referral_reasons": [] if record.referral is None else list(record.referral.reasons),
         "population": [] if record.referral is None else list(record.referral.population),
+        "population_verified": None if record.referral is None else record.referral.population_verified,
+        "population_missing": None if record.referral is None else list(record.referral.population_missing),
         "ood_score": None if record.ood is None else record.ood.score,
         "ood_threshold": None if record.ood is None else record.ood.threshold,
         "in_distribution": None if record.ood is None else record.ood.in_distribution,
@@ -132,7 +134,13 @@ def from_row(row: AuditEvent) -> AuditRecord:
     referral = None
     if row.refer is not None:
         referral = Referral.model_validate(
-            {"refer": row.refer, "reasons": row.referral_reasons, "population": row.population}
+            {
+                "refer": row.refer,
+                "reasons": row.referral_reasons,
+                "population": row.population,
+                "population_verified": bool(row.population_verified),  # NULL: a record older than the field
+                "population_missing": row.population_missing or [],
+            }
         )
     return AuditRecord.model_validate(
         {
