@@ -81,7 +81,8 @@ demo-model: $(STAMP)
 	$(PY) -m train export --checkpoint $(DEMO_RUN)/calibrated --report $(DEMO_RUN)/report-shipped --out models/demo \
 		--data-notes docs/demo-data.md --training-notes docs/demo-training.md
 	# Out-of-distribution gate from the shipped weights' own features (weights untouched; see docs/ood.md).
-	$(PY) -m train ood --checkpoint models/demo --train $(DEMO_DATA)/train.csv --valid $(DEMO_DATA)/valid.csv
+	$(PY) -m train ood --checkpoint models/demo --train $(DEMO_DATA)/train.csv --valid $(DEMO_DATA)/valid.csv \
+		--films $(DEMO_DATA)/../other-sites --check $(DEMO_DATA)/../originals/siim-chest-cr-jpeg-baseline.dcm
 
 # Wheels for an air-gapped install or image build: docker build --build-arg OFFLINE=1 ...
 wheelhouse: $(STAMP)

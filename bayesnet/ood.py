@@ -1,24 +1,30 @@
-"""Out-of-distribution gate: how far an image's trunk features lie from those of the training radiographs.
+"""Out-of-distribution gate: how far an image's trunk features lie from those of adult frontal chest films.
 
 A classifier shown a cat, a knee or a CT slice still returns confident-looking numbers. The gate scores
 every image from the features the batch already computed (:meth:`BayesianEfficientNet.trunk_features`:
 the pooled features for the default head-only layout), so it costs two small matrix products and no
 second forward pass.
 
-The score is a squared distance inside a low-dimensional principal subspace of the training features,
-what lies outside it, or both::
+The features may first go through a fixed map, then the score is a squared distance inside a
+low-dimensional principal subspace of the reference films' mapped features, what lies outside it, or both::
 
-    c = f - mean                       (F,)   centred features
+    h = map(f)                         (F,)   "hellinger": sign(f) sqrt|f| / ||sqrt|f|||; otherwise f itself
+    c = h - mean                       (F,)   centred
     y = basis^T c                      (k,)   coordinates in the top-k principal subspace
     score = y^T precision y + residual_weight * ||c - basis y||^2
 
+The map is named by the spec's ``method`` (:data:`HELLINGER_PREFIX`; :func:`feature_map`). The Hellinger
+map (the square root of the L1-normalised non-negative features, as RootSIFT does for SIFT descriptors:
+Arandjelovic and Zisserman, CVPR 2012) makes the distance depend on the pattern of activations rather than
+their overall magnitude, which varies with a film's contrast and processing from site to site; the signed
+root keeps it defined for the block-dropout layouts, whose features can be negative.
+
 ``precision`` is the inverse of a shrinkage covariance of ``y`` (fitted in ``train.ood``, which is where
-scikit-learn lives: this module needs only torch), or zero for a residual-only gate, which is what
-separated radiographs from other images best on the demo model (docs/ood.md). A full F x F precision
+scikit-learn lives: this module needs only torch), or zero for a residual-only gate. A full F x F precision
 matrix would be estimated from a few hundred images in 1280 dimensions (statistically poor) and would not
-fit the shipped model's size budget; k = 32..128 avoids both. Scalars (threshold, k, weight) are in the
+fit the shipped model's size budget; a small k avoids both. Scalars (threshold, k, weight, method) are in the
 spec (:class:`OODSpec`), arrays in a safetensors file beside the weights whose sha256 the spec records;
-nothing is ever unpickled.
+nothing is ever unpickled. Which map, k and threshold the shipped gate uses, and why, is in docs/ood.md.
 """
 
 from __future__ import annotations
@@ -41,6 +47,25 @@ from bayesnet.spec import ModelSpec, OODSpec
 
 OOD_FORMAT: Final = "bayesnet-ood/1"
 _TENSORS: Final = ("mean", "basis", "precision")
+#: ``OODSpec.method`` values starting with this score Hellinger-mapped features (:func:`hellinger`).
+HELLINGER_PREFIX: Final = "hellinger-"
+
+
+def hellinger(features: Tensor) -> Tensor:
+    """Signed square root, then unit L2 norm per row: ``(B, F)`` -> ``(B, F)`` float32.
+
+    For non-negative features this is ``sqrt(f / sum(f))``, the embedding in which the Euclidean distance is the
+    Hellinger distance between the features read as histograms. A row of zeros stays zero.
+    """
+    features = features.to(torch.float32)
+    root = features.sign() * features.abs().sqrt()
+    norm: Tensor = torch.linalg.vector_norm(root, dim=1, keepdim=True)
+    return root / norm.clamp_min(1e-12)
+
+
+def feature_map(method: str) -> str:
+    """The map the gate applies to the features before scoring, from ``OODSpec.method``: ``hellinger`` or ``none``."""
+    return "hellinger" if method.startswith(HELLINGER_PREFIX) else "none"
 
 
 @dataclass(frozen=True)
@@ -77,7 +102,10 @@ class OODGate:
                 f"OOD gate expects features (B, {self.spec.feature_dim}), got {tuple(features.shape)}: "
                 "was it fitted on another model or MC layout?"
             )
-        centred = features.to(device=self.mean.device, dtype=torch.float32) - self.mean
+        mapped = features.to(device=self.mean.device, dtype=torch.float32)
+        if feature_map(self.spec.method) == "hellinger":
+            mapped = hellinger(mapped)
+        centred = mapped - self.mean
         coords = centred @ self.basis  # (B, k)
         inside = ((coords @ self.precision) * coords).sum(dim=1)
         if self.spec.residual_weight == 0.0:

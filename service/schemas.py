@@ -116,7 +116,9 @@ class OODResult(_Schema):
         "those of the training radiographs (see docs/ood.md); larger is further",
         ge=0,
     )
-    threshold: float = Field(description="The model's calibrated threshold (99th percentile of held-out radiographs)")
+    threshold: float = Field(
+        description="The model's threshold: the 99th percentile of adult chest films' cross-fitted scores (docs/ood.md)"
+    )
     in_distribution: bool = Field(
         description="score <= threshold. False: this does not look like the frontal chest radiographs the model "
         "was trained on, and its predictions should not be trusted"

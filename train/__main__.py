@@ -369,24 +369,37 @@ def _add_export(subparsers: _Subparsers) -> None:
 def _run_ood(args: argparse.Namespace) -> int:
     import logging
 
-    from train.ood import fit_ood
+    from train.ood import GateRecipe, fit_ood, fold_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    recipe = GateRecipe(
+        dims=args.dims,
+        kind=args.score,
+        feature_map=args.features,
+        crops=args.crops,
+        quantile=args.quantile,
+        margin=args.margin,
+        folds=args.folds,
+    )
     report = fit_ood(
         args.checkpoint,
         args.train,
         args.valid,
+        films=args.films,
+        checks=args.check,
         out=args.out,
-        dims=args.dims,
-        kind=args.score,
-        quantile=args.quantile,
+        recipe=recipe,
         max_train_samples=args.max_train_samples,
         compare=not args.no_compare,
+        write=not args.dry_run,
     )
+    print(fold_table(report))
+    held_out = report["validation"]["held_out_flagged_total"]
+    where = "not written (--dry-run)" if args.dry_run else f"gate in {args.out or args.checkpoint}"
     print(
-        f"ood: threshold {report['threshold']:.2f}, AUROC {report['auroc']:.3f} against {report['n_outliers']} "
-        f"non-radiographs ({100 * report['outliers_flagged']:.0f}% flagged), {100 * report['valid_accepted']:.1f}% "
-        f"of {report['valid_csv']} accepted; gate in {args.out or args.checkpoint}"
+        f"ood: threshold {report['threshold']:.4f}; held-out chest films flagged {held_out[0]}/{held_out[1]}, "
+        f"AUROC {report['auroc']:.3f} against {report['n_outliers']} non-chest images "
+        f"({100 * report['outliers_flagged']:.0f}% flagged by the shipped gate); {where}"
     )
     return 0
 
@@ -394,19 +407,34 @@ def _run_ood(args: argparse.Namespace) -> int:
 def _add_ood(subparsers: _Subparsers) -> None:
     parser = subparsers.add_parser(
         "ood",
-        help="fit the out-of-distribution gate of a checkpoint (weights untouched)",
-        description="Fit the OOD gate on the training images' trunk features, set its threshold on held-out "
-        "radiographs, measure it against non-radiographs, and record it in the checkpoint and its card.",
+        help="fit and validate the out-of-distribution gate of a checkpoint (weights untouched)",
+        description="Validate the OOD gate's recipe in folds grouped by patient (and with each source left out), "
+        "print the table, then fit the gate on every reference film and record it in the checkpoint and its card.",
     )
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--train", type=Path, required=True, help="CheXpert-layout CSV of the fitting images")
-    parser.add_argument("--valid", type=Path, required=True, help="held-out CSV: sets the threshold")
+    parser.add_argument("--train", type=Path, required=True, help="CheXpert-layout CSV of reference films")
+    parser.add_argument("--valid", type=Path, default=None, help="another CheXpert-layout CSV of reference films")
+    parser.add_argument(
+        "--films",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of reference films with a labels.csv (file, patientid), e.g. other-sites; repeatable",
+    )
+    parser.add_argument(
+        "--check", type=Path, action="append", default=[], help="a chest film never fitted, reported; repeatable"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write a gated copy here instead of in place")
-    parser.add_argument("--dims", type=int, default=64, help="principal subspace dimension")
+    parser.add_argument("--dims", type=int, default=32, help="principal subspace dimension")
     parser.add_argument("--score", choices=["residual", "subspace", "combined"], default="residual")
-    parser.add_argument("--quantile", type=float, default=0.99, help="held-out score quantile used as threshold")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="subsample for quick runs")
-    parser.add_argument("--no-compare", action="store_true", help="skip the comparison of score variants")
+    parser.add_argument("--features", choices=["hellinger", "none"], default="hellinger", help="feature map")
+    parser.add_argument("--crops", type=int, default=1, help="random field-of-view crops per film added to the fit")
+    parser.add_argument("--quantile", type=float, default=0.99, help="cross-fitted score quantile used as threshold")
+    parser.add_argument("--margin", type=float, default=1.0, help="threshold = margin x that quantile")
+    parser.add_argument("--folds", type=int, default=5, help="grouped folds (validation and threshold)")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="subsample --train for quick runs")
+    parser.add_argument("--no-compare", action="store_true", help="skip the comparison with other recipes")
+    parser.add_argument("--dry-run", action="store_true", help="print the validation, write nothing")
     parser.set_defaults(handler=_run_ood)
 
 

@@ -140,7 +140,15 @@ def with_section(card: str, heading: str, section: str) -> str:
 
 
 def with_ood_section(card: str, report: dict[str, Any]) -> str:
-    """``card`` with its out-of-distribution section replaced (or inserted before "## Limitations")."""
+    """``card`` with its out-of-distribution section replaced (or inserted before "## Limitations").
+
+    A report of the cross-fitted gate (it has ``validation``: folds by patient, sources left out) is rendered by
+    :func:`train.ood.card_section`; an older report by :func:`ood_section`.
+    """
+    if "validation" in report:
+        from train.ood import card_section  # train.ood imports this module's heading
+
+        return with_section(card, OOD_HEADING, card_section(report))
     return with_section(card, OOD_HEADING, ood_section(report))
 
 

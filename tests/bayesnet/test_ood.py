@@ -13,7 +13,7 @@ import torch
 
 from bayesnet import BayesianEfficientNet, CheckpointError, ModelSpec, SpecError, build_model, load_checkpoint
 from bayesnet.checkpoint import SPEC_FILE, WEIGHTS_FILE, sha256_file
-from bayesnet.ood import OODGate, copy_ood_gate, load_ood_gate, save_ood_gate
+from bayesnet.ood import OODGate, copy_ood_gate, feature_map, hellinger, load_ood_gate, save_ood_gate
 from bayesnet.spec import OODSpec
 
 
@@ -60,6 +60,30 @@ def test_subspace_only_gate_ignores_the_residual() -> None:
     gate = _gate(residual_weight=0.0)
     direction = torch.linalg.svd(gate.basis, full_matrices=True).U[:, -1]
     assert gate.score((gate.mean + 100.0 * direction)[None]).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_hellinger_map_is_the_root_of_the_l1_normalised_features() -> None:
+    features = torch.tensor([[4.0, 0.0, 12.0], [0.0, 0.0, 0.0], [-4.0, 1.0, 0.0]])
+    mapped = hellinger(features)
+    torch.testing.assert_close(mapped[0], torch.tensor([0.5, 0.0, 0.75**0.5]))
+    torch.testing.assert_close(mapped[1], torch.zeros(3))  # a row of zeros stays zero, no NaN
+    torch.testing.assert_close(mapped[2], torch.tensor([-(0.8**0.5), 0.2**0.5, 0.0]))  # signed root
+    assert feature_map("hellinger-pca-residual") == "hellinger"
+    assert feature_map("pca-residual") == feature_map("pca-shrinkage-mahalanobis") == "none"
+
+
+def test_a_hellinger_gate_scores_the_mapped_features_and_ignores_their_overall_scale() -> None:
+    rng = np.random.default_rng(3)
+    basis, _ = np.linalg.qr(rng.normal(size=(12, 3)))
+    spec = OODSpec(threshold=0.5, dims=3, feature_dim=12, residual_weight=1.0, method="hellinger-pca-residual")
+    mean = hellinger(torch.from_numpy(rng.random((20, 12)))).mean(dim=0)
+    gate = OODGate(mean, torch.from_numpy(basis), torch.zeros(3, 3), spec)
+    features = torch.from_numpy(rng.random((4, 12))).float()
+    raw = OODGate(gate.mean, gate.basis, gate.precision, OODSpec(**{**spec.to_dict(), "method": "pca-residual"}))
+    torch.testing.assert_close(gate.score(features), raw.score(hellinger(features)))
+    # A film with more contrast (every activation twice as large) is no further from the reference.
+    torch.testing.assert_close(gate.score(3.0 * features), gate.score(features))
+    assert not torch.allclose(raw.score(3.0 * features), raw.score(features))
 
 
 def test_features_of_another_width_are_refused() -> None:

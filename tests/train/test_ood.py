@@ -1,4 +1,4 @@
-"""Fitting the out-of-distribution gate: the estimator, the threshold, the CLI step and the model card."""
+"""Fitting the out-of-distribution gate: the estimator, the grouped folds and threshold, the CLI and the model card."""
 
 from __future__ import annotations
 
@@ -12,15 +12,32 @@ from sklearn.metrics import roc_auc_score
 
 from bayesnet import ModelSpec, build_model, decode_image, load_checkpoint, save_checkpoint
 from bayesnet.checkpoint import SPEC_FILE, WEIGHTS_FILE, sha256_file
+from bayesnet.ood import hellinger as torch_hellinger
 from bayesnet.ood import load_ood_gate, save_ood_gate
 from train.__main__ import main
 from train.card import OOD_HEADING, with_ood_section
-from train.ood import auroc, calibrate_threshold, fit_gate, fit_ood, probe_images
+from train.ood import (
+    CT_INSTANCES,
+    CT_WINDOWS,
+    GateRecipe,
+    Reference,
+    auroc,
+    calibrate_threshold,
+    evaluate,
+    fit_gate,
+    fit_ood,
+    folder_films,
+    grouped_folds,
+    hellinger,
+    probe_images,
+    with_card_section,
+)
 from train.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "demo"
 NIH = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
+OOD_GATE_BUDGET_BYTES = 1024 * 1024
 
 
 def _low_rank(n: int, seed: int) -> np.ndarray:
@@ -34,7 +51,7 @@ def _low_rank(n: int, seed: int) -> np.ndarray:
 def test_fit_gate_separates_points_off_the_training_subspace(kind: str) -> None:
     train, valid = _low_rank(200, 0), _low_rank(50, 1)
     outliers = np.random.default_rng(2).normal(size=(30, 40)) * 3.0 + (0.0 if kind == "residual" else 8.0)
-    fitted = fit_gate(train, dims=4, kind=kind)  # type: ignore[arg-type]
+    fitted = fit_gate(train, dims=4, kind=kind, feature_map="none")  # type: ignore[arg-type]
     assert fitted.basis.shape == (40, 4)
     np.testing.assert_allclose(fitted.basis.T @ fitted.basis, np.eye(4), atol=1e-10)
     assert auroc(fitted.score(valid), fitted.score(outliers)) > 0.95
@@ -45,7 +62,7 @@ def test_fit_gate_separates_points_off_the_training_subspace(kind: str) -> None:
 
 def test_combined_weight_balances_the_two_parts_on_the_training_images() -> None:
     train = _low_rank(200, 0)
-    fitted = fit_gate(train, dims=4, kind="combined")
+    fitted = fit_gate(train, dims=4, kind="combined", feature_map="none")
     centred = train - fitted.mean
     coords = centred @ fitted.basis
     inside = np.einsum("nk,kj,nj->n", coords, fitted.precision, coords)
@@ -57,6 +74,63 @@ def test_fit_gate_needs_images_and_caps_the_dimension() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         fit_gate(np.zeros((1, 8)), dims=4)
     assert fit_gate(_low_rank(6, 0), dims=64).basis.shape == (40, 5)
+
+
+def test_hellinger_gate_fits_and_scores_as_the_torch_gate_does() -> None:
+    features = np.abs(_low_rank(60, 0))  # non-negative, like pooled ReLU6 features
+    fitted = fit_gate(features, dims=4)
+    assert fitted.feature_map == "hellinger" and fitted.method == "hellinger-pca-residual"
+    torch.testing.assert_close(
+        torch_hellinger(torch.from_numpy(features)), torch.from_numpy(hellinger(features)).float()
+    )
+    gate = fitted.gate(threshold=1.0)
+    assert gate.spec.method == "hellinger-pca-residual"
+    np.testing.assert_allclose(gate.score(torch.from_numpy(features)).numpy(), fitted.score(features), atol=1e-6)
+
+
+def _reference(patients: list[str], sources: list[str], seed: int = 0) -> Reference:
+    features = _low_rank(len(patients), seed)
+    names = np.array([f"film{i}" for i in range(len(patients))])
+    return Reference(features, np.zeros((0, *features.shape)), np.array(patients), np.array(sources), names)
+
+
+def test_grouped_folds_never_split_a_patient_and_test_every_film_once() -> None:
+    patients = [f"p{i // 3}" for i in range(45)]  # 15 patients with 3 films each
+    sources = ["a" if i < 30 else "b" for i in range(45)]
+    ref = _reference(patients, sources)
+    tested = []
+    for fit, test in grouped_folds(ref, 5, seed=0):
+        assert not set(ref.patients[fit]) & set(ref.patients[test])
+        assert {"a", "b"} <= set(ref.sources[test])  # stratified by source
+        tested.extend(test.tolist())
+    assert sorted(tested) == list(range(45))
+    assert len(list(grouped_folds(_reference(["x", "y", "y"], ["a"] * 3), 5, seed=0))) == 2  # capped at patients
+    with pytest.raises(ValueError, match="at least 2 patients"):
+        list(grouped_folds(_reference(["x", "x"], ["a", "a"]), 5, seed=0))
+
+
+def test_threshold_comes_from_scores_of_films_left_out_of_the_fit() -> None:
+    ref = _reference([f"p{i}" for i in range(80)], ["a"] * 80)
+    recipe = GateRecipe(dims=4, feature_map="none", quantile=0.9)
+    fitted, threshold, crossfit = recipe.fit(ref)
+    assert threshold == pytest.approx(np.quantile(crossfit, 0.9))
+    # A subspace fitted on a film explains it better than one fitted without it: in-sample scores are lower.
+    assert fitted.score(ref.features).mean() < crossfit.mean()
+    _, with_margin, _ = GateRecipe(dims=4, feature_map="none", quantile=0.9, margin=1.5).fit(ref)
+    assert with_margin == pytest.approx(1.5 * threshold)
+
+
+def test_evaluation_counts_held_out_films_per_source_and_probes_per_kind() -> None:
+    ref = _reference([f"p{i}" for i in range(60)], ["a"] * 40 + ["b"] * 20)
+    probes = 3.0 * np.random.default_rng(5).normal(size=(6, 40))  # off the films' subspace
+    kinds = ["photo"] * 4 + ["ct"] * 2
+    result = evaluate(GateRecipe(dims=4, feature_map="none", folds=4), ref, probes, kinds, ref.features[:2])
+    assert len(result["folds"]) == 4
+    assert result["held_out_flagged"]["a"][1] == 40 and result["held_out_flagged"]["b"][1] == 20
+    assert result["held_out_flagged_total"][0] <= 4  # about 1% by construction, on 60 films
+    assert result["non_chest_caught"] == {"photo": [16, 16], "ct": [8, 8]}
+    assert [row["held_out"] for row in result["new_source"]] == ["a", "b"]
+    assert result["new_source"][1]["flagged"][1] == 20
 
 
 def test_threshold_is_the_quantile_and_auroc_matches_sklearn() -> None:
@@ -75,7 +149,13 @@ def test_probes_are_uploadable_non_radiographs() -> None:
     probes = probe_images(seed=0)
     kinds = {p.kind for p in probes}
     assert {"photo", "radiograph-other", "ct", "noise", "shapes"} <= kinds
-    assert any(p.name == "pydicom-RG3-tibia" for p in probes)
+    names = {p.name for p in probes}
+    assert {"pydicom-RG3-tibia", "pydicom-RG3-tibia-j2k", "skimage-chelsea"} <= names
+    ct = [p for p in probes if p.kind == "ct" and p.name.startswith("pydicom-")]
+    for instance in CT_INSTANCES:  # every CT instance, rendered in most of the windows (not twice the same)
+        renderings = [p for p in ct if p.name.startswith(f"pydicom-{instance.removesuffix('.dcm')}-")]
+        assert len(CT_WINDOWS) - 1 <= len(renderings) <= len(CT_WINDOWS), instance
+    assert len({p.data for p in ct}) == len(ct)
     for probe in probes:
         image = decode_image(probe.data)
         assert min(image.width, image.height) >= 32, probe.name
@@ -112,26 +192,72 @@ def test_card_section_goes_before_limitations_and_is_replaced_not_repeated() -> 
     assert twice.endswith("## Limitations\nsmall data\n")
 
 
+def _film_folder(root: Path, images: list[Path]) -> Path:
+    """A film folder in the other-sites layout: the images and a labels.csv naming each one's patient."""
+    root.mkdir()
+    rows = ["file,modality,view,patientid"]
+    for i, image in enumerate(images):
+        (root / f"{i:03d}.png").write_bytes(image.read_bytes())
+        rows.append(f"{i:03d}.png,X-ray,PA,{i // 2}")  # two films per patient
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
 @pytest.mark.slow
-def test_cli_fits_a_gate_on_a_tiny_model_without_touching_its_weights(
+def test_cli_validates_and_fits_a_gate_on_a_tiny_model_without_touching_its_weights(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tmp_path / "synth"
     generate(data, n=15, seed=0, image_size=64)
+    folder = _film_folder(tmp_path / "site-b", sorted((data / "train").rglob("*.png"))[:6])
     torch.manual_seed(0)
     spec = ModelSpec(arch="test_efficientnet", image_size=64, provenance="trained: test fixture")
     checkpoint = save_checkpoint(build_model(spec), None, tmp_path / "ckpt")
-    weights = sha256_file(checkpoint / WEIGHTS_FILE)
-    argv = ["ood", "--checkpoint", str(checkpoint), "--train", str(data / "train.csv")]
-    assert main([*argv, "--valid", str(data / "valid.csv"), "--dims", "8", "--no-compare"]) == 0
+    (checkpoint / "MODEL_CARD.md").write_text(CARD)
+    weights, card = sha256_file(checkpoint / WEIGHTS_FILE), (checkpoint / "MODEL_CARD.md").read_text()
+    argv = [
+        "ood",
+        "--checkpoint",
+        str(checkpoint),
+        "--train",
+        str(data / "train.csv"),
+        "--valid",
+        str(data / "valid.csv"),
+    ]
+    argv += ["--films", str(folder), "--dims", "8", "--folds", "3", "--no-compare"]
+    assert main([*argv, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "fold | fit films | threshold" in dry and "not written (--dry-run)" in dry
+    assert "site-b left out (a new site)" in dry
+    assert (checkpoint / "MODEL_CARD.md").read_text() == card and not (checkpoint / "ood.safetensors").exists()
+
+    assert main(argv) == 0
     assert "ood: threshold" in capsys.readouterr().out
     assert sha256_file(checkpoint / WEIGHTS_FILE) == weights
     _, loaded = load_checkpoint(checkpoint)
-    assert loaded.ood is not None and loaded.ood.dims == 8 and loaded.ood.method == "pca-residual"
+    assert loaded.ood is not None and loaded.ood.dims == 8 and loaded.ood.method == "hellinger-pca-residual"
     gate = load_ood_gate(checkpoint, loaded)
     assert gate is not None and gate.threshold == loaded.ood.threshold
     report = json.loads((checkpoint / SPEC_FILE).read_text())["metadata"]["ood"]
-    assert report["n_train"] == 12 and report["n_valid"] == 3 and "variants" not in report
+    assert report["n_train"] == 21 and report["sources"] == {"synth": 15, "site-b": 6} and "variants" not in report
+    assert report["n_valid"] == 21 and len(report["validation"]["folds"]) == 3
+    assert report["n_patients"] == 15 + 3
+    written = (checkpoint / "MODEL_CARD.md").read_text()
+    assert written.count(OOD_HEADING) == 1 and f"{loaded.ood.threshold:.4f}" in written
+    again = with_card_section(written, report)  # replaced, not repeated
+    assert again.count(OOD_HEADING) == 1 and with_card_section(again, report) == again
+    assert written.index(OOD_HEADING) < written.index("## Limitations")
+
+
+def test_film_folders_need_their_labels_and_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"labels\.csv"):
+        folder_films(tmp_path)
+    (tmp_path / "labels.csv").write_text("file,patientid\nmissing.png,1\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        folder_films(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("file,patientid\na.png,\n")
+    assert [f.patient for f in folder_films(tmp_path)] == [f"{tmp_path.name}/a.png"]  # no patient: its own
 
 
 @pytest.mark.slow
@@ -146,16 +272,18 @@ def test_demo_model_gate_refit_on_a_subset_separates_radiographs_from_the_rest(t
     lines = (NIH / "valid.csv").read_text().splitlines()
     (subset / "valid.csv").write_text("\n".join(lines[:13]) + "\n")
     out = tmp_path / "gated"
+    recipe = GateRecipe(dims=8)
     report = fit_ood(
-        DEMO, NIH / "train.csv", subset / "valid.csv", out=out, dims=8, max_train_samples=24, compare=False
+        DEMO, NIH / "train.csv", subset / "valid.csv", out=out, recipe=recipe, max_train_samples=24, compare=False
     )
     assert (DEMO / SPEC_FILE).read_bytes() == demo_json  # the shipped model is left alone
     assert sha256_file(out / WEIGHTS_FILE) == sha256_file(DEMO / WEIGHTS_FILE)
-    assert report["n_train"] == 24 and report["n_valid"] == 12
+    children = report.get("children_left_out", {}).get("n", 0)  # the reference is adult films
+    assert report["n_train"] + children == 36 and report["n_valid"] == report["n_train"]
     assert report["auroc"] > 0.9
     assert report["outliers_flagged"] > 0.8
     card = (out / "MODEL_CARD.md").read_text()
-    assert card.count(OOD_HEADING) == 1 and f"{report['threshold']:.2f}" in card
+    assert card.count(OOD_HEADING) == 1 and f"{report['threshold']:.4f}" in card
     _, spec = load_checkpoint(out)
     assert spec.ood is not None and spec.ood.threshold == pytest.approx(report["threshold"])
 
@@ -166,10 +294,12 @@ def test_shipped_demo_model_has_a_gate_within_the_size_budget() -> None:
     _, spec = load_checkpoint(DEMO)
     assert spec.ood is not None, "run: python -m train ood --checkpoint models/demo (see Makefile demo-model)"
     assert load_ood_gate(DEMO, spec) is not None
+    assert spec.ood.method == "hellinger-pca-residual"
     sizes = [f.stat().st_size for f in DEMO.iterdir()]
     assert sum(sizes) < 10 * 1024 * 1024 and max(sizes) < 10 * 1024 * 1024
+    assert (DEMO / spec.ood.file).stat().st_size < OOD_GATE_BUDGET_BYTES
     card = (DEMO / "MODEL_CARD.md").read_text()
-    assert OOD_HEADING in card and f"{spec.ood.threshold:.2f}" in card
+    assert OOD_HEADING in card and f"{spec.ood.threshold:.4f}" in card
 
 
 def test_export_carries_the_gate_and_its_card_section(tmp_path: Path) -> None:
