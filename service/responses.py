@@ -9,6 +9,7 @@ library, pydantic and torch are installed.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Literal
 
 from bayesnet import ImageFacts, ModelSpec
@@ -194,7 +195,7 @@ def finding(
         conf=float(result.mean[k]),
         uncertainty=float(result.variance[k]),
         std=float(result.std[k]),
-        mc_standard_error=None if se != se else se,  # NaN with one sample
+        mc_standard_error=None if math.isnan(se) else se,  # undefined with one sample
         interval=(float(result.interval[k, 0]), float(result.interval[k, 1])),
         mutual_information=float(result.mutual_information[k]),
         decision=(Decision.UNCERTAIN if withheld else result.decisions[k]).value,

@@ -40,7 +40,7 @@ from bayesnet.checkpoint import SPEC_FILE, load_spec, replace_spec
 from bayesnet.decision import disagreement
 from bayesnet.spec import ModelSpec, ReferralSpec, per_label
 from train.metrics import NLL_EPS, FloatArray, as_targets, ece, json_floats
-from train.predict import collect, policy_of, sigmoid, weights_sha256_of
+from train.predict import collect_checkpoint, sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -370,15 +370,7 @@ def calibrate_checkpoint(
             "calibration needs labelled films"
         )
     model, spec = load_checkpoint(checkpoint)
-    preds = collect(
-        model,
-        spec,
-        csv,
-        policy=policy_of(checkpoint),
-        mc_samples=mc_samples,
-        seed=seed,
-        weights_sha256=weights_sha256_of(checkpoint),
-    )
+    preds = collect_checkpoint(model, spec, checkpoint, csv, mc_samples=mc_samples, seed=seed)
     temperature = fit_temperature(preds.mc_logits, preds.y)
     samples = sigmoid(preds.mc_logits / temperature)
     p_before = sigmoid(preds.mc_logits).mean(axis=0)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from bayesnet import load_checkpoint
-from train.predict import collect, policy_of, sigmoid, weights_sha256_of
+from train.predict import collect_checkpoint, sigmoid
 
 
 def evaluate(
@@ -52,15 +52,7 @@ def evaluate(
 
     out.mkdir(parents=True, exist_ok=True)
     model, spec = load_checkpoint(checkpoint)
-    preds = collect(
-        model,
-        spec,
-        csv,
-        policy=policy_of(checkpoint),
-        mc_samples=mc_samples,
-        seed=seed,
-        weights_sha256=weights_sha256_of(checkpoint),
-    )
+    preds = collect_checkpoint(model, spec, checkpoint, csv, mc_samples=mc_samples, seed=seed)
     labels = list(spec.labels)
     spec_temperature = np.array(spec.temperature)
     calibrated = bool(np.any(spec_temperature != 1.0))

@@ -18,7 +18,7 @@ from bayesnet.checkpoint import read_checkpoint_document
 from bayesnet.mc import input_seed, mc_logits
 from bayesnet.model import PerImageMasks
 
-__all__ = ["Predictions", "collect", "policy_of", "sigmoid", "weights_sha256_of"]
+__all__ = ["Predictions", "collect", "collect_checkpoint", "policy_of", "sigmoid", "weights_sha256_of"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,22 @@ def collect(
         det_logits=torch.cat(dets).numpy().astype(np.float64),
         mc_logits=torch.cat(mcs, dim=1).numpy().astype(np.float64),
         seconds_per_image=elapsed / max(1, len(y_all)),
+    )
+
+
+def collect_checkpoint(
+    model: BayesianEfficientNet, spec: ModelSpec, checkpoint: Path, csv: Path, *, mc_samples: int, seed: int = 0
+) -> Predictions:
+    """:func:`collect` for a saved checkpoint: its uncertain-label policy, and each film's masks drawn from the seed
+    the service would give it (the checkpoint's weights digest)."""
+    return collect(
+        model,
+        spec,
+        csv,
+        policy=policy_of(checkpoint),
+        mc_samples=mc_samples,
+        seed=seed,
+        weights_sha256=weights_sha256_of(checkpoint),
     )
 
 
