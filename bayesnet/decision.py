@@ -56,17 +56,16 @@ class Reason(str, Enum):
     WITHHELD_OUTSIDE_POPULATION = "withheld_outside_population"
 
 
-#: What each reason means (the API and the page say these).
+#: Each reason in a clinician's words, at most 64 characters (a DICOM code meaning): the FHIR report and the SR.
 REASON_TEXT: Final[dict[Reason, str]] = {
-    Reason.CLEARED: "the score is below the rule's clear-below threshold: reported negative",
-    Reason.ABOVE_POSITIVE_THRESHOLD: "the score reaches the rule's positive-at threshold: reported positive",
-    Reason.BETWEEN_THRESHOLDS: "the score is neither below clear-below nor at positive-at: refer",
-    Reason.CANNOT_BE_CLEARED: "this model cannot rule this finding out at the stated guarantee (no clear-below "
-    "threshold) and the score does not reach positive-at: refer",
-    Reason.BOTH_THRESHOLDS_MET: "the score is below clear-below and at positive-at at once: refer",
-    Reason.NO_RULE_MC_DISAGREEMENT: "no risk-controlled rule; the MC samples disagree about the threshold: refer",
-    Reason.WITHHELD_OUT_OF_DISTRIBUTION: "no decision: the image does not look like a frontal chest radiograph",
-    Reason.WITHHELD_OUTSIDE_POPULATION: "no decision: the film is outside the intended population",
+    Reason.CLEARED: "ruled out by the rule",
+    Reason.ABOVE_POSITIVE_THRESHOLD: "at or above the rule's positive threshold",
+    Reason.BETWEEN_THRESHOLDS: "neither ruled out nor called positive by the rule",
+    Reason.CANNOT_BE_CLEARED: "cannot be ruled out by this model",
+    Reason.BOTH_THRESHOLDS_MET: "the rule's thresholds conflict for this score",
+    Reason.NO_RULE_MC_DISAGREEMENT: "the Monte-Carlo samples disagree about the threshold",
+    Reason.WITHHELD_OUT_OF_DISTRIBUTION: "not decided: unlike a frontal chest radiograph",
+    Reason.WITHHELD_OUTSIDE_POPULATION: "not decided: outside the intended population",
 }
 
 #: Which number a finding's thresholds compare: ``conf`` (the MC mean) on both sides, or ``interval``: cleared

@@ -65,6 +65,10 @@ class OODSpec:
     method: str = "pca-shrinkage-mahalanobis"
     details: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
+    def in_distribution(self, score: float) -> bool:
+        """Whether a score passes the gate (at or below the threshold)."""
+        return score <= self.threshold
+
     def __post_init__(self) -> None:
         if not (self.threshold >= 0.0 and self.threshold < float("inf")):
             raise SpecError(f"OODSpec.threshold must be a finite non-negative score, got {self.threshold}")

@@ -482,8 +482,8 @@ class ArchiveScorer:
             verdict = ood_result(result, self.spec)
             if self.reject_ood and verdict is not None and not verdict.in_distribution:
                 rejected = OutOfDistributionError(
-                    f"not scored: out-of-distribution score {verdict.score:.1f} is above the model's threshold "
-                    f"{verdict.threshold:.1f}; this does not look like a frontal chest radiograph"
+                    f"not scored: out-of-distribution score {verdict.score:.3g} is above the model's threshold "
+                    f"{verdict.threshold:.3g}; this does not look like a frontal chest radiograph"
                 )
                 lines.append((error_line(decoded.item.key, rejected), False))
                 continue

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from bayesnet.decision import REASON_TEXT, Reason
 from service.schemas import BatchItem, BatchItemError, FindingPrediction, Heatmap, OODResult, PredictionResponse
 
 JSONDict = dict[str, Any]
@@ -111,17 +112,9 @@ def _probability(value: float) -> JSONDict:
     return {"value": value, "unit": "probability", "system": UCUM, "code": "1"}
 
 
-#: What each finding's reason code says, in a clinician's words (the conclusion and the Observations' notes).
-REASON_WORDS = {
-    "cleared": "ruled out by the rule",
-    "above_positive_threshold": "at or above the rule's positive threshold",
-    "between_thresholds": "neither ruled out nor called positive by the rule",
-    "cannot_be_cleared_by_this_model": "cannot be ruled out by this model",
-    "both_thresholds_met": "the rule's thresholds conflict for this score",
-    "no_rule_mc_disagreement": "the Monte-Carlo samples disagree about the threshold",
-    "withheld_out_of_distribution": "not decided: the image does not look like a frontal chest radiograph",
-    "withheld_outside_population": "not decided: the film is outside the intended population",
-}
+def _reason_words(reason: str) -> str:
+    """A finding's reason code in a clinician's words (bayesnet.decision.REASON_TEXT, shared with the DICOM SR)."""
+    return REASON_TEXT[Reason(reason)]
 
 
 def _components(prediction: FindingPrediction) -> list[JSONDict]:
@@ -165,7 +158,7 @@ def _components(prediction: FindingPrediction) -> list[JSONDict]:
             "code": _measure("decision-reason", "Why this decision"),
             "valueCodeableConcept": {
                 "coding": [{"system": REASON_SYSTEM, "code": prediction.reason}],
-                "text": REASON_WORDS[prediction.reason],
+                "text": _reason_words(prediction.reason),
             },
         }
     )
@@ -196,7 +189,7 @@ def _observation(label: str, prediction: FindingPrediction, response: Prediction
         "component": _components(prediction),
     }
     if prediction.decision == "uncertain":
-        observation["note"] = [{"text": f"{REASON_WORDS[prediction.reason].capitalize()}: refer to a radiologist."}]
+        observation["note"] = [{"text": f"{_reason_words(prediction.reason).capitalize()}: refer to a radiologist."}]
     return observation
 
 
@@ -295,7 +288,8 @@ def conclusion(response: PredictionResponse) -> str:
         def listing(items: list[tuple[str, FindingPrediction]]) -> str:
             ordered = sorted(items, key=lambda item: -item[1].conf)
             return "; ".join(
-                f"{label} (probability {p.conf:.2f}; {_rule_text(p)}; {REASON_WORDS[p.reason]})" for label, p in ordered
+                f"{label} (probability {p.conf:.2f}; {_rule_text(p)}; {_reason_words(p.reason)})"
+                for label, p in ordered
             )
 
         if response.predictions and all(p.clear_below is None for p in response.predictions.values()):

@@ -195,7 +195,7 @@ class PredictionPipeline:
         if self.ood_action == "reject" and verdict is not None and not verdict.in_distribution:
             raise OutOfDistributionError(
                 f"This does not look like a frontal chest radiograph: its out-of-distribution score "
-                f"{verdict.score:.1f} is above this model's threshold {verdict.threshold:.1f}, so no predictions "
+                f"{verdict.score:.3g} is above this model's threshold {verdict.threshold:.3g}, so no predictions "
                 "are returned. Send a frontal (PA or AP) chest radiograph; photos, other body parts, CT or MR "
                 "slices and lateral views are outside what the model was trained on.",
                 ood=verdict,
@@ -225,7 +225,8 @@ class PredictionPipeline:
             image, tensor, seed = await self.decode(data)
         finally:
             self._decoding -= 1
-        if wanted == AUTO and assess(image, declared).flags:
+        population = assess(image, declared)
+        if wanted == AUTO and population.flags:
             wanted = ()  # a film outside the intended population gets no findings shown, so no heatmaps drawn
         job = Job(InferenceRequest(tensor, n_samples, wanted, seed), time.perf_counter())
         try:
@@ -257,7 +258,7 @@ class PredictionPipeline:
                     queue_s=done.queue_s,
                     inference_s=done.inference_s,
                     total_s=time.perf_counter() - received_at,
-                    declared=declared,
+                    population=population,
                 )
 
             # Heatmaps still to render: resampling and encoding the maps and building the response in one trip to

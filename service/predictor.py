@@ -291,7 +291,8 @@ class Predictor:
     def _cam_classes(self, cams: str | tuple[int, ...], result: InferenceResult) -> list[int]:
         if not isinstance(cams, str):
             return list(cams)
-        if self.spec.ood is not None and result.ood_score is not None and result.ood_score > self.spec.ood.threshold:
+        gate, score = self.spec.ood, result.ood_score
+        if gate is not None and score is not None and not gate.in_distribution(score):
             return []  # out of distribution: no finding is shown for it, so no heatmap is drawn (explicit cams are)
         decisions = result.decisions
         flagged = [k for k in self._trained if decisions[k] in (Decision.POSITIVE, Decision.UNCERTAIN)]

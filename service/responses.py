@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from bayesnet import ImageFacts, ModelSpec
 from bayesnet.decision import Decision, FindingRule, Reason, finding_rules
-from bayesnet.population import Declared, Population, assess
+from bayesnet.population import Population, assess
 from bayesnet.referral import OUT_OF_DISTRIBUTION, OUTSIDE_POPULATION, describe, referral_reasons
 from service.png import heatmap_png
 from service.predictor import AUTO, InferenceResult
@@ -70,7 +71,7 @@ def ood_result(result: InferenceResult, spec: ModelSpec) -> OODResult | None:
     return OODResult(
         score=max(0.0, result.ood_score),
         threshold=spec.ood.threshold,
-        in_distribution=result.ood_score <= spec.ood.threshold,
+        in_distribution=spec.ood.in_distribution(result.ood_score),
     )
 
 
@@ -144,21 +145,24 @@ def withheld_because(triage: Referral) -> list[str]:
 
 
 def can_clear(spec: ModelSpec) -> bool:
-    """Whether the model's rule can clear anything: some finding with a clear-below threshold and a study rule."""
+    """Whether the model can clear any film: a referral rule with a study threshold and some finding it can rule out.
+    Without a rule every film is referred (``no_referral_rule``)."""
     rule = spec.referral
-    if rule is None:
-        return True  # the disagreement rule clears a finding below its threshold (no guarantee: GET /v1/model)
-    return rule.study_threshold is not None and any(t is not None for t in rule.negative_threshold)
+    return rule is not None and rule.study_threshold is not None and any(t is not None for t in rule.negative_threshold)
 
 
-def evidence(spec: ModelSpec, metrics: dict[str, object]) -> dict[str, FindingEvidence]:
+def evidence(spec: ModelSpec, metrics: Mapping[str, Any]) -> dict[str, FindingEvidence]:
     """Per trained finding: its AUROC and bootstrap CI as the model card measured them (``metrics`` of the
-    checkpoint: ``auc_mc``, ``auc_mc_ci``, ``n_images``, ``data``), and whether the CI excludes chance."""
-    auc = metrics.get("auc_mc") if isinstance(metrics.get("auc_mc"), dict) else {}
-    ci = metrics.get("auc_mc_ci") if isinstance(metrics.get("auc_mc_ci"), dict) else {}
-    low = ci.get("lo", {}) if isinstance(ci, dict) else {}
-    high = ci.get("hi", {}) if isinstance(ci, dict) else {}
-    n_films = metrics.get("n_images")
+    checkpoint: ``auc_mc``, ``auc_mc_ci`` {``lo``, ``hi``}, ``n_images``, ``data``), and whether the CI excludes
+    chance. Anything missing or malformed reads as not measured."""
+
+    def per_label(table: object, label: str) -> float | None:
+        value = table.get(label) if isinstance(table, Mapping) else None
+        return float(value) if isinstance(value, int | float) else None
+
+    ci = metrics.get("auc_mc_ci")
+    low, high = (ci.get("lo"), ci.get("hi")) if isinstance(ci, Mapping) else (None, None)
+    n_films = metrics.get("n_images") if isinstance(metrics.get("n_images"), int) else None
     data = metrics.get("data")
     source = (
         f"{n_films} held-out films of {data}, the same films that chose the epoch and fitted the calibration "
@@ -168,22 +172,16 @@ def evidence(spec: ModelSpec, metrics: dict[str, object]) -> dict[str, FindingEv
     )
     out = {}
     for label in spec.trained_labels:
-        value = _number(auc.get(label) if isinstance(auc, dict) else None)
-        lo = _number(low.get(label) if isinstance(low, dict) else None)
-        hi = _number(high.get(label) if isinstance(high, dict) else None)
+        lo, hi = per_label(low, label), per_label(high, label)
         out[label] = FindingEvidence(
-            auroc=value,
+            auroc=per_label(metrics.get("auc_mc"), label),
             ci_low=lo,
             ci_high=hi,
-            n_films=n_films if isinstance(n_films, int) else None,
+            n_films=n_films,
             source=source,
-            better_than_chance=None if lo is None or hi is None else not (lo <= 0.5 <= hi),
+            better_than_chance=None if lo is None or hi is None else not lo <= 0.5 <= hi,
         )
     return out
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
 
 
 def finding(
@@ -231,15 +229,17 @@ def build_response(
     queue_s: float,
     inference_s: float,
     total_s: float,
-    declared: Declared | None = None,
+    population: Population | None = None,
 ) -> PredictionResponse:
     """The API's response for one image: one entry per trained label, the referral flag, image facts.
 
     Only the decoded image's format, size, photometric interpretation and decoding warnings are
     reported: nothing from DICOM headers (or the client's declared age and view) that could identify a patient.
+    ``population``: the film's :func:`bayesnet.population.assess` verdict with what the client declared (default:
+    its header alone).
     A film the gates flag keeps its numbers, with every decision withheld (uncertain, ``withheld_*`` reason).
     """
-    triage = referral(result, spec, assess(image, declared))
+    triage = referral(result, spec, population if population is not None else assess(image))
     withheld = withheld_because(triage)
     withheld_reason = _WITHHELD_REASON[withheld[0]] if withheld else None
     rules = finding_rules(spec)

@@ -521,7 +521,7 @@ async def model_card(request: Request) -> ModelCard:
         ood=ood_gate_info(spec, state.settings.ood_action),
         referral=referral_info(spec),
         can_clear=can_clear(spec),
-        evidence=evidence(spec, dict(metrics)),
+        evidence=evidence(spec, metrics),
     )
 
 

@@ -850,7 +850,9 @@ def fit_ood(
     save_ood_gate(target, gate, metadata={"ood": report})
     card = target / "MODEL_CARD.md"
     if card.is_file():
-        card.write_text(with_card_section(card.read_text(), report))
+        from train.card import with_ood_section  # train.card renders this module's report (card_section)
+
+        card.write_text(with_ood_section(card.read_text(), report))
     log.info("OOD gate written to %s: threshold %.4f, held-out flagged %s", target, threshold, _fraction(held_out))
     return report
 
@@ -916,10 +918,3 @@ quality check. Films from a new site are flagged more
 often than films from the sites above until the gate is refitted with some of that site's films (`--films`).
 
 """
-
-
-def with_card_section(card: str, report: dict[str, Any]) -> str:
-    """``card`` with its out-of-distribution section replaced by :func:`card_section` (or inserted)."""
-    from train.card import OOD_HEADING, with_section
-
-    return with_section(card, OOD_HEADING, card_section(report))

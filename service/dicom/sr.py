@@ -30,6 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import validate_value
 
 from bayesnet import sniff_format
+from bayesnet.decision import REASON_TEXT, Reason
 from service.fhir import SNOMED_BY_LABEL, finding_code
 from service.schemas import PredictionResponse
 
@@ -67,18 +68,6 @@ REASON_MEANINGS = {
     "outside_intended_population": "Outside the intended population",
     "population_unverified": "Intended population not verified",
     "no_referral_rule": "No fitted referral rule",
-}
-
-#: Finding reason codes (service.schemas.FindingPrediction.reason) -> code meanings (at most 64 characters).
-FINDING_REASON_MEANINGS = {
-    "cleared": "Score below the rule's clear-below threshold",
-    "above_positive_threshold": "Score at or above the rule's positive-at threshold",
-    "between_thresholds": "Neither cleared nor positive under the rule",
-    "cannot_be_cleared_by_this_model": "Cannot be ruled out by this model",
-    "both_thresholds_met": "Both thresholds met: refer",
-    "no_rule_mc_disagreement": "No rule; Monte-Carlo samples disagree",
-    "withheld_out_of_distribution": "Withheld: out-of-distribution image",
-    "withheld_outside_population": "Withheld: outside the intended population",
 }
 
 # Type 2 attributes of the patient and general study modules that highdicom reads from the source; a source
@@ -190,7 +179,7 @@ def _finding_group(
 
     # The rule that decided, as the JSON carries it: its thresholds (those it has) and the reason code.
     rule = [(CLEAR_BELOW, prediction.clear_below), (POSITIVE_AT, prediction.positive_at)]
-    reason = CodedConcept(prediction.reason, SCHEME, FINDING_REASON_MEANINGS[prediction.reason])
+    reason = CodedConcept(prediction.reason, SCHEME, REASON_TEXT[Reason(prediction.reason)])
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label),
         finding_type=concept,

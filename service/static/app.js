@@ -447,8 +447,8 @@ function renderResults(result) {
 
   el.ood.hidden = !offTarget;
   el.oodDetail.textContent = offTarget
-    ? ` Its out-of-distribution score ${ood.score.toFixed(1)} is above the model's threshold ` +
-      `${ood.threshold.toFixed(1)}.`
+    ? ` Its out-of-distribution score ${ood.score.toPrecision(3)} is above the model's threshold ` +
+      `${ood.threshold.toPrecision(3)}.`
     : "";
   el.population.hidden = !outside;
   el.populationDetail.textContent = outside

@@ -30,7 +30,6 @@ from train.ood import (
     grouped_folds,
     hellinger,
     probe_images,
-    with_card_section,
 )
 from train.synthetic import generate
 
@@ -244,8 +243,8 @@ def test_cli_validates_and_fits_a_gate_on_a_tiny_model_without_touching_its_weig
     assert report["n_patients"] == 15 + 3
     written = (checkpoint / "MODEL_CARD.md").read_text()
     assert written.count(OOD_HEADING) == 1 and f"{loaded.ood.threshold:.4f}" in written
-    again = with_card_section(written, report)  # replaced, not repeated
-    assert again.count(OOD_HEADING) == 1 and with_card_section(again, report) == again
+    again = with_ood_section(written, report)  # replaced, not repeated
+    assert again.count(OOD_HEADING) == 1 and with_ood_section(again, report) == again
     assert written.index(OOD_HEADING) < written.index("## Limitations")
 
 
