@@ -28,7 +28,14 @@ from bayesnet.errors import (
     UnsupportedFormatError,
 )
 from bayesnet.gradcam import gradcam
-from bayesnet.imaging import DecodedImage, ImageFacts, check_radiograph_geometry, decode_image, sniff_format
+from bayesnet.imaging import (
+    DecodedImage,
+    ImageFacts,
+    check_radiograph_geometry,
+    decode_image,
+    decode_memory_bytes,
+    sniff_format,
+)
 from bayesnet.labels import CHEXPERT_LABELS
 from bayesnet.mc import MCPrediction, input_seed, mc_predict
 from bayesnet.model import BayesianEfficientNet, DropoutMasks, PerImageMasks, build_model
@@ -73,6 +80,7 @@ __all__ = [
     "check_radiograph_geometry",
     "decide",
     "decode_image",
+    "decode_memory_bytes",
     "gradcam",
     "init_pretrained",
     "input_seed",

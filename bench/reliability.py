@@ -12,7 +12,11 @@ Starts ``python -m service`` in its own process (the shipped demo model unless `
 4. disconnects: clients hanging up mid-upload and mid-inference while others are served: the others all
    succeed, abandoned images are dropped before the model, connections and descriptors return to baseline;
 5. hostile input: every case of ``tests/reliability/hostile_corpus.py``: never a 5xx, always the expected answer;
-6. SIGTERM under load: requests accepted before the signal all succeed, new connections are refused, the
+6. slow clients (``tests/reliability/attacks.py``): 70 uploads trickled at 2 bytes/s cut with 408 while a client
+   keeps predicting, dripped headers 408, huge headers 431, raw-body hang-ups counted as 499 (no 5xx), and 20
+   parallel previews of a 7000 x 7000 RLE DICOM: the server's RSS rises by at most one preview's bound
+   (``bayesnet.decode_memory_bytes``) and predictions stay within 2 s of their pace alone;
+7. SIGTERM under load: requests accepted before the signal all succeed, new connections are refused, the
    process exits 0 within the grace period.
 
 Prints each phase, then one summary table, and exits 1 if any requirement fails (requests lost, any 5xx on bad
@@ -43,6 +47,19 @@ sys.path.insert(0, str(REPO))  # the harness and the hostile corpus live with th
 
 from serve import radiographs  # noqa: E402
 
+from bayesnet import decode_memory_bytes  # noqa: E402
+from tests.reliability.attacks import (  # noqa: E402
+    SLOW_CLIENTS,
+    Timings,
+    drip_headers,
+    hang_up_mid_body,
+    heavy_dicom,
+    metric,
+    predict_every,
+    server_errors,
+    trickle_upload,
+    unfinished_huge_header,
+)
 from tests.reliability.harness import (  # noqa: E402
     MIB,
     LoadReport,
@@ -59,6 +76,7 @@ from tests.reliability.hostile_corpus import build_corpus, check_response, send_
 DEFAULT_MODEL = REPO / "models" / "demo"
 MAX_UPLOAD_BYTES = 32 * MIB  # the service's default (service.settings.DEFAULT_MAX_UPLOAD_BYTES)
 RECOVERY_LATENCY_RATIO = 2.0
+FLOOD = 20  # previews sent at once
 #: Capacity, load, burst and recovery send what a client that names nothing gets: the API's default, heatmaps
 #: for the positive and uncertain findings included.
 QUERY = {"cams": "auto"}
@@ -277,6 +295,114 @@ def phase_hostile(server: ServerProcess, run: Run) -> None:
     )
 
 
+def phase_slow_clients(server: ServerProcess, images: list[bytes], run: Run) -> None:
+    """Issue #28's attacks on the server itself (no nginx): trickled uploads, dripped headers, a huge header,
+    raw-body hang-ups and a flood of worst-case previews, each while a client keeps predicting."""
+    print("slow clients: trickled uploads, dripped headers, huge headers, hang-ups, heavy previews", flush=True)
+    asyncio.run(wait_idle(server.url))
+    film = images[0]
+    errors_before = server_errors(server.url)
+    baseline = asyncio.run(predict_every(server.url, film, until=time.monotonic() + 3.0, every_s=0.2))
+
+    async def trickled() -> tuple[list[tuple[int | None, float]], Timings]:
+        slow = [asyncio.create_task(trickle_upload(server.port, film)) for _ in range(SLOW_CLIENTS)]
+        await asyncio.sleep(0.5)
+        real = await predict_every(server.url, film, until=time.monotonic() + 9.0, every_s=0.2)
+        return list(await asyncio.gather(*slow)), real
+
+    slow, real = asyncio.run(trickled())
+    cut = sum(1 for status, _ in slow if status == 408)
+    ok_slow = run.check(
+        f"slow clients: {SLOW_CLIENTS} uploads at 2 bytes/s cut with 408, real predictions answered meanwhile",
+        cut == SLOW_CLIENTS and set(real.statuses) == {200} and real.slowest_s < baseline.slowest_s + 2.0,
+        f"{cut}/{SLOW_CLIENTS} cut with 408 after {min(s for _, s in slow):.1f}-{max(s for _, s in slow):.1f} s; "
+        f"{len(real.results)} predictions meanwhile, all 200: {set(real.statuses) == {200}}, median "
+        f"{real.median_s() * 1e3:.0f} ms, slowest {real.slowest_s * 1e3:.0f} ms (alone: median "
+        f"{baseline.median_s() * 1e3:.0f} ms, slowest {baseline.slowest_s * 1e3:.0f} ms)",
+    )
+
+    async def headers() -> tuple[list[tuple[int | None, float]], list[int | None]]:
+        drips = [asyncio.create_task(drip_headers(server.port, every_s=1.0)) for _ in range(20)]
+        huge = [asyncio.create_task(unfinished_huge_header(server.port)) for _ in range(20)]
+        return list(await asyncio.gather(*drips)), list(await asyncio.gather(*huge))
+
+    drips, huge = asyncio.run(headers())
+    big = httpx.get(f"{server.url}/readyz", headers={"X-Big": "a" * (8 * MIB)}, timeout=30).status_code
+    ok_headers = run.check(
+        "slow clients: dripped headers 408, 8 MB and unfinished 16 MB headers 431",
+        all(status == 408 for status, _ in drips) and big == 431 and huge == [431] * 20,
+        f"dripped: {sorted({status for status, _ in drips}, key=str)} after {max(s for _, s in drips):.1f} s at most; "
+        f"8 MB header: {big}; 20 unfinished 16 MB headers: {sorted(set(huge), key=str)}",
+    )
+
+    async def hang_ups() -> None:
+        for path, kind in (
+            ("/v1/predict", "image/png"),
+            ("/v1/preview", "image/png"),
+            ("/dicomweb/studies", 'multipart/related; type="application/dicom"; boundary=x'),
+        ):
+            await asyncio.gather(*(hang_up_mid_body(server.port, path, kind) for _ in range(4)))
+
+    gone = r'cxr_http_requests_total\{[^}]*status="499"[^}]*\}'
+    gone_before = metric(server.url, gone)
+    asyncio.run(hang_ups())
+    _settle(lambda: metric(server.url, gone) >= gone_before + 12, timeout_s=15)
+    counted, new_5xx = metric(server.url, gone) - gone_before, server_errors(server.url) - errors_before
+    ok_gone = run.check(
+        "slow clients: raw-body hang-ups are 499s, no 5xx",
+        counted == 12 and new_5xx == 0,
+        f"499s counted {counted:.0f}/12; new 5xx {new_5xx:.0f}",
+    )
+
+    heavy = heavy_dicom(7000)
+    bound = decode_memory_bytes(heavy, max_pixels=50_000_000)
+    # One decode at a time, plus the uploads themselves: all 20 arrive at once and each is held (at most twice,
+    # while its chunks are joined) until it is decoded or refused.
+    budget = bound + 2 * FLOOD * len(heavy)
+    asyncio.run(wait_idle(server.url))
+    rss_before = server.rss_bytes()
+
+    async def previews() -> tuple[list[int], Timings, int]:
+        peak = rss_before
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, server.rss_bytes())
+                await asyncio.sleep(0.02)
+
+        async def preview(client: httpx.AsyncClient) -> int:
+            response = await client.post("/v1/preview", content=heavy, headers={"Content-Type": "application/dicom"})
+            return response.status_code
+
+        sampler = asyncio.create_task(sample())
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            flood = asyncio.gather(*(preview(client) for _ in range(FLOOD)))
+            await asyncio.sleep(0.1)
+            meanwhile = await predict_every(server.url, film, until=time.monotonic() + 8.0, every_s=0.2)
+            statuses = list(await flood)
+        done.set()
+        await sampler
+        return statuses, meanwhile, peak
+
+    statuses, meanwhile, peak = asyncio.run(previews())
+    rise = peak - rss_before
+    ok_previews = run.check(
+        "slow clients: 20 parallel 7000 x 7000 RLE DICOM previews bounded, predictions not starved",
+        set(statuses) <= {200, 503}
+        and set(meanwhile.statuses) == {200}
+        and meanwhile.slowest_s < baseline.slowest_s + 2.0
+        and rise <= budget,
+        f"previews {statuses.count(200)} x 200, {statuses.count(503)} x 503; server RSS +{rise / MIB:.0f} MiB "
+        f"(budget {budget / MIB:.0f} MiB: one preview's decode bound {bound / MIB:.0f} MiB, decoded one at a time, "
+        f"plus the {FLOOD} uploads, twice); {len(meanwhile.results)} predictions meanwhile, median "
+        f"{meanwhile.median_s() * 1e3:.0f} ms, slowest {meanwhile.slowest_s * 1e3:.0f} ms",
+    )
+    ready = httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+    run.fault(ok_slow and ok_headers and ok_gone and ok_previews and ready)
+
+
 def phase_sigterm(server: ServerProcess, images: list[bytes], grace_s: float, run: Run) -> None:
     print("SIGTERM under load", flush=True)
     inflight = 24
@@ -347,7 +473,7 @@ def print_summary(run: Run, load: LoadReport, capacity: float) -> None:
             f"{load.percentile_ms(50):.0f}/{load.percentile_ms(95):.0f}/{load.percentile_ms(99):.0f} ms "
             f"(capacity {capacity:.1f}/s)",
         ),
-        ("faults survived", f"{run.faults_survived}/{run.faults_tried} (overload, disconnects, SIGTERM)"),
+        ("faults survived", f"{run.faults_survived}/{run.faults_tried} (overload, disconnects, slow clients, SIGTERM)"),
         ("bad inputs tried", f"{run.bad_inputs} ({run.bad_inputs_ok} answered as expected)"),
         ("5xx seen", f"{run.unexpected_5xx} (besides 503 load shedding)"),
         ("requests lost", f"{run.lost} (must be 0)"),
@@ -394,6 +520,7 @@ def main() -> int:
             phase_overload(server, images, capacity, burst_s, load, run)
             phase_disconnects(server, images, run)
             phase_hostile(server, run)
+            phase_slow_clients(server, images, run)
             phase_sigterm(server, images, args.grace_s, run)
             run.check("no request lost", run.lost == 0, f"{run.lost} requests got no answer")
             run.check("no unexpected 5xx", run.unexpected_5xx == 0, f"{run.unexpected_5xx} seen")

@@ -4,9 +4,9 @@ Settings come from ``CXR_*`` environment variables; these flags override the mos
 For several worker processes behind nginx use Gunicorn with uvicorn workers (see docker/).
 
 Exit status, for the supervisor (systemd ``Restart=on-failure``, Kubernetes, a shell): 0 after a graceful
-shutdown (SIGTERM or SIGINT: accepted requests finished first), 3 when the model cannot be loaded or warmed up
-(one line on stderr names the file and the problem; nothing was ever served), 70 when the inference worker died
-(the process stopped being ready and exited so that a fresh one takes over).
+shutdown (SIGTERM or SIGINT: accepted requests finished first), 3 when a setting is invalid or the model cannot
+be loaded or warmed up (one line on stderr names the variable or file and the problem; nothing was ever served),
+70 when the inference worker died (the process stopped being ready and exited so that a fresh one takes over).
 """
 
 from __future__ import annotations
@@ -33,29 +33,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     limit_openmp_spin()  # before torch is imported (by service.app, below): libgomp reads it once
 
-    import uvicorn
+    from service.settings import InvalidSettingsError, load_settings
+
+    flags = {"host": "--host", "port": "--port", "model_path": "--model", "device": "--device"}
+    given = {"host": args.host, "port": args.port, "model_path": args.model, "device": args.device}
+    try:  # before the heavy imports below: a bad setting is reported at once
+        settings = load_settings({key: value for key, value in given.items() if value is not None}, flags=flags)
+    except InvalidSettingsError as err:
+        print(f"bayesnet-cxr: {err}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
 
     from service.app import create_app
     from service.logs import configure_logging
-    from service.server import DrainingServer
-    from service.settings import Settings
+    from service.server import DrainingServer, server_config
 
-    overrides = {
-        key: value
-        for key, value in {
-            "host": args.host,
-            "port": args.port,
-            "model_path": args.model,
-            "device": args.device,
-        }.items()
-        if value is not None
-    }
-    settings = Settings(**overrides)
     configure_logging(settings.log_level, json_lines=settings.log_json)
     app = create_app(settings)
     server = DrainingServer(
-        uvicorn.Config(
+        server_config(
             app,
+            settings,
             host=settings.host,
             port=settings.port,
             log_config=None,

@@ -31,11 +31,18 @@ from service.dicom.dimse import DimseListener, scorer
 from service.dicom.outbox import Outbox
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import AdmissionMiddleware, BodyLimitMiddleware, ObservabilityMiddleware
+from service.middleware import (
+    AdmissionGroup,
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    BodyTiming,
+    ObservabilityMiddleware,
+)
 from service.model_loading import LoadedModel, build_predictor, load_model
+from service.openapi import install_openapi
 from service.pipeline import Job, JobResult, PredictionPipeline, batch_processor
 from service.predictor import resolve_device
-from service.routes import PREDICT_PATHS, STATIC_DIR, router
+from service.routes import PREDICT_PATHS, PREVIEW_PATHS, STATIC_DIR, router
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -138,7 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.audit = trail
             outbox = await asyncio.to_thread(open_outbox, settings)  # before the model: it fails fast and cheaply
             app.state.dicom_outbox = outbox
-            batcher, decode_pool = await start_up()
+            batcher, pools = await start_up()
         except Exception as err:
             # Never a half-alive server: uvicorn exits before it binds; `python -m service` reports this on stderr.
             state.fatal_error, state.detail = err, f"start-up failed: {err}"
@@ -168,7 +175,8 @@ def create_app(settings: Settings) -> FastAPI:
             await batcher.stop(drain=True)
             if outbox is not None:
                 await outbox.stop()  # what is not yet forwarded stays in the outbox for the next start
-            decode_pool.shutdown(wait=True)
+            for pool in pools:
+                pool.shutdown(wait=True)
             assert trail is not None
             await asyncio.to_thread(trail.close)  # writes every record still queued
             log.info("stopped")
@@ -190,7 +198,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         state.request_exit()
 
-    async def start_up() -> tuple[MicroBatcher[Job, JobResult], ThreadPoolExecutor]:
+    async def start_up() -> tuple[MicroBatcher[Job, JobResult], tuple[ThreadPoolExecutor, ...]]:
         """Load, build, warm up, start the batcher; fills ``state`` and returns what shutdown must release."""
         if settings.tune_allocator:
             tune_allocator()
@@ -230,6 +238,11 @@ def create_app(settings: Settings) -> FastAPI:
         decode_pool = ThreadPoolExecutor(
             settings.decode_workers, thread_name_prefix="decode", initializer=single_threaded_torch
         )
+        # Previews decode in threads of their own: a flood of them cannot hold the threads predictions need.
+        preview_pool = ThreadPoolExecutor(
+            settings.preview_workers, thread_name_prefix="preview", initializer=single_threaded_torch
+        )
+        pools = (decode_pool, preview_pool)
         await batcher.start()
         try:
             if settings.warmup:  # on the inference thread itself: its thread team and kernel caches get warm
@@ -237,7 +250,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await batcher.run_in_worker(predictor.warmup)
         except BaseException:
             await batcher.stop(drain=False)
-            decode_pool.shutdown(wait=False)
+            for pool in pools:
+                pool.shutdown(wait=False)
             raise
         state.batcher = batcher
         state.predictor = predictor
@@ -248,6 +262,8 @@ def create_app(settings: Settings) -> FastAPI:
             model_ref=model_ref,
             batcher=batcher,
             decode_pool=decode_pool,
+            preview_pool=preview_pool,
+            max_decode_bytes=settings.max_decode_bytes,
             max_pixels=settings.max_pixels,
             default_samples=settings.mc_samples or loaded.spec.mc_samples,
             timeout_s=settings.request_timeout_s,
@@ -257,7 +273,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         state.ready, state.detail = True, "ready"
         log.info("ready: model %s %s on %s", loaded.spec.name, loaded.spec.version, predictor.device)
-        return batcher, decode_pool
+        return batcher, pools
 
     app = FastAPI(
         title="bayesnet-cxr",
@@ -280,6 +296,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(audit_router)
+    install_openapi(app, settings)
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     app.mount("/swagger-assets", StaticFiles(directory=swagger_assets_dir()), name="swagger-assets")
 
@@ -302,13 +319,21 @@ def create_app(settings: Settings) -> FastAPI:
     def retry_after_s() -> float:
         return state.batcher.retry_after_s() if state.batcher is not None else 1.0
 
-    app.add_middleware(
-        AdmissionMiddleware,
+    predictions = AdmissionGroup(
         paths=PREDICT_PATHS,
         # The queue plus one batch in flight: beyond that a request could only wait to be refused.
         max_in_flight=settings.max_queue + settings.max_batch_images,
         retry_after_s=retry_after_s,
     )
-    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    previews = AdmissionGroup(
+        paths=PREVIEW_PATHS, max_in_flight=settings.max_previews_in_flight, retry_after_s=lambda: 1.0, what="previews"
+    )
+    app.add_middleware(AdmissionMiddleware, groups=[predictions, previews], max_receiving=settings.max_receiving)
+    timing = BodyTiming(
+        timeout_s=settings.body_timeout_s,
+        min_rate_bytes_s=settings.body_min_rate_bytes_s,
+        grace_s=settings.body_grace_s,
+    )
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for, timing=timing)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: sees every response
     return app

@@ -73,7 +73,7 @@ from service.responses import (
     parse_cams,
 )
 from service.schemas import ModelRef
-from service.settings import Settings
+from service.settings import InvalidSettingsError, Settings, load_settings
 
 log = logging.getLogger("service.archive")
 
@@ -589,7 +589,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "ood_action": args.ood_action,
     }
     values = {key: value for key, value in overrides.items() if value is not None}
-    return Settings(**values, allow_untrained=args.allow_untrained, log_level=args.log_level, warmup=False)
+    values.update(allow_untrained=args.allow_untrained, log_level=args.log_level, warmup=False)
+    return load_settings(values, flags={name: "--" + name.replace("_", "-") for name in overrides})
 
 
 @contextlib.contextmanager
@@ -698,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, json_lines=False)
     try:
         run(args, DistInfo.from_env())
-    except (BatchInputError, ResultsFileError, CheckpointError, ValidationError) as err:
+    except (BatchInputError, ResultsFileError, CheckpointError, ValidationError, InvalidSettingsError) as err:
         log.error("%s", err)
         return 2
     return 0

@@ -45,6 +45,11 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
+class BadRequestError(ServiceError):
+    status = 400
+    title = "Bad request"
+
+
 class NotReadyError(ServiceError):
     status = 503
     title = "Service not ready"
@@ -205,15 +210,20 @@ def install_error_handlers(app: FastAPI) -> None:
             detail += f" ({_FORM_ADVICE})"
         return problem_response(request, 422, "Invalid request", detail)
 
+    async def client_gone(request: Request, exc: Exception) -> JSONResponse:
+        # A client that hung up mid-upload (or was cut for sending too slowly: service.middleware) is the
+        # client's doing: nginx's 499, one access-log line, no traceback, never counted as a server error.
+        # Nobody receives this answer.
+        request.state.error_type = "ClientDisconnect"
+        return problem_response(
+            request, 499, "Client closed the connection", "The client hung up before its upload was complete."
+        )
+
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if isinstance(exc.__cause__, ClientDisconnect):
-            # FastAPI reports any failure while parsing the body as a 400, a client that hung up mid-upload
-            # too; nobody receives this answer, and the logs and metrics should count it as what it was.
-            request.state.error_type = "ClientDisconnect"
-            return problem_response(
-                request, 499, "Client closed the connection", "The client hung up before its upload was complete."
-            )
+            # FastAPI reports any failure while parsing a form as a 400, a client that hung up mid-upload too.
+            return await client_gone(request, exc.__cause__)
         request.state.error_type = f"HTTP{exc.status_code}"
         headers = dict(exc.headers or {})
         title = {404: "Not found", 405: "Method not allowed", 400: "Bad request"}.get(exc.status_code, "HTTP error")
@@ -224,6 +234,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(request, exc.status_code, title, detail, headers)
 
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)  # a raw body (request.body()) cut short
     app.add_exception_handler(StarletteHTTPException, http_error)
     for kind in (ServiceError, ImageError, BatcherError):
         app.add_exception_handler(kind, domain_error)

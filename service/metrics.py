@@ -28,6 +28,7 @@ class Metrics:
     queue_depth: Gauge
     model_info: Gauge
     dimse_stores: Counter
+    connection_refusals: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -72,6 +73,14 @@ class Metrics:
                 ["status"],
                 registry=registry,
             ),
+            connection_refusals=Counter(
+                "cxr_http_connection_refusals",
+                "Connections the server cut before their request reached the app, by reason: header_timeout "
+                "(408), headers_too_large (431), body_after_answer_timeout (an unread body still trickling in "
+                "after its answer)",
+                ["reason"],
+                registry=registry,
+            ),
         )
 
     def watch_audit(self, source: Callable[[], AuditSnapshot | None]) -> None:
@@ -81,6 +90,10 @@ class Metrics:
     def watch_outbox(self, source: Callable[[], OutboxSnapshot | None]) -> None:
         """Export the DICOMweb forwarding outbox (service.dicom.outbox), read from ``source`` at each scrape."""
         self.registry.register(OutboxCollector(source))
+
+    def count_connection_refusal(self, reason: str) -> None:
+        """Called by the server's protocol (service.server) for each connection it cut."""
+        self.connection_refusals.labels(reason=reason).inc()
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)

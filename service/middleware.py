@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: request ids, structured access logs, HTTP metrics and the streaming body limit.
+"""Pure-ASGI middleware: request ids, structured access logs, HTTP metrics, body limits and admission.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that bodies stream through untouched, cancellation on client
 disconnect reaches the route, and the size limit acts while the body arrives, before it is all in memory.
@@ -13,8 +13,9 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -94,17 +95,37 @@ class ObservabilityMiddleware:
             )
 
 
-class BodyLimitMiddleware:
-    """Answers 413 as soon as a request body exceeds its limit, without reading the rest.
+@dataclass(frozen=True)
+class BodyTiming:
+    """How long a request body may take (``CXR_BODY_*``): a deadline, and a minimum average rate after a grace
+    period (Kestrel's MinRequestBodyDataRate, in spirit), so a client trickling bytes is cut in seconds while a
+    slow but honest link has the whole deadline."""
 
-    The declared ``Content-Length`` is checked first; the bytes actually received are counted as they
-    stream (a client may lie or send chunked). On overflow the app sees a disconnect and whatever it
-    tries to answer is replaced by the 413 problem.
+    timeout_s: float
+    min_rate_bytes_s: float
+    grace_s: float
+
+    def deadline(self, started: float, received: int) -> float:
+        """The loop time by which more of the body must have arrived, given ``received`` bytes so far."""
+        deadline = started + self.timeout_s
+        if self.min_rate_bytes_s > 0:
+            deadline = min(deadline, started + max(self.grace_s, received / self.min_rate_bytes_s))
+        return deadline
+
+
+class BodyLimitMiddleware:
+    """Answers 413 as soon as a request body exceeds its size limit, and 408 when it arrives too slowly.
+
+    Size: the declared ``Content-Length`` is checked first; the bytes actually received are counted as they
+    stream (a client may lie or send chunked). Time (``timing``): each read of the body waits at most until
+    :meth:`BodyTiming.deadline`. On either, the app sees a disconnect (its work and its admission slot end at
+    once) and whatever it tries to answer is replaced by the problem.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], timing: BodyTiming | None = None) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.timing = timing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -116,39 +137,67 @@ class BodyLimitMiddleware:
             # A client that waits for "100 Continue" has not sent the body and will not: nothing to drain.
             await _send_too_large(scope, send, limit, drain=None if _expects_continue(scope) else receive)
             return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timing = self.timing
         received = 0
-        overflow = False
+        refused: Literal["too_large", "too_slow"] | None = None
         body_done = False
         response_started = False
 
-        async def counting_receive() -> Message:
-            nonlocal received, overflow, body_done
-            if overflow:
+        async def guarded_receive() -> Message:
+            nonlocal received, refused, body_done
+            if refused is not None:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done or timing is None:
+                message = await receive()  # after the body: the disconnect watch (service.disconnect), untimed
+            else:
+                try:
+                    async with asyncio.timeout_at(timing.deadline(started, received)):
+                        message = await receive()
+                except TimeoutError:
+                    refused = "too_slow"
+                    return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if received > limit:
-                    overflow = True
+                    refused = "too_large"
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal response_started
-            if overflow:
-                return  # the app's reaction to the fake disconnect is replaced by the 413
+            if refused is not None:
+                return  # the app's reaction to the fake disconnect is replaced by the problem
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception:
-            if not overflow:
+            if refused is None:
                 raise
-        if overflow and not response_started:
-            await _send_too_large(scope, send, limit, drain=None if body_done else receive)
+        if refused is None or response_started:
+            return
+        drain = None if body_done else receive
+        if refused == "too_large":
+            await _send_too_large(scope, send, limit, drain=drain)
+            return
+        assert timing is not None
+        elapsed_s = loop.time() - started
+        await _send_problem(
+            scope,
+            send,
+            status=408,
+            title="Request timeout",
+            detail=f"The request body arrived too slowly: {received} bytes in {elapsed_s:.0f} s. A body must arrive "
+            f"within {timing.timeout_s:g} s, at {timing.min_rate_bytes_s:g} bytes/s or more after the first "
+            f"{timing.grace_s:g} s (CXR_BODY_TIMEOUT_S, CXR_BODY_MIN_RATE_BYTES_S).",
+            error_type="RequestBodyTimeout",
+            drain=drain,
+        )
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -241,56 +290,119 @@ async def _send_problem(
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+@dataclass
+class AdmissionGroup:
+    """Routes admitted against one bound: ``max_in_flight`` requests whose bodies have arrived (parsing,
+    decoding, queued or in a batch), ``what`` naming them in the 503."""
+
+    paths: frozenset[str]
+    max_in_flight: int
+    retry_after_s: Callable[[], float]
+    what: str = "predictions"
+    in_flight: int = 0
+
+
 class AdmissionMiddleware:
-    """Sheds prediction requests beyond ``max_in_flight`` with a 503 before their upload is parsed.
+    """Sheds requests beyond their group's bound with a 503 at arrival, before their upload is parsed.
 
     The batcher's bounded queue sheds only after an upload has been received, parsed and decoded; when
     requests arrive several times faster than the model serves them, receiving uploads alone saturates
-    the event loop and even the refusals come late. Counting prediction requests inside the app (parsing,
-    decoding, queued or in a batch) and refusing the excess at arrival keeps the refusals fast. Behind
-    nginx, which buffers request bodies, slow clients do not hold these slots.
+    the event loop and even the refusals come late. So each group's requests are counted inside the app and
+    the excess is refused at arrival. A request counts against its group only once its body has arrived:
+    uploads still arriving are counted apart (``max_receiving``, all groups together) and cut by the body
+    timing (``BodyLimitMiddleware``), so clients trickling their uploads cannot hold the slots that real
+    predictions need. Previews form a group of their own (their decoding has its own threads), so a flood of
+    previews cannot starve predictions either.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        paths: frozenset[str],
-        max_in_flight: int,
-        retry_after_s: Callable[[], float],
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, groups: Sequence[AdmissionGroup], max_receiving: int) -> None:
         self.app = app
-        self.paths = paths
-        self.max_in_flight = max_in_flight
-        self.retry_after_s = retry_after_s
-        self.in_flight = 0
+        self.groups = {path: group for group in groups for path in group.paths}
+        self.max_receiving = max_receiving
+        self.receiving = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        group = self.groups.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if group is None:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
-            scope.setdefault("state", {})["route_template"] = scope["path"]  # the paths are their own templates
-            # The body is read and discarded (BodyLimitMiddleware, outside, still bounds it) before answering:
-            # cheap next to parsing and decoding it, and the connection stays usable for the client's retry.
-            if not _expects_continue(scope):
-                while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
-                    pass
-            retry = max(1, math.ceil(self.retry_after_s()))
-            await _send_problem(
-                scope,
-                send,
-                status=503,
-                title="Server busy",
-                detail=f"{self.in_flight} predictions are already in progress; retry after the indicated delay.",
-                error_type="QueueFullError",
-                drain=None,
-                headers={"Retry-After": str(retry)},
-                close=_expects_continue(scope),
+        if self.receiving >= self.max_receiving:
+            # Most likely clients holding connections open with slow uploads: this one is not read to its end
+            # (the answer goes first, then at most a short drain) and its connection is closed.
+            await self._refuse(
+                scope, receive, send, group, f"{self.receiving} uploads are already arriving", read_body=False
             )
             return
-        self.in_flight += 1
+        if group.in_flight >= group.max_in_flight:
+            await self._refuse(scope, receive, send, group, f"{group.in_flight} {group.what} are already in progress")
+            return
+        self.receiving += 1
+        stage: Literal["receiving", "working", "refused"] = "receiving"
+        response_started = False
+
+        async def staged_receive() -> Message:
+            nonlocal stage
+            if stage == "refused":
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if stage == "receiving" and (message["type"] != "http.request" or not message.get("more_body", False)):
+                # The whole body is here (or the client is gone): from now on it counts as work, if there is room.
+                self.receiving -= 1
+                if group.in_flight >= group.max_in_flight and message["type"] == "http.request":
+                    stage = "refused"  # the group filled while it arrived: the app sees a disconnect, then a 503
+                    return {"type": "http.disconnect"}
+                stage = "working"
+                group.in_flight += 1
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if stage == "refused":
+                return  # the app's reaction to the fake disconnect is replaced by the 503
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, staged_receive, guarded_send)
+        except Exception:
+            if stage != "refused":
+                raise
         finally:
-            self.in_flight -= 1
+            if stage == "working":
+                group.in_flight -= 1
+            elif stage == "receiving":
+                self.receiving -= 1
+        if stage == "refused" and not response_started:
+            await self._busy(scope, send, group, f"{group.in_flight} {group.what} are already in progress")
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, group: AdmissionGroup, why: str, *, read_body: bool = True
+    ) -> None:
+        """Refuse at arrival: read and discard the body first (``read_body``; BodyLimitMiddleware, outside, still
+        bounds its size and time), which is cheap next to parsing and decoding it and keeps the connection usable
+        for the retry; or answer first, drain briefly and close."""
+        if not read_body:
+            await self._busy(scope, send, group, why, drain=None if _expects_continue(scope) else receive)
+            return
+        if not _expects_continue(scope):
+            while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
+                pass
+        await self._busy(scope, send, group, why, close=_expects_continue(scope))
+
+    @staticmethod
+    async def _busy(
+        scope: Scope, send: Send, group: AdmissionGroup, why: str, *, drain: Receive | None = None, close: bool = False
+    ) -> None:
+        scope.setdefault("state", {})["route_template"] = scope["path"]  # the paths are their own templates
+        retry = max(1, math.ceil(group.retry_after_s()))
+        await _send_problem(
+            scope,
+            send,
+            status=503,
+            title="Server busy",
+            detail=f"{why}; retry after the indicated delay.",
+            error_type="QueueFullError",
+            drain=drain,
+            headers={"Retry-After": str(retry)},
+            close=close or drain is not None,
+        )

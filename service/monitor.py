@@ -270,9 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-records", type=int, default=30)
     args = parser.parse_args(argv)
     if args.url is None:
-        from service.settings import Settings
+        from service.settings import InvalidSettingsError, load_settings
 
-        args.url = Settings().audit_url
+        try:
+            args.url = load_settings().audit_url
+        except InvalidSettingsError as err:
+            parser.error(str(err))  # one line, exit 2
     now = datetime.now(timezone.utc)
     split = now - args.since
     store = AuditStore.open(args.url)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from bayesnet import DecodedImage, ImageFacts, ModelSpec, decode_image
+from bayesnet import DecodedImage, ImageFacts, ModelSpec, TooManyPixelsError, decode_image, decode_memory_bytes
 from bayesnet.population import Declared, assess
 from service.batcher import BatcherError, MicroBatcher
 from service.decoding import decode_for_model
@@ -58,10 +58,15 @@ class JobResult:
     heatmaps: dict[str, Heatmap] | None = None
 
 
+#: The long side of a preview, in pixels (the page shows the film at most this large).
+PREVIEW_LONG_SIDE = 1024
+
+
 def preview_png(image: DecodedImage) -> bytes:
-    """The radiograph as a browser can show it (DICOM included): 8-bit grayscale PNG, long side <= 1024 px."""
+    """The radiograph as a browser can show it (DICOM included): 8-bit grayscale PNG, long side at most
+    :data:`PREVIEW_LONG_SIDE`."""
     pixels = torch.from_numpy(image.pixels)[None, None]
-    scale = min(1.0, 1024 / max(image.width, image.height))
+    scale = min(1.0, PREVIEW_LONG_SIDE / max(image.width, image.height))
     size = (max(1, round(image.height * scale)), max(1, round(image.width * scale)))
     if size != (image.height, image.width):
         pixels = torch.nn.functional.interpolate(
@@ -125,16 +130,20 @@ class PredictionPipeline:
         batcher: MicroBatcher[Job, JobResult],
         decode_pool: ThreadPoolExecutor,
         max_pixels: int,
+        preview_pool: ThreadPoolExecutor | None = None,
         default_samples: int,
         timeout_s: float,
         ood_action: Literal["flag", "reject"] = "flag",
         stage: Callable[[Tensor], Tensor] | None = None,
         seed: Callable[[Tensor], int] | None = None,
+        max_decode_bytes: int | None = None,
     ) -> None:
         """``stage``: readies each preprocessed image for the model's device in the decode thread
         (:meth:`Predictor.stage`: page-locked memory on CUDA); None leaves the tensors as they are. ``seed``: the
         image's MC seed (:meth:`Predictor.seed_for`), taken in the decode thread too; None leaves it to the
-        predictor, on the inference thread."""
+        predictor, on the inference thread. ``preview_pool``: the threads previews decode in (None: the decode
+        pool). ``max_decode_bytes``: refuse an upload whose decode may need more memory than this
+        (:func:`bayesnet.decode_memory_bytes`, from its header); None: only ``max_pixels`` bounds it."""
         self.spec = spec
         self.stage = stage
         self.seed = seed
@@ -142,7 +151,9 @@ class PredictionPipeline:
         self.model_ref = model_ref
         self.batcher = batcher
         self.decode_pool = decode_pool
+        self.preview_pool = preview_pool or decode_pool
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self.default_samples = default_samples
         self.timeout_s = timeout_s
         self._decoding = 0  # uploads between arrival and the queue: tells the batcher whether to wait
@@ -175,6 +186,7 @@ class PredictionPipeline:
         upload = as_upload(data)
 
         def work() -> tuple[ImageFacts, Tensor, int | None]:
+            self._check_decode_memory(upload.data, self.spec)
             image, tensor = decode_for_model(upload.data, self.spec, max_pixels=self.max_pixels)
             if upload.hash_when_decoded:
                 upload.sha256()
@@ -184,10 +196,27 @@ class PredictionPipeline:
         return await self._off_loop(work)
 
     async def preview(self, data: bytes) -> bytes:
-        def work() -> bytes:
-            return preview_png(decode_image(data, max_pixels=self.max_pixels))
+        """The upload as a browser-ready PNG, made in the preview threads (never the ones predictions decode in)."""
 
-        return await self._off_loop(work)
+        def work() -> bytes:
+            self._check_decode_memory(data, None)
+            # A JPEG is decoded at a reduced scale when it is at least twice the preview's size (libjpeg's DCT
+            # scaling): less memory and time; predictions always decode at full size.
+            return preview_png(decode_image(data, max_pixels=self.max_pixels, max_side=PREVIEW_LONG_SIDE))
+
+        return await asyncio.get_running_loop().run_in_executor(self.preview_pool, work)
+
+    def _check_decode_memory(self, data: bytes, spec: ModelSpec | None) -> None:
+        """With ``max_decode_bytes`` set, refuse (413) an upload whose decode would need more, before decoding it."""
+        if self.max_decode_bytes is None:
+            return
+        needed = decode_memory_bytes(data, max_pixels=self.max_pixels, spec=spec)
+        if needed > self.max_decode_bytes:
+            raise TooManyPixelsError(
+                f"Decoding this image would take up to {needed / 2**20:.0f} MiB of memory, above this server's "
+                f"limit of {self.max_decode_bytes / 2**20:.0f} MiB per image (CXR_MAX_DECODE_BYTES). Send a smaller "
+                "export (fewer pixels, grayscale rather than colour)."
+            )
 
     def _check_in_distribution(self, result: InferenceResult, image: ImageFacts, n_samples: int) -> None:
         """In reject mode, refuse an image the out-of-distribution gate flags (never without a gate)."""

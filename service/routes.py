@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -21,6 +20,7 @@ from service.audit import Auditor, AuditSubject, AuditTrail, client_id_for
 from service.dicom import DicomSourceError, dicom_source, sr_answer, stow
 from service.disconnect import cancel_on_disconnect
 from service.errors import (
+    BadRequestError,
     MissingFileError,
     NotAcceptableError,
     NotReadyError,
@@ -30,6 +30,7 @@ from service.errors import (
     problem_for,
     problem_response,
 )
+from service.keys import key_matches, offered_api_key
 from service.negotiation import DICOM, FHIR_JSON, FHIR_JSON_R4, JSON, choose_media_type
 from service.pipeline import PredictionPipeline
 from service.responses import can_clear, evidence, ood_gate_info, referral_info
@@ -51,6 +52,8 @@ router = APIRouter()
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: Routes whose requests go through the model: AdmissionMiddleware bounds how many are in progress.
 PREDICT_PATHS = frozenset({"/v1/predict", "/predict", "/v1/predict/batch", "/dicomweb/studies"})
+#: Routes that decode an upload without the model: bounded apart, decoded in threads of their own.
+PREVIEW_PATHS = frozenset({"/v1/preview"})
 
 _ERRORS = {
     status: {"model": Problem, "content": {"application/problem+json": {}}, "description": text}
@@ -152,16 +155,8 @@ async def require_api_key(request: Request) -> None:
     keys = _state(request).settings.api_keys
     if not keys:
         return
-    offered = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if not offered and auth.lower().startswith("bearer "):
-        offered = auth[7:].strip()
-    offered_bytes = offered.encode()
-    # Compare against every key (no early exit) in constant time per key; no key offered never matches.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(offered_bytes, key.get_secret_value().encode())
-    if not matched or not offered_bytes:
+    offered = offered_api_key(request)
+    if not key_matches(offered, keys):
         raise UnauthorizedError(
             "Send a valid API key in the X-API-Key header (or Authorization: Bearer).",
             headers={"WWW-Authenticate": 'Bearer realm="bayesnet-cxr"'},
@@ -267,6 +262,12 @@ async def _read_image(request: Request, file: UploadFile | None) -> bytes:
     Raw bodies are bounded by ``BodyLimitMiddleware`` before they are read (413), as forms are.
     """
     if file is not None:
+        if len((await request.form()).getlist("file")) > 1:  # the form FastAPI parsed, cached: no second parse
+            # Which of several images would be scored? Never guess (the framework would take the last one).
+            raise BadRequestError(
+                "The form has more than one field named 'file': send one radiograph per request, or several as "
+                "the field 'files' of POST /v1/predict/batch."
+            )
         return await _read_upload(file, request)
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type == "multipart/form-data":

@@ -1,18 +1,26 @@
 """Service settings: one validated object, read once at start-up and passed to ``create_app(settings)``.
 
-Every field can be set by an environment variable with the ``CXR_`` prefix (``CXR_MC_SAMPLES=30``,
-``CXR_API_KEYS='["k1","k2"]'``, ``CXR_CORS_ORIGINS='["https://pacs.example.org"]'``). Tests build their
-own ``Settings(...)``; nothing reads the environment at import time.
+Every field can be set by an environment variable with the ``CXR_`` prefix (``CXR_MC_SAMPLES=30``). List
+settings take a JSON list or comma-separated values (``CXR_API_KEYS=k1,k2`` or ``CXR_API_KEYS='["k1","k2"]'``).
+Tests build their own ``Settings(...)``; nothing reads the environment at import time. Entry points call
+:func:`load_settings`, whose :class:`InvalidSettingsError` says in one line which variable is wrong, what it was
+given (only the length of a secret) and what it expects.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import annotated_types
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
@@ -20,6 +28,8 @@ DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
 #: Limits shared with nginx and Kubernetes (docker/, k8s/): tests check those files agree with these.
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Above the bound of every PNG, JPEG and gray DICOM at DEFAULT_MAX_PIXELS (598 MiB, docs/decode-memory.md).
+DEFAULT_MAX_DECODE_BYTES = 640 * 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -53,6 +63,57 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     max_files_per_request: int = Field(default=16, ge=1, le=256)
     request_timeout_s: float = Field(default=60.0, gt=0)
+    # Slow and careless clients (docs/security.md). Enforced by the server itself (service.server and the body
+    # guard in service.middleware), so `python -m service` and Gunicorn are safe without nginx in front.
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A connection must deliver a request's complete headers within this many seconds of its "
+        "first byte (or of connecting); else 408 and the connection is closed",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Most bytes of request line plus headers; beyond, 431 and the connection is closed",
+    )
+    max_header_count: int = Field(default=100, ge=8, le=1000, description="Most header fields in a request; 431")
+    body_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="A request body must arrive completely within this many seconds of its headers; else 408",
+    )
+    body_min_rate_bytes_s: float = Field(
+        default=1024.0,
+        ge=0,
+        description="After body_grace_s, a body must keep arriving at this average rate (bytes/s since its "
+        "headers) or the request is answered 408; 0: only body_timeout_s applies",
+    )
+    body_grace_s: float = Field(
+        default=5.0, ge=0, description="Seconds a body may arrive at any rate before body_min_rate_bytes_s applies"
+    )
+    max_receiving: int = Field(
+        default=256,
+        ge=1,
+        description="Most prediction and preview uploads whose bodies are still arriving; beyond, 503 at arrival. "
+        "Uploads still arriving do not count against the prediction bound (max_queue + max_batch_images)",
+    )
+    preview_workers: int = Field(
+        default=1, ge=1, le=16, description="Threads decoding previews (/v1/preview), apart from decode_workers"
+    )
+    max_decode_bytes: int | None = Field(
+        default=DEFAULT_MAX_DECODE_BYTES,
+        ge=64 * 1024 * 1024,
+        description="Most memory one upload's decode and preprocessing may take, bounded from its header before "
+        "decoding (bayesnet.decode_memory_bytes); beyond, 413. The default admits every PNG, JPEG and gray DICOM "
+        "up to max_pixels and refuses only large colour or 32-bit DICOM (docs/decode-memory.md). None: no limit "
+        "beyond max_pixels",
+    )
+    max_previews_in_flight: int = Field(
+        default=4, ge=1, le=256, description="Most /v1/preview requests being decoded or waiting to be; beyond, 503"
+    )
     decode_workers: int = Field(default=2, ge=1, le=64, description="Threads decoding/preprocessing uploads")
     torch_threads: int | None = Field(
         default=None,
@@ -66,8 +127,11 @@ class Settings(BaseSettings):
         "cores to decoding, heatmaps and HTTP (1.3x the cams=auto throughput on 2 cores, docs/benchmarks.md); a "
         "single-image batch uses torch_threads for the lowest latency. None: torch_threads for every batch",
     )
-    cors_origins: list[str] = Field(default_factory=list)
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted X-API-Key values; empty: open")
+    # NoDecode: pydantic-settings would demand JSON of a list variable; _list_from_text also takes "a,b".
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Accepted X-API-Key values; empty: open"
+    )
     autocast: Literal["auto", "off", "fp16", "bf16"] = Field(
         default="auto",
         description="Mixed precision on CUDA (auto: fp16, whose answers stay within 0.02 of fp32; bf16 moves them "
@@ -78,7 +142,7 @@ class Settings(BaseSettings):
         description="Images the out-of-distribution gate flags: flag (predictions returned, ood.in_distribution "
         "false) or reject (422 problem, no predictions). No effect for a checkpoint without a gate",
     )
-    admin_api_keys: list[SecretStr] = Field(
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Keys of the audit read API (GET /v1/audit), separate from api_keys; empty: the audit API "
         "refuses everyone",
@@ -153,9 +217,9 @@ class Settings(BaseSettings):
     dimse_ae_title: str = Field(
         default="BAYESCXR", description="The listener's AE title; an association calling another title is rejected"
     )
-    dimse_allowed_ae: list[str] = Field(
+    dimse_allowed_ae: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Calling AE titles the listener accepts (CXR_DIMSE_ALLOWED_AE='[\"ORTHANC\"]'); empty: any",
+        description="Calling AE titles the listener accepts (CXR_DIMSE_ALLOWED_AE=ORTHANC,PACS2); empty: any",
     )
     dimse_max_associations: int = Field(
         default=8,
@@ -185,6 +249,23 @@ class Settings(BaseSettings):
         description="Raise glibc's malloc mmap/trim thresholds at start-up (bayesnet.tune_allocator): about 1.6-2x "
         "faster CPU inference; off leaves the allocator as the environment configured it",
     )
+
+    @field_validator("cors_origins", "api_keys", "admin_api_keys", "dimse_allowed_ae", mode="before")
+    @classmethod
+    def _list_from_text(cls, value: object) -> object:
+        """A list given as text (an environment variable): a JSON list, or comma-separated values whose
+        surrounding spaces are dropped; empty text is the empty list."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"expected a JSON list or comma-separated values; it is not valid JSON ({err.msg})"
+                ) from err
+        return [item.strip() for item in text.split(",")] if text else []
 
     @field_validator("cors_origins")
     @classmethod
@@ -217,7 +298,7 @@ class Settings(BaseSettings):
         # An admin key that also predicts would blur who read the trail and who wrote it.
         prediction = {key.get_secret_value() for key in self.api_keys}
         if any(key.get_secret_value() in prediction for key in self.admin_api_keys):
-            raise ValueError("admin_api_keys and api_keys must not share a key")
+            raise ValueError("CXR_ADMIN_API_KEYS and CXR_API_KEYS must not share a key")
         return self
 
     @property
@@ -240,5 +321,116 @@ def _valid_ae_title(value: str) -> str:
     surrounding spaces, which are not significant, removed."""
     title = value.strip()
     if not 1 <= len(title) <= 16 or not title.isascii() or "\\" in title or not title.isprintable():
-        raise ValueError(f"{value!r} is not a DICOM AE title (1 to 16 printable ASCII characters, no backslash)")
+        raise ValueError(
+            f"expected DICOM AE titles (1 to 16 printable ASCII characters, no backslash); {value[:40]!r} is not"
+        )
     return title
+
+
+class InvalidSettingsError(ValueError):
+    """Settings that cannot be used. ``str()`` is one line: each bad variable, what it was given (for a secret only
+    its length) and the form it expects."""
+
+
+def load_settings(overrides: Mapping[str, object] | None = None, *, flags: Mapping[str, str] | None = None) -> Settings:
+    """:class:`Settings` from the environment and ``overrides`` (command-line values), or
+    :class:`InvalidSettingsError` with a one-line explanation instead of pydantic's multi-line report.
+
+    ``flags`` names the command-line option behind an override (``{"port": "--port"}``) for the message.
+    """
+    given = dict(overrides or {})
+    try:
+        return Settings(**given)  # type: ignore[arg-type]
+    except ValidationError as err:
+        raise InvalidSettingsError(_describe(err, given, flags or {})) from err
+    except SettingsError as err:  # a value pydantic-settings decodes itself (a field without NoDecode) was malformed
+        match = re.search(r'field "(\w+)"', str(err))
+        name = _env_name(match.group(1)) if match else "(unknown)"
+        raise InvalidSettingsError(f"invalid setting {name}: it cannot be decoded") from err
+
+
+def _env_name(field: str) -> str:
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    return f"{prefix}{field}".upper()
+
+
+def _describe(err: ValidationError, overrides: Mapping[str, object], flags: Mapping[str, str]) -> str:
+    environ = {name.lower(): value for name, value in os.environ.items()}  # pydantic-settings ignores the case
+    problems: dict[str, str] = {}
+    for error in err.errors(include_url=False):
+        loc = error.get("loc", ())
+        field = str(loc[0]) if loc else ""
+        if field in problems:
+            continue  # one line per variable: its first problem (a list's items may each fail)
+        info = Settings.model_fields.get(field)
+        if info is None:  # a rule across settings (no field), or a keyword from code that is no setting
+            problems[field] = f"invalid settings: {_reason(error)}" if not field else f"unknown setting {field}"
+            continue
+        if field in overrides:
+            name, raw = flags.get(field, field), overrides[field]
+        else:
+            name = _env_name(field)
+            raw = environ.get(name.lower(), error.get("input"))
+        expected = _reason(error) if error.get("type") in ("value_error", "assertion_error") else _expected(info)
+        problems[field] = f"invalid setting {name}: {expected}, got {_given(field, info, raw)}"
+    return "; ".join(problems.values()) or "invalid settings"
+
+
+def _reason(error: Any) -> str:
+    """A validator's own message, without pydantic's "Value error, " prefix."""
+    message = str(error.get("msg", "invalid"))
+    return message.split(", ", 1)[1] if message.startswith(("Value error, ", "Assertion failed, ")) else message
+
+
+def _is_secret(field: str, info: FieldInfo) -> bool:
+    return "key" in field or "SecretStr" in repr(info.annotation)
+
+
+def _given(field: str, info: FieldInfo, raw: object) -> str:
+    """What the variable held, for the message: never a secret's value, only its length."""
+    if _is_secret(field, info):
+        if isinstance(raw, str):
+            return f"a value of {len(raw)} characters"
+        return f"a {type(raw).__name__} value"
+    text = repr(raw)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _expected(info: FieldInfo) -> str:
+    """The form a field takes, in words: ``an integer from 1 to 100``, ``one of flag, reject``."""
+    annotation = info.annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "expected one of " + ", ".join(str(choice) for choice in get_args(annotation))
+    if origin is list:
+        return "expected a JSON list or comma-separated values"
+    if annotation is bool:
+        return "expected true or false"
+    if annotation is Path:
+        return "expected a path"
+    if annotation in (int, float):
+        noun = "an integer" if annotation is int else "a number"
+        return f"expected {noun}{_bounds(info)}"
+    return "expected a string"
+
+
+def _bounds(info: FieldInfo) -> str:
+    low: tuple[str, object] | None = None
+    high: tuple[str, object] | None = None
+    for item in info.metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = ("ge", item.ge)
+        elif isinstance(item, annotated_types.Gt):
+            low = ("gt", item.gt)
+        elif isinstance(item, annotated_types.Le):
+            high = ("le", item.le)
+        elif isinstance(item, annotated_types.Lt):
+            high = ("lt", item.lt)
+    if low and high and low[0] == "ge" and high[0] == "le":
+        return f" from {low[1]} to {high[1]}"
+    words = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+    parts = [f"{words[bound[0]]} {bound[1]}" for bound in (low, high) if bound is not None]
+    text = " and ".join(parts)
+    return f" of {text}" if text.startswith("at ") else f" {text}" if text else ""

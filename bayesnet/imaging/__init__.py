@@ -30,6 +30,8 @@ One module per concern; each module's docstring records the decisions it makes:
   modality and VOI intensity transforms.
 * :mod:`~bayesnet.imaging.integrity`: whether the compressed pixel data is whole: a truncated or
   damaged JPEG scan, PNG IDAT or DICOM frame is refused instead of decoded with rows missing.
+* :mod:`~bayesnet.imaging.memory`: :func:`decode_memory_bytes`, the bound on the memory one decode takes,
+  from the header alone (so that a caller can admit decodes against a memory budget).
 
 :func:`decode_image`, below, is the entry point: it sniffs the format, hands the bytes to that
 format's decoder and turns any other exception into :class:`~bayesnet.errors.CorruptImageError`.
@@ -37,6 +39,7 @@ format's decoder and turns any other exception into :class:`~bayesnet.errors.Cor
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -58,6 +61,7 @@ from bayesnet.imaging.decoded import (
 )
 from bayesnet.imaging.dicom import decode_dicom
 from bayesnet.imaging.limits import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, MIN_SIDE_PX, check_radiograph_geometry
+from bayesnet.imaging.memory import decode_memory_bytes
 from bayesnet.imaging.raster import decode_jpeg, decode_png
 from bayesnet.imaging.sniff import ACCEPTED_FORMATS, raise_unrecognised, sniff_format
 
@@ -79,6 +83,7 @@ __all__ = [
     "ImageFacts",
     "check_radiograph_geometry",
     "decode_image",
+    "decode_memory_bytes",
     "population_evidence",
     "population_flags",
     "sniff_format",
@@ -86,14 +91,23 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_RUST_PANIC = "PanicException"  # pyo3_runtime.PanicException, a module that exists only once a Rust codec is loaded
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> DecodedImage:
     """Decode PNG, JPEG or DICOM bytes into a :class:`DecodedImage` (float32 ``(H, W)`` in [0, 1]).
 
     ``max_pixels`` bounds the declared ``width * height`` (times frames for DICOM); it is checked
     from the header before any pixel is decoded. For any ``data`` this returns or raises an
     :class:`~bayesnet.errors.ImageError` subclass; ``MemoryError`` is the one exception passed on
-    unchanged, since it describes the machine, not the file.
+    unchanged, since it describes the machine, not the file. :func:`decode_memory_bytes` bounds the
+    memory a call takes, from the header alone.
+
+    ``max_side``: the caller will show the image no larger than this on its long side (a preview), so a
+    JPEG at least twice that size may be decoded at a reduced scale whose long side is still ``>= max_side``
+    (libjpeg's DCT scaling, :func:`~bayesnet.imaging.raster.decode_jpeg`); ``width`` and ``height`` then
+    describe the reduced pixels. Other formats ignore it. ``None`` (the default, and what model inputs use):
+    always the full size.
 
     Raises:
         EmptyImageError: ``data`` is empty.
@@ -109,6 +123,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side <= 0):
+        raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
     data = bytes(data)
     if not data:
         raise EmptyImageError("The upload is empty (0 bytes). Select the image file and send it again.")
@@ -116,7 +132,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
     fmt = sniff_format(data)
     decoders: dict[str, Callable[[bytes, int], DecodedImage]] = {
         "png": decode_png,
-        "jpeg": decode_jpeg,
+        "jpeg": functools.partial(decode_jpeg, max_side=max_side),
         "dicom": decode_dicom,
     }
     if fmt is None:
@@ -125,10 +141,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         image = decoders[fmt](data, max_pixels)
     except (ImageError, MemoryError):
         raise
-    except Exception as err:
+    except BaseException as err:
         # The hostile-input contract: whatever a third-party decoder (or a warning turned into an
         # error by the caller's filters) raises on damaged bytes becomes a CorruptImageError. Only
-        # the exception type is shown, never its text, which may quote header values.
+        # the exception type is shown, never its text, which may quote header values. A Rust codec
+        # (pylibjpeg-rle) that panics on damaged data raises pyo3's PanicException, which derives
+        # from BaseException so that it is not caught as an Exception; it is this contract's too.
+        if not isinstance(err, Exception) and type(err).__name__ != _RUST_PANIC:
+            raise
         raise CorruptImageError(
             f"The {fmt.upper()} file is damaged and could not be decoded ({type(err).__name__}). "
             "Export the image again from its source."

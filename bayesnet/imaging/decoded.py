@@ -5,13 +5,21 @@ about the image, kept instead of the whole :class:`DecodedImage` once the model'
 
 Every decoder (:mod:`~bayesnet.imaging.raster`, :mod:`~bayesnet.imaging.dicom`) returns a
 :class:`DecodedImage` and notes in its ``warnings`` what a conversion changed or assumed. Colour is
-reduced to gray in the same way for every format, by :func:`luminance`.
+reduced to gray in the same way for every format, by :func:`luminance_to_unit`.
+
+**Memory.** Stored samples become the float32 result a block of rows at a time (:func:`rows_to_unit`): the
+float64 arithmetic of the intensity transforms runs on at most :data:`BLOCK_PIXELS` pixels at once, so a
+decode holds its stored samples, the float32 result and one block's temporaries, never a full-size float64
+copy. Each element is computed by the same operations in the same order as on the whole array, so the result
+is bit for bit what whole-array arithmetic gives. The bound on a decode's memory is
+:func:`~bayesnet.imaging.memory.decode_memory_bytes`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +70,9 @@ _AGE_UNITS_YEARS: Final[dict[str, float]] = {"D": 1 / 365.25, "W": 7 / 365.25, "
 _LUMA_WEIGHTS: Final[tuple[float, float, float]] = (0.299, 0.587, 0.114)
 
 FloatArray = npt.NDArray[np.float64]
+
+BLOCK_PIXELS: Final[int] = 1 << 18
+"""Pixels converted to float at once (:func:`rows_to_unit`): a block's float64 temporaries are a few times 2 MB."""
 
 
 @dataclass(frozen=True)
@@ -133,18 +144,58 @@ class DecodedImage:
         return ImageFacts(**{field.name: getattr(self, field.name) for field in fields(ImageFacts)})
 
 
-def luminance(rgb: npt.NDArray[np.generic], warnings: list[str]) -> FloatArray:
-    """Float luminance ``0.299 R + 0.587 G + 0.114 B`` of ``(H, W, 3)`` samples, in sample units.
+def row_blocks(height: int, width: int) -> Iterator[slice]:
+    """Consecutive row slices of an ``(height, width)`` image, each of at most :data:`BLOCK_PIXELS` pixels
+    (at least one row)."""
+    rows = max(1, BLOCK_PIXELS // max(1, width))
+    for start in range(0, height, rows):
+        yield slice(start, min(height, start + rows))
 
-    Images whose three channels are identical (gray stored as colour) are returned as-is with no
-    warning: nothing was lost.
+
+def rows_to_unit(height: int, width: int, convert: Callable[[slice], npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+    """The float32 ``(height, width)`` array whose rows ``rows`` are ``convert(rows)``, filled a block at a time.
+
+    ``convert`` returns the block in any float dtype; it is cast to float32 on assignment, the same rounding as
+    ``astype(np.float32)``. Only one block's temporaries exist at a time (see the module docstring).
     """
-    r, g, b = (rgb[..., i] for i in range(3))
-    if np.array_equal(r, g) and np.array_equal(g, b):
-        return np.asarray(r, dtype=np.float64)
+    out = np.empty((height, width), dtype=np.float32)
+    for rows in row_blocks(height, width):
+        out[rows] = convert(rows)
+    return out
+
+
+def luminance_to_unit(
+    samples: Callable[[slice], npt.NDArray[Any]], height: int, width: int, full_scale: float, warnings: list[str]
+) -> npt.NDArray[np.float32]:
+    """Float luminance ``0.299 R + 0.587 G + 0.114 B`` of ``(H, W, >=3)`` samples, divided by ``full_scale``
+    and clipped to [0, 1], as float32 ``(H, W)``.
+
+    ``samples(rows)`` gives the samples of a block of rows (a view of an array, or a strip read from a Pillow
+    image); channels past the third (alpha) are ignored. The arithmetic is float64, as on a whole array: an image
+    whose three channels are identical everywhere (gray stored as colour) is its first channel with no warning,
+    nothing was lost; any other gets the weighted sum and :data:`WARN_COLOUR`. The first block whose channels
+    differ switches to the weighted sum and starts again from the top, so a gray image is read once and a colour
+    one at most twice.
+    """
+    out = np.empty((height, width), dtype=np.float32)
+    for rows in row_blocks(height, width):
+        block = samples(rows)
+        if not (np.array_equal(block[..., 0], block[..., 1]) and np.array_equal(block[..., 1], block[..., 2])):
+            break
+        out[rows] = np.clip(np.asarray(block[..., 0], dtype=np.float64) / full_scale, 0.0, 1.0)
+    else:
+        return out
+    del out
     warnings.append(WARN_COLOUR)
-    wr, wg, wb = _LUMA_WEIGHTS
-    return wr * r.astype(np.float64) + wg * g.astype(np.float64) + wb * b.astype(np.float64)
+
+    def weighted(rows: slice) -> FloatArray:
+        block = samples(rows)
+        wr, wg, wb = _LUMA_WEIGHTS
+        lum = wr * block[..., 0].astype(np.float64) + wg * block[..., 1].astype(np.float64)
+        lum += wb * block[..., 2].astype(np.float64)
+        return np.clip(lum / full_scale, 0.0, 1.0)
+
+    return rows_to_unit(height, width, weighted)
 
 
 def _age_years(age: str | None) -> float | None:

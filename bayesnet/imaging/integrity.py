@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 import simplejpeg
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGTransferSyntaxes
+from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
 from bayesnet.errors import CorruptImageError, TruncatedImageError
 
@@ -65,10 +65,23 @@ _JPEG_CHECK_COLORSPACE: Final[dict[str, JpegColorspace]] = {
     "YCCK": "CMYK",
 }
 
+# The encapsulated frames whose codestream header is checked against the DICOM header, by family.
+_FRAME_FAMILIES: Final[dict[str, str]] = {
+    **{str(uid): "JPEG" for uid in JPEGTransferSyntaxes},
+    **{str(uid): "JPEG-LS" for uid in JPEGLSTransferSyntaxes},
+    **{str(uid): "JPEG 2000" for uid in JPEG2000TransferSyntaxes},
+}
+# JPEG frame headers (SOFn: C0-CF but DHT C4, JPG C8, DAC CC), JPEG-LS's SOF55, SOS, and the markers with no length.
+_JPEG_SOF: Final[frozenset[int]] = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC})
+_JPEG_LS_SOF: Final[frozenset[int]] = frozenset({0xF7})
+_JPEG_SOS: Final[int] = 0xDA
+_JPEG_STANDALONE: Final[frozenset[int]] = frozenset({0x01, *range(0xD0, 0xDA)})
+
 _PNG_HEADER_BYTES: Final[int] = 8  # the signature
 _PNG_CHUNK_OVERHEAD: Final[int] = 12  # length, type, CRC
 
 _J2K_SOC_SIZ: Final[bytes] = b"\xff\x4f\xff\x51"
+_J2K_SIZ_END: Final[int] = 42  # SOC, then SIZ up to and including Csiz
 _J2K_SOT: Final[bytes] = b"\xff\x90"
 _J2K_SOT_SEGMENT_BYTES: Final[int] = 12  # marker, Lsot, Isot, Psot, TPsot, TNsot
 
@@ -78,19 +91,26 @@ def data_ends_early(what: str) -> TruncatedImageError:
     return TruncatedImageError(f"The {what} ends before the last row of the image {_SEND_COMPLETE}")
 
 
-def decode_jpeg_strict(data: bytes, colorspace: JpegColorspace, *, what: str) -> npt.NDArray[np.uint8] | None:
+def decode_jpeg_strict(
+    data: bytes, colorspace: JpegColorspace, *, what: str, min_height: int = 0, min_width: int = 0
+) -> npt.NDArray[np.uint8] | None:
     """Decode a JPEG with libjpeg-turbo, refusing truncated or damaged scan data; ``(H, W, C)`` uint8.
 
     ``what`` names the data in messages (``"JPEG's compressed data"``). Returns None when libjpeg-turbo gives no
     verdict on the scan data (a variant it does not read, or a warning about the headers only): the caller then
-    decodes the file as it otherwise would.
+    decodes the file as it otherwise would. ``min_height`` / ``min_width`` (0: unused) ask for libjpeg-turbo's DCT
+    scaling, the smallest scale whose output is at least that large; the caller must only ask it of a DCT-coded
+    JPEG (simplejpeg 1.9 corrupts the heap when asked to scale a lossless one). The whole scan is entropy-decoded
+    at any scale, so damage is found the same way.
 
     Raises:
         TruncatedImageError: the scan data ends before every block of the image is coded.
         CorruptImageError: the scan data is damaged.
     """
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace=colorspace, strict=True, min_height=min_height, min_width=min_width
+        )
     except ValueError as err:
         _raise_for_jpeg_warning(str(err), what, err)
         logger.debug("libjpeg-turbo gives no verdict on this JPEG (%s); decoding it another way", err)
@@ -167,14 +187,26 @@ def check_png_chunks(data: bytes) -> None:
     )
 
 
-def check_encapsulated_frame(pixel_data: bytes, transfer_syntax: UID, *, rows: int, columns: int) -> None:
-    """Check the one frame of a DICOM's encapsulated (compressed) Pixel Data, for the JPEG and JPEG 2000 families.
+def check_encapsulated_frame(
+    pixel_data: bytes, transfer_syntax: UID, *, rows: int, columns: int, samples: int = 1
+) -> None:
+    """Check the one frame of a DICOM's encapsulated (compressed) Pixel Data, for the JPEG, JPEG-LS and JPEG 2000
+    families.
 
-    ``rows`` x ``columns`` is the image size the DICOM header declares. Other transfer syntaxes (RLE, JPEG-LS...)
-    and encapsulations pydicom cannot split are left to the pixel decoder, which reports them when it fails.
+    ``rows`` x ``columns`` (``samples`` per pixel) is the image the DICOM header declares. The frame's own header
+    must declare that size, and no more components: the codec allocates what its codestream declares, before
+    pydicom compares the result with the DICOM header, so a small frame declaring a gigantic image would otherwise
+    be a decompression bomb behind the pixel-count check (:func:`~bayesnet.imaging.memory.decode_memory_bytes`
+    relies on this). Then a JPEG frame must be complete, as a JPEG file must be, and a JPEG 2000 codestream must
+    hold all its tile-parts. Other transfer syntaxes (RLE, whose decoder works to the DICOM header's size) and
+    encapsulations pydicom cannot split are left to the pixel decoder, which reports them when it fails.
+
+    Raises:
+        CorruptImageError: the frame declares another size or more components, or is damaged.
+        TruncatedImageError: the frame ends early.
     """
-    is_jpeg = transfer_syntax in JPEGTransferSyntaxes
-    if not (is_jpeg or transfer_syntax in JPEG2000TransferSyntaxes):
+    family = _FRAME_FAMILIES.get(str(transfer_syntax))
+    if family is None:
         return
     try:
         frame = next(generate_frames(pixel_data, number_of_frames=1), b"")
@@ -182,10 +214,64 @@ def check_encapsulated_frame(pixel_data: bytes, transfer_syntax: UID, *, rows: i
         # Not swallowed: pydicom's pixel decoder meets the same encapsulation and reports it.
         logger.debug("encapsulated pixel data not split into frames (%s); left to the decoder", err)
         return
-    if is_jpeg and frame.startswith(b"\xff\xd8"):
-        check_jpeg_complete(frame, what="JPEG pixel data in the DICOM file", rows=rows, columns=columns)
-    elif frame.startswith(_J2K_SOC_SIZ):
+    what = f"{family} pixel data in the DICOM file"
+    size = _j2k_size(frame, what) if family == "JPEG 2000" else _jpeg_frame_size(frame, what, family == "JPEG-LS")
+    if size is not None:
+        height, width, components = size
+        if (height, width) != (rows, columns) or components > samples:
+            raise CorruptImageError(
+                f"The {what} declares {width} x {height} pixels with {components} component(s), not the "
+                f"{columns} x {rows} with {samples} sample(s) its header declares; {_EXPORT_AGAIN}"
+            )
+    if family == "JPEG" and frame.startswith(b"\xff\xd8"):
+        check_jpeg_complete(frame, what=what, rows=rows, columns=columns)
+    elif family == "JPEG 2000" and frame.startswith(_J2K_SOC_SIZ):
         _check_j2k_tile_parts(frame)
+
+
+def _jpeg_frame_size(frame: bytes, what: str, jpeg_ls: bool) -> tuple[int, int, int] | None:
+    """``(height, width, components)`` from a JPEG or JPEG-LS frame's first SOF (SOF55 for JPEG-LS); None when
+    the frame does not start with SOI (the decoder reports that).
+
+    Bytes between segments that are not a marker are skipped, as libjpeg and Pillow skip them (with a warning).
+    """
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    sof = _JPEG_LS_SOF if jpeg_ls else _JPEG_SOF
+    pos, end = 2, len(frame)
+    while True:
+        while pos < end and frame[pos] != 0xFF:
+            pos += 1
+        while pos < end and frame[pos] == 0xFF:
+            pos += 1
+        if pos + 3 > end:
+            raise data_ends_early(what)
+        marker = frame[pos]
+        pos += 1
+        if marker == 0x00 or marker in _JPEG_STANDALONE:
+            continue
+        (length,) = struct.unpack_from(">H", frame, pos)
+        if marker in sof and length >= 8:
+            if pos + 8 > end:
+                raise data_ends_early(what)
+            _, height, width, components = struct.unpack_from(">BHHB", frame, pos + 2)
+            return height, width, components
+        if marker == _JPEG_SOS or length < 2 or marker in sof:
+            raise CorruptImageError(f"The {what} is damaged: it has no valid frame header; {_EXPORT_AGAIN}")
+        pos += length
+
+
+def _j2k_size(codestream: bytes, what: str) -> tuple[int, int, int] | None:
+    """``(height, width, components)`` of a JPEG 2000 codestream's image, from its SIZ marker segment (ISO/IEC
+    15444-1, A.5.1: the image area is ``Xsiz - XOsiz`` by ``Ysiz - YOsiz``); None when the frame is not a
+    codestream (a JP2 file, say: the decoder reports it)."""
+    if not codestream.startswith(_J2K_SOC_SIZ):
+        return None
+    if len(codestream) < _J2K_SIZ_END:
+        raise data_ends_early(what)
+    x_siz, y_siz, x_offset, y_offset = struct.unpack_from(">IIII", codestream, 8)
+    (components,) = struct.unpack_from(">H", codestream, 40)
+    return max(0, y_siz - y_offset), max(0, x_siz - x_offset), components
 
 
 def _check_j2k_tile_parts(codestream: bytes) -> None:

@@ -18,8 +18,11 @@ DEFAULT_MAX_PIXELS: Final[int] = 50_000_000
 """Largest accepted ``width * height`` (times frames for DICOM), checked before decoding.
 
 The largest chest detectors are 43 x 43 cm at 100 um pitch, about 4300 x 4300 = 18.5 million
-pixels; 50 million leaves room for finer pitch (about 7000 x 7000) while bounding memory: the DICOM
-path holds a few float64 copies of the image, roughly 1 GB at the limit. It is also below Pillow's
+pixels; 50 million leaves room for finer pitch (about 7000 x 7000) while bounding memory: a decode
+holds the stored samples (1 to 4 bytes a pixel, twice while a DICOM codec's output is copied) and the
+float32 result (4 bytes a pixel), its float64 arithmetic done a block of rows at a time, so a few
+hundred MB at the limit; :func:`~bayesnet.imaging.memory.decode_memory_bytes` bounds it for a given
+file from its header, and docs/decode-memory.md has the measured figures. It is also below Pillow's
 own decompression-bomb threshold (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 million), so Pillow's
 ``DecompressionBombWarning`` never fires; a larger ``max_pixels`` is capped at that threshold for
 PNG/JPEG rather than changing Pillow's global setting.

@@ -29,9 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     purge.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     args = parser.parse_args(argv)
     if args.url is None:
-        from service.settings import Settings
+        from service.settings import InvalidSettingsError, load_settings
 
-        args.url = Settings().audit_url
+        try:
+            args.url = load_settings().audit_url
+        except InvalidSettingsError as err:
+            parser.error(str(err))  # one line, exit 2
     if args.command == "purge" and args.older_than_days < MIN_RETENTION_DAYS:
         parser.error(f"--older-than-days must be at least {MIN_RETENTION_DAYS} (six months, EU AI Act Art. 19/26)")
     store = AuditStore.open(args.url)  # migrates

@@ -59,6 +59,7 @@ class Stack:
     url: str
     gunicorn: subprocess.Popen[bytes]
     log_dir: Path
+    app_url: str  # Gunicorn itself, without nginx
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -90,6 +91,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "CXR_MAX_UPLOAD_BYTES": str(APP_LIMIT),
         "CXR_LOG_LEVEL": "WARNING",
         "CXR_TORCH_THREADS": "1",
+        "CXR_HEADER_TIMEOUT_S": "2",
+        "CXR_BODY_GRACE_S": "1",
     }
     gunicorn_log = root / "gunicorn.log"
     with gunicorn_log.open("wb") as sink:
@@ -136,7 +139,7 @@ http {{
         wait_ready(f"http://127.0.0.1:{app_port}", gunicorn, gunicorn_log)
         url = f"http://127.0.0.1:{nginx_port}"
         wait_ready(url, nginx, nginx_log)
-        yield Stack(url, gunicorn, root)
+        yield Stack(url, gunicorn, root, f"http://127.0.0.1:{app_port}")
     finally:
         nginx.terminate()
         gunicorn.terminate()
@@ -216,6 +219,45 @@ def test_slow_upload_completes(stack: Stack) -> None:
             headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"},
         )
     assert response.status_code == 200, response.text
+
+
+def test_gunicorn_alone_cuts_slow_clients_and_refuses_huge_headers(stack: Stack) -> None:
+    """Without nginx in front, Gunicorn's workers apply the app's header and body limits (service.server)."""
+    assert httpx.get(f"{stack.app_url}/readyz", headers={"X-Big": "a" * 8_000_000}, timeout=30).status_code == 431
+    host, port = stack.app_url.removeprefix("http://").split(":")
+    data = png_bytes()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # headers one byte at a time: 408
+        started = time.monotonic()
+        answer = b""
+        for byte in b"POST /v1/predict HTTP/1.1\r\nHost: cxr\r\nX-Slow: " + b"a" * 40:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        assert time.monotonic() - started < 4.5
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # a body at 2 bytes/s: 408
+        sock.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: cxr\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+        )
+        sock.settimeout(0.5)
+        answer = b""
+        for offset in range(0, 40, 2):
+            try:
+                sock.sendall(data[offset : offset + 2])
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        assert predict(client, png_bytes()).status_code == 200
 
 
 def test_a_worker_restart_while_requests_flow_loses_nothing(stack: Stack) -> None:

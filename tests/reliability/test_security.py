@@ -8,6 +8,7 @@ writes to stdout, exactly as deployed.
 from __future__ import annotations
 
 import hmac
+import http.client
 import json
 import pickle
 import select
@@ -184,6 +185,21 @@ def test_api_keys_accept_either_key_and_refuse_everything_else_alike(keyed_serve
         assert _problem_without_ids(response) == first
         for key in KEYS:
             assert key not in response.text and key[:8] not in response.text
+
+
+def test_a_key_with_spaces_or_tabs_around_it_is_the_key(keyed_server: LiveServer) -> None:
+    """Spaces and tabs around a field value are not part of it (RFC 9110 5.5); httpx will not send them, so the
+    requests go through http.client, which does."""
+    host, port = keyed_server.url.removeprefix("http://").split(":")
+    offers = [("X-API-Key", f"{KEYS[0]} "), ("X-API-Key", f"{KEYS[1]}\t"), ("X-API-Key", f" \t{KEYS[0]}")]
+    offers += [("Authorization", f"Bearer {KEYS[1]} \t"), ("X-API-Key", f"{KEYS[0][:-1]} ")]
+    statuses = []
+    for name, value in offers:
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("GET", "/v1/model", headers={name: value})
+        statuses.append(connection.getresponse().status)
+        connection.close()
+    assert statuses == [200, 200, 200, 200, 401]
 
 
 def test_every_configured_key_is_compared_in_constant_time(

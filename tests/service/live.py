@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.server import server_config
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -54,7 +55,9 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
     """Start uvicorn in a thread; yield once /readyz says ready; stop it (draining) afterwards."""
     port = free_port()
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        server_config(app, settings, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     # A dead inference worker makes the app stop its server: this one, not the pytest process (SIGTERM).
     app.state.service.request_exit = lambda: setattr(server, "should_exit", True)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
