@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import pydicom
@@ -52,7 +53,7 @@ from bayesnet.errors import ImageError
 from bayesnet.imaging import decoded
 from bayesnet.imaging.dicom import SIZE_TAGS, deflated_dataset, dicom_int
 from bayesnet.imaging.limits import DEFAULT_MAX_PIXELS
-from bayesnet.imaging.raster import jpeg_header, pillow_limit, png_header
+from bayesnet.imaging.raster import RasterHeader, jpeg_header, pillow_limit, png_header
 from bayesnet.imaging.sniff import sniff_format
 
 if TYPE_CHECKING:
@@ -166,14 +167,21 @@ def _bound(
     return max(decode_peak, after) + retained + OVERHEAD_BYTES
 
 
-def _png_bytes(data: bytes, max_pixels: int, spec: ModelSpec | None) -> int:
+def _raster_header(parse: Callable[[bytes], RasterHeader], data: bytes, max_pixels: int) -> RasterHeader | None:
+    """The PNG or JPEG header ``parse`` reads, or None when the decoder refuses the file before any pixel (a
+    damaged header, more pixels than Pillow is allowed)."""
     try:
-        header = png_header(data)
+        header = parse(data)
     except ImageError:
+        return None
+    return header if header.height * header.width <= pillow_limit(max_pixels) else None
+
+
+def _png_bytes(data: bytes, max_pixels: int, spec: ModelSpec | None) -> int:
+    header = _raster_header(png_header, data, max_pixels)
+    if header is None:
         return REFUSED_BYTES
     height, width = header.height, header.width
-    if height * width > pillow_limit(max_pixels):
-        return REFUSED_BYTES
     pixels = height * width
     if header.color_type in (_PNG_GRAY, _PNG_PALETTE):
         stored = pixels * (2 if header.bit_depth == 16 and header.color_type == _PNG_GRAY else 1)
@@ -185,13 +193,10 @@ def _png_bytes(data: bytes, max_pixels: int, spec: ModelSpec | None) -> int:
 
 
 def _jpeg_bytes(data: bytes, max_pixels: int, spec: ModelSpec | None) -> int:
-    try:
-        header = jpeg_header(data)
-    except ImageError:
+    header = _raster_header(jpeg_header, data, max_pixels)
+    if header is None:
         return REFUSED_BYTES
     height, width = header.height, header.width
-    if height * width > pillow_limit(max_pixels):
-        return REFUSED_BYTES
     pixels = height * width
     samples = pixels * (1 if header.components == 1 else 4)
     # Coefficient blocks cover whole MCUs (up to 16 x 16 pixels with 2x2 chroma subsampling).

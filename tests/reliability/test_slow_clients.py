@@ -38,11 +38,15 @@ from tests.reliability.attacks import (
     unfinished_huge_header,
 )
 from tests.reliability.conftest import MAX_UPLOAD_BYTES
+from tests.reliability.hostile_corpus import gray_png
 from tests.service.live import LiveServer, live_server, tiny_settings
 
-FILM = (
+_NIH_FILM = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nih-cxr14-sample" / "images" / "00000075_000.png"
 )
+#: A real radiograph (NIH's, from ../shared) where the clone has it; else a synthetic gray film of its size (512 px):
+#: these tests are about the server, and any decodable film will do.
+FILM_BYTES = _NIH_FILM.read_bytes() if _NIH_FILM.is_file() else gray_png(512)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def _port(live: LiveServer) -> int:
 def test_uploads_trickling_at_2_bytes_per_second_are_cut_while_real_predictions_are_answered(
     guarded_server: LiveServer,
 ) -> None:
-    film = FILM.read_bytes()
+    film = FILM_BYTES
     errors_before = server_errors(guarded_server.url)
 
     async def scenario() -> tuple[list[tuple[int | None, float]], Timings]:
@@ -91,7 +95,7 @@ def test_headers_dripping_in_are_cut_with_408_and_silent_connections_closed(guar
     async def scenario() -> tuple[list[tuple[int | None, float]], tuple[bytes, float], Timings]:
         drips = [asyncio.create_task(drip_headers(port)) for _ in range(SLOW_CLIENTS)]
         quiet = asyncio.create_task(silent_connection(port))
-        real = await predict_every(url, FILM.read_bytes(), until=time.monotonic() + 3.0)
+        real = await predict_every(url, FILM_BYTES, until=time.monotonic() + 3.0)
         return list(await asyncio.gather(*drips)), await quiet, real
 
     drips, (data, quiet_s), real = asyncio.run(scenario())
@@ -159,7 +163,7 @@ def test_a_flood_of_heavy_previews_is_bounded_and_does_not_starve_predictions(gu
     film = heavy_dicom(3000)
     bound = decode_memory_bytes(film, max_pixels=guarded_server.state.settings.max_pixels)
     url = guarded_server.url
-    png = FILM.read_bytes()
+    png = FILM_BYTES
     baseline = asyncio.run(predict_every(url, png, until=time.monotonic() + 1.5, every_s=0.1))
     rss_before = _rss_bytes()
 
@@ -206,9 +210,7 @@ def test_a_per_image_decode_memory_limit_refuses_what_would_take_more(tiny_servi
         refused = client.post("/v1/predict", files={"file": ("big.png", buffer.getvalue(), "image/png")})
         assert refused.status_code == 413
         assert "CXR_MAX_DECODE_BYTES" in refused.json()["detail"]
-        assert (
-            client.post("/v1/predict", files={"file": ("film.png", FILM.read_bytes(), "image/png")}).status_code == 200
-        )
+        assert client.post("/v1/predict", files={"file": ("film.png", FILM_BYTES, "image/png")}).status_code == 200
 
 
 def _png_header_only(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:

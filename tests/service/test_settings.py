@@ -107,17 +107,13 @@ def test_every_invalid_setting_is_named_and_a_flag_by_its_flag(monkeypatch: pyte
     )
 
 
+def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
 @pytest.mark.parametrize(("variables", "message"), BAD_SETTINGS[:1] + BAD_SETTINGS[6:8])
 def test_python_m_service_prints_one_line_and_exits_3(tmp_path: Path, variables: dict[str, str], message: str) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "service"],
-        env=_environment(tmp_path, **variables),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = _run([sys.executable, "-m", "service"], _environment(tmp_path, **variables))
     assert run.returncode == EXIT_STARTUP_FAILED, run.stderr
     assert run.stderr.startswith("bayesnet-cxr: invalid setting") and message in run.stderr, run.stderr
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr and SECRET not in run.stderr
@@ -125,15 +121,7 @@ def test_python_m_service_prints_one_line_and_exits_3(tmp_path: Path, variables:
 
 
 def test_a_bad_flag_is_reported_by_its_name(tmp_path: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "service", "--port", "70000"],
-        env=_environment(tmp_path),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = _run([sys.executable, "-m", "service", "--port", "70000"], _environment(tmp_path))
     assert run.returncode == EXIT_STARTUP_FAILED
     assert run.stderr == "bayesnet-cxr: invalid setting --port: expected an integer from 1 to 65535, got 70000\n"
 
@@ -143,15 +131,7 @@ def test_gunicorn_stops_with_the_one_line_and_no_traceback(tmp_path: Path) -> No
     if gunicorn is None:
         pytest.skip("gunicorn is not installed")
     variables = {"CXR_ADMIN_API_KEYS": f'["{SECRET} "]', "CXR_BIND": f"127.0.0.1:{free_port()}"}
-    run = subprocess.run(
-        [gunicorn, "-c", str(REPO_ROOT / "docker" / "gunicorn.conf.py")],
-        env=_environment(tmp_path, **variables),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = _run([gunicorn, "-c", str(REPO_ROOT / "docker" / "gunicorn.conf.py")], _environment(tmp_path, **variables))
     output = run.stdout + run.stderr
     assert run.returncode == EXIT_STARTUP_FAILED, output  # the arbiter: "Worker failed to boot."
     lines = [line for line in output.splitlines() if line.startswith("bayesnet-cxr:")]
