@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test lint format serve bench bench-mc bench-serve bench-train bench-archive bench-allocator bench-audit reliability demo-model wheelhouse image-smoke clean
+.PHONY: install test test-fast lint format serve bench bench-mc bench-serve bench-train bench-archive bench-allocator bench-audit reliability demo-model wheelhouse image-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ install: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+
+# Unit tests only, for the edit-test loop: tests/conftest.py marks what starts a server, an external program or a
+# Python subprocess (see the README's "Fast tests and markers"); `make test` (CI) still runs everything, and mypy.
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -m "not slow and not integration"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -178,8 +178,14 @@ def test_prediction_web_page_and_static_files_through_nginx(stack: Stack) -> Non
             headers={"X-Request-ID": "declared-1"},
         )
         assert declared.status_code == 200 and declared.json()["referral"]["population_verified"]
-    # The declared values travel in the query string; the access log keeps the path only.
-    logged = [line for line in (stack.log_dir / "nginx-access.log").read_text().splitlines() if "declared-1" in line]
+    # The declared values travel in the query string; the access log keeps the path only. nginx writes the line
+    # once the request is finished, which can be a moment after the client has read the answer.
+    access_log = stack.log_dir / "nginx-access.log"
+    deadline = time.monotonic() + 10
+    while not (logged := [line for line in access_log.read_text().splitlines() if "declared-1" in line]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(logged) == 1 and "/v1/predict" in logged[0]
     assert "patient_age" not in logged[0] and "63" not in logged[0].split('"')[1]
 

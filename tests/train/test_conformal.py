@@ -80,6 +80,7 @@ def test_mapie_threshold_equals_the_published_procedure_written_out(seed: int) -
     assert fitted is not None and exact is not None and fitted <= exact, "never less conservative than exact"
 
 
+@pytest.mark.slow  # seconds of repeated draws: make test, not make test-fast
 def test_exact_guarantee_over_many_calibration_draws_with_known_score_distributions() -> None:
     """Scores with known distributions: the TRUE miss rate at the fitted threshold is <= alpha in >= 1 - delta."""
     rng = np.random.default_rng(0)

@@ -144,6 +144,7 @@ def test_threshold_is_the_quantile_and_auroc_matches_sklearn() -> None:
         calibrate_threshold(np.array([]))
 
 
+@pytest.mark.slow  # renders every probe: make test, not make test-fast
 def test_probes_are_uploadable_non_radiographs() -> None:
     probes = probe_images(seed=0)
     kinds = {p.kind for p in probes}
