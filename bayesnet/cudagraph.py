@@ -8,7 +8,7 @@ docs/benchmarks.md (``bench/serve.py`` times (a) eager and graphed on CUDA).
 
 A graph replays fixed memory: it reads its input from one static tensor and writes its output to another.
 :class:`GraphedTrunk` copies each batch into the static input of the graph of that batch size (the
-service pads batches to a few sizes, service/predictor.py, so every live batch has a graph) and returns the
+service pads batches to a few sizes, service/runtime/predictor.py, so every live batch has a graph) and returns the
 static output, which stays valid until the next call. A batch size without a graph runs eagerly. Every
 graph is checked against the eager trunk on a random batch when it is captured.
 

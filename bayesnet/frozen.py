@@ -3,8 +3,8 @@
 With dropout in the head only, the trunk (stem, blocks, head conv) is a fixed function in eval mode, so it
 can be traced once and frozen: BatchNorm's running statistics fold into the preceding convolution's
 weights, oneDNN fuses convolutions with their activations, and the whole forward runs in C++ without
-taking Python's GIL once per layer. On the 2-core development CPU that made ``forward_features`` of the
-demo model 1.3-1.5x faster than eager (bench/serve.py prints both), and it keeps the inference thread from
+taking Python's GIL once per layer. That makes ``forward_features`` faster than eager on a CPU
+(``bench/serve.py`` prints both; the figures are in docs/benchmarks.md), and it keeps the inference thread from
 queueing for the GIL behind request handling.
 
 TorchScript is the only graph path that needs no C++ compiler at run time (``torch.compile``'s CPU

@@ -4,11 +4,10 @@ PyTorch allocates CPU tensors with the C library's ``malloc``. glibc serves bloc
 "mmap threshold" (starting at 128 KiB) with a fresh ``mmap`` and returns them to the kernel on ``free``,
 and trims the top of the heap once more than a "trim threshold" is free. An EfficientNet forward pass
 allocates and frees megabyte-sized activations hundreds of times, so with the defaults every call pays
-for page faults on memory it just gave back: on the 2-core development machine a single-image
-``tf_efficientnet_lite0`` forward took 15-19 ms with the defaults and 9-10 ms with the thresholds below,
-and batch-4 throughput went from 64 to 151 images/s, with the same peak RSS (about 1.1 GB both ways;
-measured with the demo model, see docs/benchmarks.md). Allocators such as jemalloc or tcmalloc achieve the
-same through ``LD_PRELOAD``; this needs nothing installed.
+for page faults on memory it just gave back. With the thresholds below those blocks stay in the heap and are
+reused: forwards are faster at the same peak resident memory (measured with the demo model, see
+docs/benchmarks.md). Allocators such as jemalloc or tcmalloc achieve the same through ``LD_PRELOAD``; this
+needs nothing installed.
 
 Entry points call :func:`tune_allocator` once at start-up (the service's lifespan, the archive scorer,
 ``train fit``, the benchmarks). Importing this module changes nothing.
@@ -16,8 +15,8 @@ Entry points call :func:`tune_allocator` once at start-up (the service's lifespa
 The second trap is OpenMP (PyTorch's CPU thread pool on Linux). Every thread that runs a parallel tensor
 operation becomes the master of its own OpenMP team, and libgomp stops spin-waiting between parallel
 regions as soon as its teams hold more threads than there are cores: every one of the hundreds of small
-regions in a forward pass then pays a sleep and a wake-up. A server that preprocesses in a few pool
-threads and runs the model in another went from 9 to 22-28 ms per single-image forward on 2 cores.
+regions in a forward pass then pays a sleep and a wake-up, so a server that preprocesses in a few pool
+threads and runs the model in another slows every forward (docs/benchmarks.md has the figures).
 So exactly one thread per process (the one running the model) may use several intra-op threads; the
 others start with :func:`single_threaded_torch`.
 """

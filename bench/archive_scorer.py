@@ -30,9 +30,9 @@ from serve import free_port, load, radiographs, start_server
 
 from bayesnet import tune_allocator
 from service.archive import ArchiveScorer, LogProgress, ScoreItem, default_batch_size
-from service.model_loading import LoadedModel, build_predictor, load_model
-from service.predictor import Predictor
-from service.responses import parse_cams
+from service.runtime.heatmaps import parse_cams
+from service.runtime.loading import LoadedModel, build_predictor, load_model
+from service.runtime.predictor import Predictor
 from service.schemas import ModelRef
 from service.settings import DEFAULT_MODEL_DIR, Settings
 

@@ -30,7 +30,7 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
 T = TypeVar("T")
@@ -118,9 +118,11 @@ def main() -> None:
             device="cpu",
             log_json=False,
             log_level="WARNING",
-            audit_url=url or f"sqlite:///{workdir / f'{name}.sqlite3'}",
-            audit_spool_dir=workdir / f"{name}-spool",
-            audit_sqlite_synchronous=args.sqlite_synchronous,
+            audit={
+                "url": url or f"sqlite:///{workdir / f'{name}.sqlite3'}",
+                "spool_dir": workdir / f"{name}-spool",
+                "sqlite_synchronous": args.sqlite_synchronous,
+            },
         )
 
     off_lat: list[float] = []

@@ -12,9 +12,9 @@ through /proc/self/clear_refs) above the resident memory just before the call, w
 the larger of two calls, and the shorter of their times. Between calls freed heap memory is handed back to the
 system (``malloc_trim``), so that each call starts from the same state:
 
-* ``model``: what the service does for a prediction (``service.decoding.decode_for_model``: ``decode_image``, the
-  geometry check, ``preprocess`` for the demo model's 224 px spec);
-* ``preview``: what it does for the browser preview (``decode_image`` + ``service.pipeline.preview_png``: long
+* ``model``: what the service does for a prediction (``service.runtime.decoding.decode_for_model``:
+  ``decode_image``, the geometry check, ``preprocess`` for the demo model's 224 px spec);
+* ``preview``: what it does for the browser preview (``decode_image`` + ``service.runtime.pipeline.preview_png``: long
   side 1024, PNG encode); ``preview/2`` the same with ``decode_image(..., max_side=1024)``.
 
 Prints one table (sizes in MiB, ``ratio``: measured peak over the bound) and the time of pydicom's RLE decode alone
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MIB = 1024 * 1024
 WARM_UP_SIDE = 256
-PREVIEW_SIDE = 1024  # service.pipeline.preview_png's long side
+PREVIEW_SIDE = 1024  # service.runtime.pipeline.preview_png's long side
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
@@ -239,8 +239,8 @@ def child(path: str, warm_path: str, modes: list[str], before: bool) -> None:
     from bayesnet import decode_image
     from bayesnet.checkpoint import load_spec
     from bayesnet.imaging import DEFAULT_MAX_PIXELS
-    from service.decoding import decode_for_model
-    from service.pipeline import preview_png
+    from service.runtime.decoding import decode_for_model
+    from service.runtime.pipeline import preview_png
 
     spec = load_spec(REPO / "models" / "demo")
     max_pixels = DEFAULT_MAX_PIXELS

@@ -25,7 +25,7 @@ from bayesnet import load_checkpoint
 from bayesnet.gradcam import cams_from_features
 from bayesnet.imaging import decode_image
 from bayesnet.preprocess import preprocess
-from service.png import _PNG_SIGNATURE, _chunk, _deflate, heatmap_png, heatmap_rgba
+from service.runtime.heatmap_png import _PNG_SIGNATURE, _chunk, _deflate, heatmap_png, heatmap_rgba
 from service.settings import DEFAULT_MODEL_DIR
 
 CPU = torch.device("cpu")

@@ -106,7 +106,8 @@ def model_limits(model_dir: Path, device: torch.device, samples: int, seconds: f
         forwards["frozen trunk"] = lambda x, masks: model.forward_head(model.pool(trunk(x)), masks)
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     memory_format = torch.contiguous_format
-    if device.type == "cuda":  # as the service runs it there (service/predictor.py): channels_last, fp16 autocast
+    # As the service runs it on a GPU (service/runtime/predictor.py): channels_last, fp16 autocast.
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         memory_format = torch.channels_last
         batches += (64, 128, 256)

@@ -39,17 +39,16 @@ RESPONSE = "response objects, validation and JSON"
 AUDIT = "audit trail (hash, record, writer thread)"
 
 #: (module, attribute path, stage): the callables wrapped. Module attributes are replaced where the caller
-#: looks them up (e.g. ``service.decoding.decode_image``, the name decode_for_model calls).
+#: looks them up (e.g. ``service.runtime.decoding.decode_image``, the name decode_for_model calls).
 TARGETS: tuple[tuple[str, str, str], ...] = (
-    ("service.decoding", "decode_image", DECODER),
+    ("service.runtime.decoding", "decode_image", DECODER),
     ("bayesnet.imaging.raster", "_pillow_to_gray", PREPROCESS),
-    ("service.decoding", "check_radiograph_geometry", PREPROCESS),
-    ("service.decoding", "preprocess", PREPROCESS),
-    ("service.pipeline", "heatmaps", HEATMAPS),
-    ("service.pipeline", "build_response", RESPONSE),
-    ("service.uploads", "Upload.sha256", AUDIT),
+    ("service.runtime.decoding", "check_radiograph_geometry", PREPROCESS),
+    ("service.runtime.decoding", "preprocess", PREPROCESS),
+    ("service.runtime.pipeline", "encode_heatmaps", HEATMAPS),
+    ("service.runtime.pipeline", "build_response", RESPONSE),
     ("service.audit.recorder", "_sha256", AUDIT),
-    ("service.predictor", "Predictor.run", HEAD),
+    ("service.runtime.predictor", "Predictor.run", HEAD),
 )
 
 _threads: dict[int, dict[str, int]] = {}  # native thread id -> stage -> ns (each dict written by its thread only)
@@ -107,7 +106,7 @@ def _install() -> list[str]:
     wrapped = wrap_targets(TARGETS, _account)
     # The trunk: whatever Predictor._trunk is when a batch starts (eager, the frozen graph, CUDA graphs: it is
     # replaced during warm-up) is timed as the trunk, inside Predictor.run and so exclusive of it.
-    predictor_class = getattr(importlib.import_module("service.predictor"), "Predictor", None)
+    predictor_class = getattr(importlib.import_module("service.runtime.predictor"), "Predictor", None)
     if predictor_class is not None and hasattr(predictor_class, "run"):
         timed_run = predictor_class.run
 
@@ -121,7 +120,7 @@ def _install() -> list[str]:
             return timed_run(self, *args, **kwargs)
 
         predictor_class.run = run_with_timed_trunk
-        wrapped.append("service.predictor.Predictor._trunk")
+        wrapped.append("service.runtime.predictor.Predictor._trunk")
     return wrapped
 
 
@@ -142,10 +141,10 @@ def _serve_snapshots(fifo: Path, out: Path) -> None:
 
 
 def limit_openmp_spin() -> None:
-    """What ``python -m service`` does first (service/openmp.py, where the tree has it): a launcher must do it
+    """What ``python -m service`` does first (service/process/threads.py, where the tree has it): a launcher must do it
     too, before wrapping the targets imports torch, or the server it starts runs with libgomp's default spin."""
     try:
-        from service.openmp import limit_openmp_spin as limit
+        from service.process.threads import limit_openmp_spin as limit
     except ImportError:  # an older tree
         return
     limit()

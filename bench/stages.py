@@ -82,14 +82,13 @@ _PLUMBING = (
     "run_in_executor",
     "call_soon_threadsafe",
     "_off_loop",
-    "service/batcher.py",
+    "service/runtime/batcher.py",
 )
 _PROJECT_RULES = (
     ("service/audit/", AUDIT),
-    ("service/uploads.py", AUDIT),  # the upload's sha256, taken in the decode thread for the audit record
-    ("service/png.py", HEATMAPS),
+    ("service/runtime/heatmap_png.py", HEATMAPS),
     ("GridCams.", HEATMAPS),  # Grad-CAM maps resampled to the input size where they are read (decode threads)
-    ("heatmaps@service/responses.py", HEATMAPS),
+    ("encode_heatmaps@service/runtime/heatmaps.py", HEATMAPS),
     ("build_response@", RESPONSE),
     ("_pillow_to_gray", PREPROCESS),
     ("_to_unit_float@", PREPROCESS),  # inside _pillow_to_gray: the samples to float in [0, 1]

@@ -37,11 +37,11 @@ Event = tuple[str, int, int]  # label, start ns, end ns
 
 #: (module, attribute path, label): functions whose calls become events. Coroutine functions are awaited.
 TARGETS: tuple[tuple[str, str, str], ...] = (
-    ("service.pipeline", "decode_for_model", "decode"),
-    ("service.predictor", "Predictor.run", "inference"),
-    ("service.pipeline", "heatmaps", "heatmaps"),
-    ("service.pipeline", "build_response", "response objects"),
-    ("service.pipeline", "PredictionPipeline.predict", "pipeline"),
+    ("service.runtime.pipeline", "decode_for_model", "decode"),
+    ("service.runtime.predictor", "Predictor.run", "inference"),
+    ("service.runtime.pipeline", "encode_heatmaps", "heatmaps"),
+    ("service.runtime.pipeline", "build_response", "response objects"),
+    ("service.runtime.pipeline", "PredictionPipeline.predict", "pipeline"),
     ("service.audit.recorder", "Auditor._durable", "audit durable"),
     ("service.audit.store", "AuditStore.insert", "audit insert"),
     ("fastapi.routing", "serialize_response", "serialise"),
@@ -106,7 +106,7 @@ def _install() -> list[str]:
     from stage_timer import wrap_targets  # this file's folder is on sys.path: it is the script run
 
     wrapped = wrap_targets(TARGETS, lambda label, fn: _wrap(fn, label))
-    app_module = importlib.import_module("service.app")
+    app_module = importlib.import_module("service.api.app")
     create_app = app_module.create_app
 
     def create_traced_app(*args: Any, **kwargs: Any) -> Any:

@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from service.openmp import limit_openmp_spin
-
-EXIT_STARTUP_FAILED = 3  # what uvicorn and the Gunicorn arbiter use for a worker that could not boot
-EXIT_WORKER_DIED = 70  # EX_SOFTWARE: an internal error; the supervisor should start a fresh process
+from service.process import EXIT_STARTUP_FAILED, EXIT_WORKER_DIED
+from service.process.threads import limit_openmp_spin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="checkpoint directory (default models/demo, CXR_MODEL_PATH)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (CXR_DEVICE)")
     args = parser.parse_args(argv)
-    limit_openmp_spin()  # before torch is imported (by service.app, below): libgomp reads it once
+    limit_openmp_spin()  # before torch is imported (by service.api.app, below): libgomp reads it once
 
     from service.settings import InvalidSettingsError, load_settings
 
@@ -43,9 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bayesnet-cxr: {err}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
 
-    from service.app import create_app
-    from service.logs import configure_logging
-    from service.server import DrainingServer, server_config
+    from service.api.app import create_app
+    from service.process.logs import configure_logging
+    from service.process.server import DrainingServer, server_config
 
     configure_logging(settings.log_level, json_lines=settings.log_json)
     app = create_app(settings)

@@ -11,7 +11,6 @@ are ``contained`` and referenced as ``#id``. The service never sees patient iden
 from __future__ import annotations
 
 import html
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +19,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from bayesnet.decision import REASON_TEXT, Reason
+from service.codes import SNOMED_BY_LABEL, finding_code
 from service.schemas import BatchItem, BatchItemError, FindingPrediction, Heatmap, OODResult, PredictionResponse
 
 JSONDict = dict[str, Any]
@@ -56,20 +56,6 @@ ISSUE_TYPE_BY_STATUS = {
 #: different study (e.g. "XR Chest 2 Views") substitutes its own orderable code.
 REPORT_CODE = {"system": LOINC, "code": "36554-4", "display": "XR Chest Single view"}
 
-#: SNOMED CT concepts for the CheXpert findings that have an unambiguous one. Findings without one (No
-#: Finding, Enlarged Cardiomediastinum, Lung Opacity, Lung Lesion, Pleural Other, Support Devices) carry only
-#: the project code. A site's terminology service should verify these before relying on them.
-SNOMED_BY_LABEL: dict[str, tuple[str, str]] = {
-    "Cardiomegaly": ("8186001", "Cardiomegaly"),
-    "Edema": ("19242006", "Pulmonary edema"),
-    "Consolidation": ("95436008", "Lung consolidation"),
-    "Pneumonia": ("233604007", "Pneumonia"),
-    "Atelectasis": ("46621007", "Atelectasis"),
-    "Pneumothorax": ("36118008", "Pneumothorax"),
-    "Pleural Effusion": ("60046008", "Pleural effusion"),
-    "Fracture": ("125605004", "Fracture of bone"),
-}
-
 #: decision -> v3 ObservationInterpretation (IND: the MC samples disagree, so the result is indeterminate).
 INTERPRETATION_BY_DECISION = {
     "positive": ("POS", "Positive"),
@@ -87,11 +73,6 @@ OOD_WARNING = (
     "This image does not look like the frontal chest radiographs the model was trained on: "
     "its findings should not be trusted."
 )
-
-
-def finding_code(label: str) -> str:
-    """The project code of a finding: its label in kebab-case (``Pleural Effusion`` -> ``pleural-effusion``)."""
-    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def finding_concept(label: str) -> JSONDict:

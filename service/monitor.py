@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.settings import InvalidSettingsError, load_settings
 
         try:
-            args.url = load_settings().audit_url
+            args.url = load_settings().audit.url
         except InvalidSettingsError as err:
             parser.error(str(err))  # one line, exit 2
     now = datetime.now(timezone.utc)

@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, Final, TypeAlias, get_args
+
+from train.config import DEMO_RECIPE, INIT_SOURCES, AmpMode, FitConfig, field_defaults
 
 # The type of ``add_subparsers()``'s result is private to argparse; the alias keeps signatures readable.
 _Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -57,42 +59,76 @@ def _add_synth(subparsers: _Subparsers) -> None:
     parser.set_defaults(handler=_run_synth)
 
 
+# The FitConfig fields `fit` offers as options, with their help; each option's type and default come from
+# FitConfig (train/config.py), the one place the training defaults are written.
+_RECIPE_HELP: Final[dict[str, str]] = {
+    "arch": "timm EfficientNet-family architecture",
+    "init": "backbone weights: offline ImageNet Lite0, timm's pretrained weights from the Hub, or none",
+    "epochs": "training epochs",
+    "batch_size": "global batch size (split across ranks)",
+    "lr": "peak AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "warmup_epochs": "linear warmup before the cosine decay, in epochs",
+    "freeze_epochs": "epochs training only the head first",
+    "image_size": "side of the square model input in pixels",
+    "dropout": "MC dropout rate",
+    "mc_dropout_blocks": "also drop out after the last N blocks",
+    "uncertain_policy": "chexpert | ones | zeros | ignore [,Label=policy]",
+    "amp": "autocast: auto (bf16 or fp16 on CUDA, off on CPU), fp16, bf16 or off",
+    "device": "auto, cpu, cuda or cuda:N",
+    "workers": "data loader worker processes",
+    "seed": "seed of the patient split, the initialisation, the shuffling and the augmentation",
+    "max_train_samples": "subsample the train set for quick runs",
+    "patience": "early stopping patience in epochs",
+    "name": "model name written into the spec",
+    "version": "model version written into the spec",
+}
+# The options `crossfit` offers for the recipe of each fold's model.
+_CROSSFIT_RECIPE: Final = (
+    "arch",
+    "init",
+    "epochs",
+    "batch_size",
+    "lr",
+    "freeze_epochs",
+    "image_size",
+    "dropout",
+    "mc_dropout_blocks",
+    "patience",
+    "workers",
+)
+_CHOICES: Final[dict[str, Sequence[str]]] = {"init": INIT_SOURCES, "amp": get_args(AmpMode)}
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser, names: Sequence[str], defaults: Mapping[str, Any]) -> None:
+    """One ``--option`` per FitConfig field in ``names``, its type and default taken from ``defaults``."""
+    for name in names:
+        default = defaults[name]
+        shown = "" if default is None else " (default: %(default)s)"
+        options: dict[str, Any] = {"default": default, "help": _RECIPE_HELP[name] + shown}
+        if name in _CHOICES:
+            options["choices"] = _CHOICES[name]
+        else:
+            options["type"] = int if name == "max_train_samples" else type(default)
+        parser.add_argument("--" + name.replace("_", "-"), **options)
+
+
+def fit_config(args: argparse.Namespace) -> FitConfig:
+    """The FitConfig of a parsed ``fit`` command line."""
+    recipe = {name: getattr(args, name) for name in _RECIPE_HELP}
+    paths = {"train_csv": args.train, "valid_csv": args.valid, "out": args.out}
+    return FitConfig(**paths, **recipe, resume=args.resume, progress=not args.no_progress)
+
+
 def _run_fit(args: argparse.Namespace) -> int:
     import logging
 
     from bayesnet import tune_allocator
-    from train.fit import FitConfig, fit
+    from train.fit import fit
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     tune_allocator()
-    config = FitConfig(
-        train_csv=args.train,
-        valid_csv=args.valid,
-        out=args.out,
-        arch=args.arch,
-        init=args.init,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        freeze_epochs=args.freeze_epochs,
-        image_size=args.image_size,
-        dropout=args.dropout,
-        mc_dropout_blocks=args.mc_dropout_blocks,
-        uncertain_policy=args.uncertain_policy,
-        amp=args.amp,
-        device=args.device,
-        workers=args.workers,
-        resume=args.resume,
-        seed=args.seed,
-        max_train_samples=args.max_train_samples,
-        patience=args.patience,
-        name=args.name,
-        version=args.version,
-        progress=not args.no_progress,
-    )
-    result = fit(config)
+    result = fit(fit_config(args))
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(
@@ -114,30 +150,9 @@ def _add_fit(subparsers: _Subparsers) -> None:
         "--valid", type=Path, default=None, help="valid.csv or hf://owner/name:split (default: a patient split)"
     )
     parser.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, history, state")
-    parser.add_argument("--arch", default="tf_efficientnet_lite0", help="timm EfficientNet-family architecture")
-    parser.add_argument("--init", choices=["imagenet-lite0", "hub", "none"], default="imagenet-lite0")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (split across ranks)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--warmup-epochs", type=float, default=0.5)
-    parser.add_argument("--freeze-epochs", type=int, default=0, help="epochs training only the head first")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dropout", type=float, default=0.2, help="MC dropout rate")
-    parser.add_argument("--mc-dropout-blocks", type=int, default=0, help="also drop out after the last N blocks")
-    parser.add_argument(
-        "--uncertain-policy", default="chexpert", help="chexpert | ones | zeros | ignore [,Label=policy]"
-    )
-    parser.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=2)
+    _add_recipe_options(parser, list(_RECIPE_HELP), field_defaults())
     parser.add_argument("--resume", action="store_true", help="continue from OUT/training_state.pt")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-train-samples", type=int, default=None, help="subsample for quick runs")
-    parser.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs")
-    parser.add_argument("--name", default="bayesnet-cxr")
-    parser.add_argument("--version", default="0.1.0")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run_fit)
 
 
@@ -162,35 +177,24 @@ def _add_evaluate(subparsers: _Subparsers) -> None:
     parser.set_defaults(handler=_run_evaluate)
 
 
+def crossfit_recipe(args: argparse.Namespace) -> FitConfig:
+    """The FitConfig each fold of a parsed ``crossfit`` command line trains with (its CSVs and seed replaced)."""
+    recipe = {name: getattr(args, name) for name in _CROSSFIT_RECIPE}
+    return FitConfig(train_csv=args.data[0], out=args.out, progress=False, **recipe)
+
+
 def _run_crossfit(args: argparse.Namespace) -> int:
     import logging
 
     from bayesnet import tune_allocator
     from train.crossfit import crossfit
-    from train.fit import FitConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     tune_allocator()
-    recipe = FitConfig(
-        train_csv=args.data[0],
-        out=args.out,
-        arch=args.arch,
-        init=args.init,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        freeze_epochs=args.freeze_epochs,
-        image_size=args.image_size,
-        dropout=args.dropout,
-        mc_dropout_blocks=args.mc_dropout_blocks,
-        patience=args.patience,
-        workers=args.workers,
-        progress=False,
-    )
     path = crossfit(
         args.data,
         args.out,
-        recipe,
+        crossfit_recipe(args),
         folds=args.folds,
         seed=args.seed,
         mc_samples=args.mc_samples,
@@ -206,7 +210,8 @@ def _add_crossfit(subparsers: _Subparsers) -> None:
         "crossfit",
         help="K-fold out-of-fold predictions (MC, deterministic, ensemble heads, TTA) for every film",
         description="Pool the films of the CSVs, train one model per fold on the others (inner 15%% patient split for "
-        "early stopping, temperature and thresholds) and record every estimator's predictions on the held-out fold.",
+        "early stopping, temperature and thresholds) and record every estimator's predictions on the held-out fold. "
+        "Each fold trains the demo model's recipe unless told otherwise (train/config.py DEMO_RECIPE).",
     )
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="CheXpert-layout CSVs to pool")
     parser.add_argument("--out", type=Path, required=True)
@@ -215,17 +220,7 @@ def _add_crossfit(subparsers: _Subparsers) -> None:
     parser.add_argument("--mc-samples", type=int, default=20)
     parser.add_argument("--ensemble", type=int, default=5, help="linear heads refitted on the frozen trunk")
     parser.add_argument("--tta", type=int, default=4, help="test-time augmentation passes")
-    parser.add_argument("--arch", default="tf_efficientnet_lite0")
-    parser.add_argument("--init", choices=["imagenet-lite0", "hub", "none"], default="imagenet-lite0")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--freeze-epochs", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--mc-dropout-blocks", type=int, default=0)
-    parser.add_argument("--patience", type=int, default=6)
-    parser.add_argument("--workers", type=int, default=2)
+    _add_recipe_options(parser, _CROSSFIT_RECIPE, {**field_defaults(), **DEMO_RECIPE})
     parser.set_defaults(handler=_run_crossfit)
 
 

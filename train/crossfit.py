@@ -14,8 +14,8 @@ touched once, to record predictions, so every film gets a prediction from a mode
 * per film the fold's temperature ``(N, K)`` and thresholds ``(N, K)``, and per estimator the measured seconds.
 
 Everything lands in ``OUT/oof.npz`` (plus each fold's checkpoint); :mod:`train.uncertainty_study` turns it into the
-comparison table and the cross-validated referral numbers. Costs K trainings: about 4 minutes each for the demo
-recipe on a 2-core CPU.
+comparison table and the cross-validated referral numbers. Costs K trainings of the recipe, by default the demo
+model's (:data:`train.config.DEMO_RECIPE`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from bayesnet import BayesianEfficientNet, ModelSpec, decode_image, load_checkpo
 from bayesnet.mc import mc_logits
 from train.calibrate import fit_temperature, fit_thresholds
 from train.chexpert_csv import PATH_COLUMN, parse_patient_id
-from train.fit import FitConfig, fit, masked_bce
+from train.config import FitConfig
+from train.fit import fit, masked_bce
 from train.predict import collect, sigmoid
 
 log = logging.getLogger(__name__)

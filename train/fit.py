@@ -3,7 +3,8 @@
 The loop reads top to bottom in :func:`fit`: data -> spec -> model (offline ImageNet init) -> AdamW with a
 warmup + cosine schedule (a pure function of the step) -> per epoch: train with explicit autocast (and a
 GradScaler for fp16), validate (per-label ROC-AUC on predictions gathered from every rank), log, keep the
-best checkpoint by mean AUC over the annotated labels, save a resumable state, stop early.
+best checkpoint by mean AUC over the annotated labels, save a resumable state, stop early. The run is
+described by a :class:`train.config.FitConfig`, where its defaults live.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,50 +31,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bayesnet import BayesianEfficientNet, ModelSpec, build_model, init_pretrained, save_checkpoint
 from bayesnet.labels import CHEXPERT_LABELS
-from bayesnet.pretrained import LITE0_ARCH, LITE0_MEAN, LITE0_STD, InitSource
+from bayesnet.pretrained import LITE0_ARCH, LITE0_MEAN, LITE0_STD
+from train.config import AmpMode, FitConfig
 
 log = logging.getLogger("train.fit")
 
-AmpMode = Literal["auto", "fp16", "bf16", "off"]
 STATE_FILE = "training_state.pt"
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Everything one training run depends on (saved as ``config.json`` beside the checkpoints)."""
-
-    train_csv: Path
-    out: Path
-    valid_csv: Path | None = None
-    valid_fraction: float = 0.1
-    arch: str = LITE0_ARCH
-    init: InitSource = "imagenet-lite0"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    freeze_epochs: int = 0
-    image_size: int = 224
-    dropout: float = 0.2
-    mc_dropout_blocks: int = 0
-    uncertain_policy: str = "chexpert"
-    amp: AmpMode = "auto"
-    device: str = "auto"
-    workers: int = 2
-    resume: bool = False
-    seed: int = 0
-    max_train_samples: int | None = None
-    patience: int = 5
-    grad_clip: float = 1.0
-    max_pos_weight: float = 10.0
-    name: str = "bayesnet-cxr"
-    version: str = "0.1.0"
-    progress: bool = True
-
-    def to_json(self) -> str:
-        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=2)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def _cross_fold_calibration(
 
 
 def compare_estimators(data: Mapping[str, NDArray[Any]], timing: list[Mapping[str, float]]) -> dict[str, Any]:
-    """Per estimator: mean and sd over folds of each column of module item 1, and ms per film."""
+    """Per estimator: mean and sd over folds of each column of module item 1, and milliseconds per film."""
     y = np.asarray(data["y"], dtype=np.float64)
     folds = np.asarray(data["fold"]).astype(int)
     trained = [k for k in range(y.shape[1]) if not np.isnan(y[:, k]).all()]

@@ -82,7 +82,7 @@ class ImageFacts:
     The service and the archive scorer keep this, not the :class:`DecodedImage`, from the moment the model's input
     exists until the answer is sent: the full-resolution array (1 MB of float32 for a 512 px PNG, 36 MB for a
     3,000 px DICOM) is freed in the thread that made it, instead of being held by every request waiting for its
-    batch (peak RSS at 64 clients: 1.32 against 1.42 GB, docs/benchmarks.md).
+    batch, which lowers the service's peak resident memory under many clients (docs/benchmarks.md).
     """
 
     format: str

@@ -73,7 +73,7 @@ REFUSED_BYTES: Final[int] = 4 * MIB
 """The bound for bytes the decoder refuses before decoding any pixel (its header parsing, the error)."""
 
 PREVIEW_SIDE: Final[int] = 1024
-"""Long side of the service's browser preview (``service.pipeline.preview_png``)."""
+"""Long side of the service's browser preview (``service.runtime.pipeline.preview_png``)."""
 
 # Bytes per pixel of the float64 temporaries one block of rows needs at its peak: pydicom's windowing on a block
 # (the samples as float64, its three masks, two arithmetic temporaries) or a strip of colour read from Pillow.

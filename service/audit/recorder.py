@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 from bayesnet import ImageFacts, sniff_format
 from service.audit.writer import AuditWriter
-from service.errors import AuditUnavailableError, OutOfDistributionError, problem_for
+from service.errors import AuditUnavailableError, OutOfDistributionError
+from service.problems import problem_for
 from service.schemas import AuditFindingRecord, AuditRecord, ModelRef, PredictionResponse
-from service.uploads import INLINE_HASH_BYTES, Upload, as_upload
 
 T = TypeVar("T")
 
@@ -90,22 +90,16 @@ class Auditor:
         self.rolling = RollingRates(rolling_window)
         self.durable_timeout_s = durable_timeout_s
 
-    async def audited(self, subject: AuditSubject, data: bytes | Upload, prediction: Awaitable[T]) -> T:
+    async def audited(self, subject: AuditSubject, data: bytes, prediction: Awaitable[T]) -> T:
         """Run ``prediction`` (whose result is ``PredictionResponse`` or ``(PredictionResponse, ...)``), record
         its outcome, and return it once the record is durable; raise ``AuditUnavailableError`` (503) if it
         cannot be. A refusal is recorded too, and re-raised once its record is durable.
 
-        Give ``prediction`` the same :class:`~service.uploads.Upload` as ``data``: an upload of up to
-        ``INLINE_HASH_BYTES`` is then hashed by the decode thread right after decoding; a bigger one is hashed
-        beside the prediction, in a thread of its own, so that it costs the answer no latency."""
-        upload = as_upload(data)
+        The upload's sha256 is taken beside the prediction, in a thread of its own, so it costs the answer no
+        latency."""
         occurred_at = datetime.now(timezone.utc)
         started = time.perf_counter()
-        beside: asyncio.Future[str] | None = None
-        if len(upload) <= INLINE_HASH_BYTES:
-            upload.hash_when_decoded = True
-        else:
-            beside = asyncio.ensure_future(asyncio.to_thread(upload.sha256))
+        digest = asyncio.ensure_future(asyncio.to_thread(_sha256, data))
         base: dict[str, Any] = {
             "event_id": uuid.uuid4().hex,
             "request_id": subject.request_id,
@@ -114,23 +108,22 @@ class Auditor:
             "route": subject.route,
             "client_id": subject.client_id,
             "model": subject.model,
-            "input_bytes": len(upload),
+            "input_bytes": len(data),
         }
         try:
             outcome = await prediction
         except asyncio.CancelledError:
             # The client hung up: nobody receives an answer, but the work was admitted; record it, do not wait.
-            if beside is not None:
-                beside.cancel()
-            base["input_sha256"] = upload.sha256()
-            self.writer.submit(_refusal(base, 499, "Client closed the connection", upload.data, None, started))
+            digest.cancel()
+            base["input_sha256"] = _sha256(data)
+            self.writer.submit(_refusal(base, 499, "Client closed the connection", data, None, started))
             raise
         except Exception as err:
             status, title, _, _ = problem_for(err)
-            base["input_sha256"] = await _digest(upload, beside)
-            await self._durable(_refusal(base, status, title, upload.data, err, started))
+            base["input_sha256"] = await digest
+            await self._durable(_refusal(base, status, title, data, err, started))
             raise
-        base["input_sha256"] = await _digest(upload, beside)
+        base["input_sha256"] = await digest
         response = outcome[0] if isinstance(outcome, tuple) else outcome
         assert isinstance(response, PredictionResponse)
         record = _answered(base, response, started)
@@ -148,12 +141,8 @@ class Auditor:
             ) from err
 
 
-async def _digest(upload: Upload, beside: asyncio.Future[str] | None) -> str:
-    """The upload's sha256: from the hash taken beside the prediction, or the decode thread's; one that failed
-    before decoding is hashed now, off the event loop."""
-    if beside is not None:
-        return await beside
-    return upload.sha256() if upload.hashed else await asyncio.to_thread(upload.sha256)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _answered(base: dict[str, Any], response: PredictionResponse, started: float) -> AuditRecord:

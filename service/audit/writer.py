@@ -4,10 +4,9 @@ The event loop only enqueues (microseconds) and, for the prediction's answer, aw
 round trip, the fsync and any retry happen on this thread. Several records waiting together go into one
 transaction (group commit), so the cost per record falls as the load rises. Under load the writer also holds
 a transaction open for up to ``group_commit_s`` while the service says more answers are being finished
-(``more_coming``): the answers of one inference batch are completed a millisecond or two apart, and
-without the wait each would pay for a commit of its own (SQLAlchemy, SQLite and the wake-ups: about half
-the audit trail's CPU per image on the 2-core machine, docs/benchmarks.md). A lone request never waits:
-nothing else is coming.
+(``more_coming``, in the service ``LoadSignals.answers_coming``): the answers of one inference batch are
+completed moments apart, and without the wait each would pay for a commit of its own (SQLAlchemy, SQLite and the
+wake-ups; docs/benchmarks.md measures the cost). A lone request never waits: nothing else is coming.
 
 When a record counts as durable (what resolving its future means):
 
@@ -80,7 +79,7 @@ class AuditWriter:
     ) -> None:
         """``group_commit_s``: the longest a transaction waits for more records while ``more_coming()`` says
         more are about to be submitted (0: never waits). ``more_coming`` is called on the writer thread; it
-        must be cheap and thread-safe (reading a counter); it may also be set after construction."""
+        must be cheap and thread-safe (reading a counter)."""
         if policy == "buffer" and spool is None:
             raise ValueError("the buffer policy needs a spool directory")
         self.store = store
@@ -91,7 +90,7 @@ class AuditWriter:
         self.purge_every_s = purge_every_s
         self.retry_s = retry_s
         self.group_commit_s = group_commit_s
-        self.more_coming = more_coming
+        self._more_coming = more_coming
         self.stats = WriterStats()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -146,7 +145,7 @@ class AuditWriter:
             return batch, False
         stopping = self._add(batch, first)
         stopping = self._drain(batch) or stopping
-        more_coming = self.more_coming
+        more_coming = self._more_coming
         if stopping or self.group_commit_s <= 0 or more_coming is None:
             return batch, stopping
         # Woken only by arrivals (or the window's end): no polling, which would take the GIL from the threads

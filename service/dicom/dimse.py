@@ -49,9 +49,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from service.audit import Auditor, AuditSubject
 from service.dicom.multipart import Part
 from service.dicom.stow import OUT_OF_RESOURCES, PROCESSING_FAILURE, InstanceOutcome, receive
-from service.pipeline import PredictionPipeline
+from service.runtime.pipeline import PredictionPipeline
 from service.schemas import PredictionResponse
-from service.uploads import Upload
+from service.settings import DimseSettings
 
 log = logging.getLogger("service.dicom.dimse")
 
@@ -125,9 +125,7 @@ def scorer(
             route=ROUTE, request_id=request_id, client_id=f"ae-{calling_ae}", model=pipeline.model_ref
         )
 
-        def audited(
-            _: int, upload: bytes | Upload, prediction: Awaitable[PredictionResponse]
-        ) -> Awaitable[PredictionResponse]:
+        def audited(_: int, upload: bytes, prediction: Awaitable[PredictionResponse]) -> Awaitable[PredictionResponse]:
             return auditor.audited(subject, upload, prediction)
 
         (outcome,) = await receive(
@@ -341,3 +339,36 @@ class DimseListener:
     def _count(self, status: int) -> None:
         if self.stores is not None:
             self.stores.labels(status=f"0x{status:04X}").inc()
+
+
+def open_listener(
+    settings: DimseSettings,
+    *,
+    pipeline: PredictionPipeline,
+    auditor: Auditor,
+    forward: Callable[[bytes], Awaitable[None]] | None,
+    loop: asyncio.AbstractEventLoop,
+    max_upload_bytes: int,
+    request_timeout_s: float,
+    stores: Counter | None = None,
+) -> DimseListener | None:
+    """Bind and start the C-STORE listener when ``CXR_DIMSE_PORT`` is set (docs/dicom.md), else None. Blocking
+    (binds a socket): call it off the event loop, whose ``loop`` the listener is given."""
+    if settings.port is None:
+        return None
+    listener = DimseListener(
+        scorer(pipeline=pipeline, auditor=auditor, max_upload_bytes=max_upload_bytes, forward=forward),
+        loop,
+        host=settings.host,
+        port=settings.port,
+        ae_title=settings.ae_title,
+        allowed_calling_ae=settings.allowed_ae,
+        max_associations=settings.max_associations,
+        idle_timeout_s=settings.idle_timeout_s,
+        max_instance_bytes=max_upload_bytes,
+        # The pipeline's own timeout, then the audit record and the outbox write, each bounded by the same.
+        answer_timeout_s=3 * request_timeout_s,
+        stores=stores,
+    )
+    listener.start()
+    return listener

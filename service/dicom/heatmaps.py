@@ -47,14 +47,14 @@ FloatArray = npt.NDArray[np.float32]
 
 
 class HeatmapError(ValueError):
-    """A heatmap in a response that cannot be decoded (not the palette PNG ``service.png`` writes)."""
+    """A heatmap in a response that cannot be decoded (not the palette PNG ``service.runtime.heatmap_png`` writes)."""
 
 
 def heatmap_intensity(heatmap: Heatmap) -> FloatArray:
     """``(S, S)`` float32 in [0, 1]: the Grad-CAM map carried by a response's palette PNG.
 
-    The palette index of each pixel is its intensity level (``service.png``), so the map is read losslessly from
-    the indices, not from the colours.
+    The palette index of each pixel is its intensity level (``service.runtime.heatmap_png``), so the map is read
+    losslessly from the indices, not from the colours.
     """
     try:
         with Image.open(io.BytesIO(base64.b64decode(heatmap.png_base64, validate=True))) as png:

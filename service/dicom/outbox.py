@@ -19,13 +19,15 @@ import os
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 
+from service.dicom.metrics import OutboxSnapshot
 from service.errors import ServiceError
-from service.metrics import OutboxSnapshot
+from service.settings import DicomwebSettings
 
 log = logging.getLogger("service.dicom.outbox")
 
@@ -150,3 +152,21 @@ class Outbox:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
             self._wake.clear()
             delay_s = min(delay_s * 2, self.retry_max_s)
+
+
+def open_outbox(settings: DicomwebSettings, *, timeout_s: float) -> Outbox | None:
+    """The forwarding outbox when ``CXR_DICOMWEB_FORWARD_URL`` is set (docs/dicom.md), else None (blocking: it
+    lists what waits on disk). ``timeout_s``: one store request's limit."""
+    if settings.forward_url is None:
+        return None
+    outbox = Outbox(
+        settings.outbox_path,
+        settings.forward_url,
+        max_instances=settings.outbox_max_instances,
+        retry_initial_s=settings.retry_initial_s,
+        retry_max_s=settings.retry_max_s,
+        timeout_s=timeout_s,
+    )
+    pacs = urlsplit(settings.forward_url)
+    log.info("forwarding results to %s://%s (%d waiting)", pacs.scheme, pacs.hostname, len(outbox.pending()))
+    return outbox

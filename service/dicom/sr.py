@@ -31,7 +31,7 @@ from pydicom.valuerep import validate_value
 
 from bayesnet import sniff_format
 from bayesnet.decision import REASON_TEXT, Reason
-from service.fhir import SNOMED_BY_LABEL, finding_code
+from service.codes import SNOMED_BY_LABEL, finding_code
 from service.schemas import PredictionResponse
 
 #: Private coding scheme (PS3.3 8.2: "99" prefix) for the project's own concepts.

@@ -24,10 +24,10 @@ from bayesnet.imaging import POPULATION_LATERAL, POPULATION_NON_CHEST, populatio
 from service.dicom.heatmaps import heatmaps_for_upload
 from service.dicom.multipart import MultipartError, Part, TooManyPartsError, media_type_params, split_related
 from service.dicom.sr import DicomSourceError, dicom_source, sr_answer, sr_bytes
-from service.errors import ServiceError, UploadTooLargeError, problem_for
-from service.pipeline import PredictionPipeline
+from service.errors import ServiceError, UploadTooLargeError
+from service.problems import problem_for
+from service.runtime.pipeline import PredictionPipeline
 from service.schemas import PredictionResponse
-from service.uploads import Upload
 
 #: Failure Reason (0008,1197) values (PS3.4 Annex GG.4, PS3.18 10.5.3.1) this receiver answers.
 OUT_OF_RESOURCES = 0xA700
@@ -128,7 +128,7 @@ def failure_reason_for(status: int) -> int:
     return PROCESSING_FAILURE
 
 
-Audited = Callable[[int, bytes | Upload, Awaitable[PredictionResponse]], Awaitable[PredictionResponse]]
+Audited = Callable[[int, bytes, Awaitable[PredictionResponse]], Awaitable[PredictionResponse]]
 
 
 async def results_for_pacs(
@@ -173,21 +173,20 @@ async def receive(
 
     async def one(index: int, part: Part) -> InstanceOutcome:
         header: Dataset | None = None
-        upload = Upload(part.data)  # shared by the audit record and the pipeline (hashed while decoding)
 
         async def score() -> PredictionResponse:
             nonlocal header
             header = await asyncio.to_thread(read_instance, part)
             check_scope(header)
             result, _ = await pipeline.predict(
-                upload, request_id=f"{request_id}-{index}", cams=cams, mc_samples=None, received_at=received_at
+                part.data, request_id=f"{request_id}-{index}", cams=cams, mc_samples=None, received_at=received_at
             )
             return result
 
         try:
             if len(part.data) > max_upload_bytes:
                 raise UploadTooLargeError(f"The instance exceeds the limit of {max_upload_bytes} bytes.")
-            result = await audited(index, upload, score())
+            result = await audited(index, part.data, score())
             assert header is not None
             if forward is not None:  # the SR and heatmaps are built only for a PACS to receive them
                 for instance in await results_for_pacs(part.data, header, result, pipeline):

@@ -31,17 +31,16 @@ AUTH, ADMIN_AUTH = {"X-API-Key": KEY}, {"X-API-Key": ADMIN}
 def live(tiny_service_checkpoint: Path, audit_url: str, tmp_path: Path) -> Iterator[LiveServer]:
     settings = tiny_settings(
         tiny_service_checkpoint,
-        audit_url=audit_url,
+        audit={"url": audit_url, "spool_dir": tmp_path / "spool"},
         api_keys=[KEY],
         admin_api_keys=[ADMIN],
-        audit_spool_dir=tmp_path / "spool",
     )
     with live_server(settings) as server:
         yield server
 
 
 def _store(live: LiveServer) -> AuditStore:
-    return AuditStore.open(live.state.settings.audit_url, migrate_schema=False)
+    return AuditStore.open(live.state.settings.audit.url, migrate_schema=False)
 
 
 def _post(client: httpx.Client, data: bytes, request_id: str) -> httpx.Response:
@@ -85,7 +84,7 @@ def test_a_burst_of_uploads_leaves_exactly_one_record_per_image_and_no_identifie
     }  # fmt: skip
     assert no_key.status_code == 401
     # Every answer finished: the audit writer's group-commit hint is down again.
-    assert live.state.pipeline is not None and not live.state.pipeline.answers_coming()
+    assert live.state.pipeline is not None and not live.state.pipeline.signals.answers_coming()
 
     store = _store(live)
     try:
@@ -121,8 +120,8 @@ def test_a_burst_of_uploads_leaves_exactly_one_record_per_image_and_no_identifie
         store.close()
     for secret in (PATIENT_NAME, PATIENT_ID, "ACC-5551234", KEY, ADMIN):
         assert secret not in dump
-    if live.state.settings.audit_url.startswith("sqlite"):
-        raw = Path(live.state.settings.audit_url.removeprefix("sqlite:///")).read_bytes()
+    if live.state.settings.audit.url.startswith("sqlite"):
+        raw = Path(live.state.settings.audit.url.removeprefix("sqlite:///")).read_bytes()
         for secret in (PATIENT_NAME, PATIENT_ID, KEY):
             assert secret.encode() not in raw
 
@@ -177,7 +176,7 @@ def test_a_database_that_refuses_writes(
     tiny_service_checkpoint: Path, audit_url: str, tmp_path: Path, policy: str
 ) -> None:
     settings = tiny_settings(
-        tiny_service_checkpoint, audit_url=audit_url, audit_policy=policy, audit_spool_dir=tmp_path / "spool"
+        tiny_service_checkpoint, audit={"url": audit_url, "policy": policy, "spool_dir": tmp_path / "spool"}
     )
     with live_server(settings) as live, live.client() as client:
         store = _store(live)
@@ -222,7 +221,7 @@ def test_model_failures_and_ood_rejections_are_recorded_with_what_was_known(
     from train.ood import probe_images
 
     url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
-    with live_server(tiny_settings(tiny_service_checkpoint, audit_url=url)) as live, live.client() as client:
+    with live_server(tiny_settings(tiny_service_checkpoint, audit={"url": url})) as live, live.client() as client:
         predictor = live.state.predictor
         assert predictor is not None
 
@@ -234,7 +233,7 @@ def test_model_failures_and_ood_rejections_are_recorded_with_what_was_known(
     if not (DEMO / "ood.safetensors").is_file():
         pytest.skip("models/demo has no OOD gate")
     photo = next(p for p in probe_images(seed=0) if p.name == "skimage-chelsea")
-    settings = Settings(model_path=DEMO, max_wait_ms=5.0, ood_action="reject", audit_url=url)
+    settings = Settings(model_path=DEMO, max_wait_ms=5.0, ood_action="reject", audit={"url": url})
     with live_server(settings) as live, live.client() as client:
         refused = client.post("/v1/predict", files={"file": ("cat.png", photo.data)}, headers={"X-Request-ID": "cat"})
         assert refused.status_code == 422 and refused.json()["title"] == REJECT_TITLE

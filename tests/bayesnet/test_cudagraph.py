@@ -8,7 +8,7 @@ import torch
 from bayesnet import ModelSpec, build_model
 from bayesnet.cudagraph import GraphedTrunk
 from bayesnet.errors import ModelModeError
-from service.predictor import Predictor
+from service.runtime.predictor import Predictor
 
 
 def test_graphs_refuse_a_cpu_model_a_training_model_and_dropout_in_the_trunk() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from bayesnet import BayesianEfficientNet, ModelModeError, ModelSpec, build_model
 from bayesnet.frozen import frozen_trunk
-from service.predictor import InferenceRequest, Predictor
+from service.runtime.predictor import InferenceRequest, Predictor
 
 
 def randomise_batchnorm(model: BayesianEfficientNet) -> None:

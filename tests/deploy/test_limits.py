@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from service.app import MULTIPART_SLACK_BYTES
-from service.settings import DEFAULT_MAX_UPLOAD_BYTES, Settings
+from service.api.app import MULTIPART_SLACK_BYTES
+from service.settings import DEFAULT_MAX_UPLOAD_BYTES, Settings, variable_names
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 
@@ -22,7 +22,7 @@ def test_compose_body_limits_match_the_app() -> None:
     assert int(nginx_env["CXR_BODY_LIMIT"]) == DEFAULT_MAX_UPLOAD_BYTES + MULTIPART_SLACK_BYTES
     files = Settings().max_files_per_request
     assert int(nginx_env["CXR_BATCH_BODY_LIMIT"]) == DEFAULT_MAX_UPLOAD_BYTES * files + MULTIPART_SLACK_BYTES
-    assert set(app_env) - {"CXR_BIND", "CXR_WORKERS"} <= {f"CXR_{name.upper()}" for name in Settings.model_fields}
+    assert set(app_env) <= variable_names()
 
 
 def test_nginx_template_uses_the_placeholders_tests_and_compose_fill() -> None:
@@ -42,7 +42,7 @@ def test_shutdown_grace_covers_the_longest_request() -> None:
     config = runpy.run_path(str(DOCKER / "gunicorn.conf.py"))
     request_timeout_s = Settings().request_timeout_s
     assert config["graceful_timeout"] > request_timeout_s
-    assert config["worker_class"] == "service.gunicorn_worker.DrainingUvicornWorker"
+    assert config["worker_class"] == "service.process.gunicorn_worker.DrainingUvicornWorker"
     unit = (DOCKER / "cxr.service").read_text()
     stop_s = int(re.search(r"TimeoutStopSec=(\d+)", unit).group(1))  # type: ignore[union-attr]
     assert stop_s > config["graceful_timeout"]

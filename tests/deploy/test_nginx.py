@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from bayesnet import ModelSpec, build_model, save_checkpoint
-from service.app import MULTIPART_SLACK_BYTES
+from service.api.app import MULTIPART_SLACK_BYTES
 
 REPO = Path(__file__).resolve().parents[2]
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -107,7 +107,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     site = template.safe_substitute(
         CXR_NGINX_PORT=f"127.0.0.1:{nginx_port}",
         CXR_UPSTREAM=f"127.0.0.1:{app_port}",
-        CXR_STATIC_ROOT=str(REPO / "service" / "static"),
+        CXR_STATIC_ROOT=str(REPO / "service" / "api" / "static"),
         CXR_BODY_LIMIT=str(APP_LIMIT + MULTIPART_SLACK_BYTES),
         CXR_BATCH_BODY_LIMIT=str(APP_LIMIT * 16 + MULTIPART_SLACK_BYTES),
     )
@@ -228,7 +228,7 @@ def test_slow_upload_completes(stack: Stack) -> None:
 
 
 def test_gunicorn_alone_cuts_slow_clients_and_refuses_huge_headers(stack: Stack) -> None:
-    """Without nginx in front, Gunicorn's workers apply the app's header and body limits (service.server)."""
+    """Without nginx in front, Gunicorn's workers apply the app's header and body limits (service.process.server)."""
     assert httpx.get(f"{stack.app_url}/readyz", headers={"X-Big": "a" * 8_000_000}, timeout=30).status_code == 431
     host, port = stack.app_url.removeprefix("http://").split(":")
     data = png_bytes()

@@ -31,7 +31,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from service.app import create_app
+from service.api.app import create_app
 from service.dicom.dimse import ROUTE
 from service.dicom.stow import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from service.settings import Settings
@@ -125,9 +125,7 @@ def listener(dicom_checkpoint: Path) -> Iterator[tuple[LiveServer, int]]:
         dicom_checkpoint,
         max_upload_bytes=LIMIT_BYTES,
         admin_api_keys=[ADMIN_KEY],
-        dimse_port=port,
-        dimse_allowed_ae=[SCU_AE],
-        dimse_max_associations=MAX_ASSOCIATIONS,
+        dimse={"port": port, "allowed_ae": [SCU_AE], "max_associations": MAX_ASSOCIATIONS},
     )
     with live_server(settings) as live:
         yield live, port
@@ -210,10 +208,10 @@ def test_associations_beyond_the_limit_are_rejected_until_one_ends(listener: tup
 @pytest.mark.parametrize("title", ["", "   ", "SEVENTEEN-CHARS-X", "BACK\\SLASH", "TAB\tTITLE", "ÉCHO"])
 def test_invalid_ae_titles_are_refused_at_start_up(title: str) -> None:
     with pytest.raises(ValidationError, match="AE title"):
-        Settings(dimse_ae_title=title)
+        Settings(dimse={"ae_title": title})
     with pytest.raises(ValidationError, match="AE title"):
-        Settings(dimse_allowed_ae=["ORTHANC", title])
-    assert Settings(dimse_ae_title=" BAYESCXR ").dimse_ae_title == "BAYESCXR"  # spaces are not significant
+        Settings(dimse={"allowed_ae": ["ORTHANC", title]})
+    assert Settings(dimse={"ae_title": " BAYESCXR "}).dimse.ae_title == "BAYESCXR"  # spaces are not significant
 
 
 def test_an_instance_over_the_size_limit_aborts_its_association_while_it_is_sent(
@@ -236,7 +234,7 @@ def test_a_c_store_being_scored_when_the_service_stops_gets_its_answer(dicom_che
     association: the sender is never left with an instance in doubt."""
     port = free_port()
     answers: list[Dataset] = []
-    with live_server(tiny_settings(dicom_checkpoint, dimse_port=port)) as live:
+    with live_server(tiny_settings(dicom_checkpoint, dimse={"port": port})) as live:
         held = HeldInference(live)
         assoc = associate(port)
         sender = threading.Thread(target=lambda: answers.append(assoc.send_c_store(small_chest_cr())))
@@ -260,7 +258,7 @@ def test_a_dimse_port_already_taken_fails_start_up(dicom_checkpoint: Path) -> No
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        app = create_app(tiny_settings(dicom_checkpoint, dimse_port=taken.getsockname()[1]))
+        app = create_app(tiny_settings(dicom_checkpoint, dimse={"port": taken.getsockname()[1]}))
         with pytest.raises(OSError, match="in use"):
             asyncio.run(start_up())
     state = app.state.service
@@ -284,11 +282,12 @@ def test_orthanc_pushes_a_radiograph_by_c_store_and_the_sr_comes_back_into_its_s
         settings = tiny_settings(
             dicom_checkpoint,
             admin_api_keys=[ADMIN_KEY],
-            dicomweb_forward_url=dicomweb,
-            dicomweb_outbox_dir=tmp_path_factory.mktemp("outbox"),
-            dicomweb_retry_initial_s=0.05,
-            dimse_port=port,
-            dimse_allowed_ae=["ORTHANC"],  # Orthanc's default DicomAet
+            dicomweb={
+                "forward_url": dicomweb,
+                "outbox_dir": tmp_path_factory.mktemp("outbox"),
+                "retry_initial_s": 0.05,
+            },
+            dimse={"port": port, "allowed_ae": ["ORTHANC"]},  # Orthanc's default DicomAet
         )
         with live_server(settings) as live, live.client() as client:
             # What a PACS administrator configures: the service as a modality (AE title, host, port).

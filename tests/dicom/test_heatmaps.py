@@ -23,7 +23,7 @@ from service.dicom import (
 )
 from service.dicom.heatmaps import MAX_SIDE_PX, heatmap_intensity, place_on_film
 from service.dicom.sr import SR_SERIES_NUMBER
-from service.png import heatmap_png
+from service.runtime.heatmap_png import heatmap_png
 from service.schemas import (
     FindingPrediction,
     Heatmap,

@@ -45,5 +45,5 @@ def test_request_level_errors_map_to_http_problems() -> None:
 def test_forwarding_is_configured_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXR_DICOMWEB_FORWARD_URL", "http://pacs:8042/dicom-web")
     settings = Settings()
-    assert settings.dicomweb_forward_url == "http://pacs:8042/dicom-web"
-    assert settings.dicomweb_outbox_path.name == "dicomweb-outbox"
+    assert settings.dicomweb.forward_url == "http://pacs:8042/dicom-web"
+    assert settings.dicomweb.outbox_path.name == "dicomweb-outbox"

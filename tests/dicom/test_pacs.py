@@ -14,7 +14,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from service.predictor import AUTO_CAM_LIMIT
+from service.runtime.heatmaps import AUTO_CAM_LIMIT
 from service.settings import Settings
 from tests.dicom.conftest import ADMIN_KEY
 from tests.dicom.dicom_files import assert_sr_matches_record, audit_records, chest_cr, dciodvfy_errors
@@ -41,10 +41,7 @@ def settings_for(checkpoint: Path, url: str, outbox: Path) -> Settings:
         checkpoint,
         max_upload_bytes=8 * 1024 * 1024,
         admin_api_keys=[ADMIN_KEY],
-        dicomweb_forward_url=url,
-        dicomweb_outbox_dir=outbox,
-        dicomweb_retry_initial_s=0.05,
-        dicomweb_retry_max_s=0.5,
+        dicomweb={"forward_url": url, "outbox_dir": outbox, "retry_initial_s": 0.05, "retry_max_s": 0.5},
     )
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from bayesnet import load_checkpoint, load_spec, mc_predict, preprocess
 from bayesnet.cudagraph import GraphedTrunk
-from service.predictor import InferenceRequest, Predictor
+from service.runtime.predictor import InferenceRequest, Predictor
 from train.fit import FitConfig, fit
 from train.synthetic import PLANTED_FINDINGS, generate, render_sample
 

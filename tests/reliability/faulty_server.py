@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from service.__main__ import main
-from service.batcher import MicroBatcher
-from service.predictor import InferenceRequest, InferenceResult, Predictor
+from service.runtime.batcher import MicroBatcher
+from service.runtime.predictor import InferenceRequest, InferenceResult, Predictor
 
 
 def inject(slow_batch_s: float, kill_worker_on_batch: int) -> None:

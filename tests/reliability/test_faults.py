@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.predictor import InferenceRequest, InferenceResult
+from service.runtime.predictor import InferenceRequest, InferenceResult
 from tests.reliability.harness import hang_up_mid_upload, metric_value, send_then_hang_up, small_pngs
 from tests.service.live import LiveServer, live_server, tiny_settings, wait_until
 
@@ -132,7 +132,7 @@ def test_a_client_hanging_up_mid_inference_has_its_image_dropped_and_others_are_
     assert running[1]["r"].status_code == 200
     assert _post(live.url, uploads[2]).status_code == 200
     assert probe.batches == [1, 1]  # the quitter's image never reached the model
-    assert pipeline.more_coming() is False  # no upload stuck in decoding
+    assert pipeline.signals.uploads_coming() is False  # no upload stuck in decoding
     with live.client() as client:
         metrics = client.get("/metrics").text
     assert metric_value(metrics, 'cxr_http_requests_total{method="POST",route="/v1/predict",status="499"}') == 1
@@ -151,7 +151,7 @@ def test_a_client_hanging_up_mid_upload_costs_nothing_and_others_are_unaffected(
     assert probe.batches == [1]  # the half-sent uploads were never decoded nor queued
     batcher, pipeline = live.state.batcher, live.state.pipeline
     assert batcher is not None and pipeline is not None
-    assert batcher.queue_depth == 0 and not pipeline.more_coming()
+    assert batcher.queue_depth == 0 and not pipeline.signals.uploads_coming()
     with live.client() as client:
         metrics = client.get("/metrics").text
     server_errors = [

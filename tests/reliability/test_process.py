@@ -1,6 +1,6 @@
 """Process-level faults against a real ``python -m service``: SIGTERM under load, a dead inference worker, and
 checkpoints that are missing, corrupt or do not match their spec. Exit statuses are the contract with the
-supervisor (systemd, Kubernetes, Gunicorn); see README "Reliability"."""
+supervisor (systemd, Kubernetes, Gunicorn); see docs/operations.md "Reliability"."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bayesnet.checkpoint import SPEC_FILE, WEIGHTS_FILE, sha256_file
-from service.__main__ import EXIT_STARTUP_FAILED, EXIT_WORKER_DIED
+from service.process import EXIT_STARTUP_FAILED, EXIT_WORKER_DIED
 from tests.reliability.harness import ServerProcess, small_pngs
 from tests.service.live import wait_until
 

@@ -23,7 +23,7 @@ import torch
 
 from bayesnet import CheckpointError, ModelSpec, build_model, load_checkpoint, save_checkpoint
 from bayesnet.checkpoint import SPEC_FILE, WEIGHTS_FILE, sha256_file
-from service.model_loading import load_model
+from service.runtime.loading import load_model
 from service.settings import Settings
 from tests.reliability.harness import ServerProcess
 from tests.reliability.hostile_corpus import (

@@ -14,10 +14,10 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.server import server_config
+from service.api.app import create_app
+from service.api.state import ServiceState
+from service.process.server import server_config
 from service.settings import Settings
-from service.state import ServiceState
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -84,13 +84,9 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
 def tiny_settings(checkpoint: Path, **overrides: object) -> Settings:
     # Each server keeps its audit trail in a fresh temporary SQLite file, never the user's default one.
     audit_dir = Path(tempfile.mkdtemp(prefix="cxr-audit-"))
-    values: dict[str, object] = {
-        "model_path": checkpoint,
-        "max_wait_ms": 5.0,
-        "audit_url": f"sqlite:///{audit_dir / 'audit.sqlite3'}",
-        "audit_spool_dir": audit_dir / "spool",
-    }
-    values.update(overrides)
+    audit: dict[str, object] = {"url": f"sqlite:///{audit_dir / 'audit.sqlite3'}", "spool_dir": audit_dir / "spool"}
+    values: dict[str, object] = {"model_path": checkpoint, "max_wait_ms": 5.0, **overrides}
+    values["audit"] = {**audit, **overrides.get("audit", {})}  # type: ignore[dict-item]
     return Settings(**values)  # type: ignore[arg-type]
 
 

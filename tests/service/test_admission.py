@@ -7,7 +7,7 @@ import asyncio
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from service.middleware import AdmissionGroup, AdmissionMiddleware
+from service.api.admission import AdmissionGroup, AdmissionMiddleware
 
 
 def test_excess_predictions_get_503_with_retry_after_before_the_app_sees_them() -> None:

@@ -34,8 +34,8 @@ from service.archive import (
     request_id_for,
     run,
 )
-from service.model_loading import load_model
-from service.predictor import Predictor
+from service.runtime.loading import load_model
+from service.runtime.predictor import Predictor
 from service.schemas import ModelRef, PredictionResponse
 from service.settings import Settings
 from tests.service.live import LiveServer, live_server, tiny_settings

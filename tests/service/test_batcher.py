@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from service.batcher import (
+from service.runtime.batcher import (
     BatcherClosedError,
     BatcherError,
     BatchSizeMismatchError,
@@ -299,7 +299,7 @@ def test_worker_crash_fails_pending_callers_and_marks_dead(
         await batcher.start()
         held = await hold_one_batch(batcher, gate, 1)
         waiting = await queue(batcher, [2, 3])
-        with caplog.at_level(logging.ERROR, logger="service.batcher"):
+        with caplog.at_level(logging.ERROR, logger="service.runtime.batcher"):
             gate.release.set()
             outcomes = await asyncio.gather(held, *waiting, return_exceptions=True)
         for outcome in outcomes:
@@ -386,7 +386,7 @@ def test_on_batch_error_is_logged_not_fatal(gate: Gate, caplog: pytest.LogCaptur
     async def scenario() -> None:
         batcher = make(gate.process, on_batch=broken_metrics)
         await batcher.start()
-        with caplog.at_level(logging.ERROR, logger="service.batcher"):
+        with caplog.at_level(logging.ERROR, logger="service.runtime.batcher"):
             assert await batcher.submit(1) == 2
         assert await batcher.submit(2) == 4
         assert batcher.alive

@@ -1,4 +1,4 @@
-"""``service.decoding.decode_for_model``: the input side shared by the HTTP pipeline and the archive scorer."""
+"""``service.runtime.decoding.decode_for_model``: the input side shared by the HTTP pipeline and the archive scorer."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import bayesnet.imaging
-import service.decoding
+import service.runtime.decoding
 from bayesnet import DecodedImage, ImageFacts, ModelSpec, decode_image, preprocess
 from bayesnet.errors import ImageGeometryError
-from service.decoding import decode_for_model
+from service.runtime.decoding import decode_for_model
 
 SPEC = ModelSpec(arch="tf_efficientnet_lite0", labels=("A", "B"), in_chans=1, image_size=64, mean=(0.5,), std=(0.5,))
 
@@ -47,7 +47,7 @@ def test_the_full_resolution_pixels_are_freed_before_it_returns(monkeypatch: pyt
         decoded.append(weakref.ref(image))
         return image
 
-    monkeypatch.setattr(service.decoding, "decode_image", tracked)
+    monkeypatch.setattr(service.runtime.decoding, "decode_image", tracked)
     facts, _ = decode_for_model(film(), SPEC, max_pixels=10**7)
     gc.collect()
     assert len(decoded) == 1

@@ -24,7 +24,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from PIL import Image
 
 from service import fhir
-from service.negotiation import FHIR_JSON, JSON, choose_media_type
+from service.api.negotiation import FHIR_JSON, JSON, choose_media_type
 from service.schemas import (
     BatchItem,
     BatchItemError,

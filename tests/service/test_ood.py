@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 from bayesnet import ModelSpec, build_model, load_checkpoint
 from bayesnet.ood import OODGate
 from bayesnet.spec import OODSpec
-from service.predictor import InferenceRequest, Predictor
+from service.runtime.predictor import InferenceRequest, Predictor
 from service.settings import Settings
 from tests.service.live import LiveServer, live_server, tiny_settings
 from train.ood import Probe, probe_images

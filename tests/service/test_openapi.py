@@ -1,4 +1,4 @@
-"""The OpenAPI document says what the service does (service/openapi.py): security, bodies, problems, links, and
+"""The OpenAPI document says what the service does (service/api/openapi.py): security, bodies, problems, links, and
 the audit API's strict date-times. Document tests build the app without its lifespan (no model); the behaviour
 tests run against a live server with prediction and admin keys."""
 
@@ -15,12 +15,12 @@ import pytest
 from fastapi import FastAPI
 
 from bayesnet import ModelSpec
-from service.app import create_app
-from service.audit.api import instant
-from service.errors import PROBLEM_JSON
-from service.openapi import STOW_MEDIA_TYPE, service_openapi
-from service.responses import CamSelectionError, parse_cams
-from service.routes import PREDICT_PATHS
+from service.api.app import create_app
+from service.api.openapi import STOW_MEDIA_TYPE, service_openapi
+from service.api.problems import PROBLEM_JSON
+from service.api.routes import PREDICT_PATHS
+from service.api.routes.audit import instant
+from service.runtime.heatmaps import CamSelectionError, parse_cams
 from service.settings import Settings
 from tests.service.live import LiveServer, live_server, tiny_settings
 from tests.service.test_api import png_bytes

@@ -1,4 +1,4 @@
-"""The service's OpenMP settings (service/openmp.py): the spin count made before torch loads, never over an
+"""The service's OpenMP settings (service/process/threads.py): the spin count made before torch loads, never over an
 operator's; several Gunicorn workers share the cores instead of each taking them all."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from service.openmp import SPIN_COUNT, limit_openmp_spin, share_cores
+from service.process.threads import SPIN_COUNT, cores_per_worker, limit_openmp_spin
 
 GUNICORN_CONF = Path(__file__).resolve().parents[2] / "docker" / "gunicorn.conf.py"
 
 PROBE = (
-    "import os, sys; from service.openmp import limit_openmp_spin; "
+    "import os, sys; from service.process.threads import limit_openmp_spin; "
     "made = limit_openmp_spin(); import torch; "
     "print(made, os.environ.get('GOMP_SPINCOUNT'))"
 )
@@ -50,46 +50,64 @@ def test_nothing_changes_once_torch_is_loaded() -> None:
     assert env == {}
 
 
-@pytest.mark.parametrize("entry", ["service.__main__", "service.asgi"])
+@pytest.mark.parametrize("entry", ["service.__main__", "service.process.asgi"])
 def test_the_entry_points_do_not_load_torch_before_they_set_it(entry: str) -> None:
-    """``python -m service`` and Gunicorn's ``service.asgi`` call limit_openmp_spin first thing; that only works
+    """``python -m service`` and Gunicorn's ``service.process.asgi`` call limit_openmp_spin first thing; that only works
     while importing them has not loaded torch yet."""
     assert _run(f"import sys, {entry}; print('torch' in sys.modules)") == "False"
 
 
-@pytest.mark.parametrize(
-    ("workers", "cores", "expected"), [(2, 2, "1"), (2, 16, "8"), (8, 16, "2"), (4, 2, "1"), (3, 16, "5")]
-)
-def test_several_workers_share_the_cores(workers: int, cores: int, expected: str) -> None:
-    env: dict[str, str] = {}
-    assert share_cores(workers, env, cores=cores) == int(expected)
-    assert env == {"CXR_TORCH_THREADS": expected}
+@pytest.mark.parametrize(("workers", "cores", "expected"), [(2, 2, 1), (2, 16, 8), (8, 16, 2), (4, 2, 1), (3, 16, 5)])
+def test_several_workers_share_the_cores(workers: int, cores: int, expected: int) -> None:
+    assert cores_per_worker(workers, cores=cores) == expected
 
 
-def test_one_worker_or_an_operators_thread_count_is_left_alone() -> None:
-    env: dict[str, str] = {}
-    assert share_cores(1, env, cores=16) is None
-    assert env == {}
-    env = {"CXR_TORCH_THREADS": "6"}
-    assert share_cores(4, env, cores=16) is None
-    assert env == {"CXR_TORCH_THREADS": "6"}
+def test_one_worker_keeps_torchs_default_and_zero_workers_is_an_error() -> None:
+    assert cores_per_worker(1, cores=16) is None
     with pytest.raises(ValueError, match="at least 1"):
-        share_cores(0, {}, cores=2)
+        cores_per_worker(0, cores=2)
 
 
-def test_share_cores_counts_the_cpus_this_process_may_use() -> None:
-    env: dict[str, str] = {}
-    share_cores(2, env)
-    assert env["CXR_TORCH_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+def test_the_share_counts_the_cpus_this_process_may_use() -> None:
+    assert cores_per_worker(2) == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
-@pytest.mark.parametrize(("workers", "set_by_conf"), [("1", False), ("2", True)])
-def test_the_gunicorn_config_applies_it(monkeypatch: pytest.MonkeyPatch, workers: str, set_by_conf: bool) -> None:
-    """docker/gunicorn.conf.py runs in the master before it forks: the workers inherit what it sets."""
-    # A copy of the environment stands in for it (what the config sets must not reach the other tests).
-    environ = {k: v for k, v in os.environ.items() if k != "CXR_TORCH_THREADS"} | {"CXR_WORKERS": workers}
-    monkeypatch.setattr(os, "environ", environ)
+@pytest.mark.parametrize(("workers", "shared"), [("1", False), ("2", True), ("2-but-set", False)])
+def test_each_gunicorn_worker_builds_its_app_with_its_share(
+    monkeypatch: pytest.MonkeyPatch, workers: str, shared: bool
+) -> None:
+    """docker/gunicorn.conf.py validates its variables and names the worker count in the app factory's call; the
+    factory gives each worker's settings its share unless the operator set CXR_TORCH_THREADS. Nothing is
+    written to the environment."""
+    from service.process import asgi
+
+    count = workers.split("-")[0]
+    monkeypatch.setenv("CXR_WORKERS", count)
+    monkeypatch.delenv("CXR_TORCH_THREADS", raising=False)
+    if workers.endswith("set"):
+        monkeypatch.setenv("CXR_TORCH_THREADS", "7")
+    before = dict(os.environ)
     config = runpy.run_path(str(GUNICORN_CONF))
-    assert config["workers"] == int(workers)
-    expected = str(max(1, len(os.sched_getaffinity(0)) // int(workers))) if set_by_conf else None
-    assert environ.get("CXR_TORCH_THREADS") == expected
+    assert config["workers"] == int(count) and dict(os.environ) == before
+    assert config["wsgi_app"] == f"service.process.asgi:app_from_env(workers={count})"
+    built: list[object] = []
+    monkeypatch.setattr("service.api.app.create_app", lambda settings: built.append(settings) or settings)
+    asgi.app_from_env(workers=int(count))
+    (settings,) = built
+    expected = (
+        max(1, len(os.sched_getaffinity(0)) // int(count)) if shared else (7 if workers.endswith("set") else None)
+    )
+    assert settings.torch_threads == expected  # type: ignore[attr-defined]
+
+
+def test_an_invalid_gunicorn_variable_stops_the_arbiter_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CXR_WORKERS", "0")
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(GUNICORN_CONF))
+    assert stopped.value.code == 3
+    assert (
+        capsys.readouterr().err.strip()
+        == "bayesnet-cxr: invalid setting CXR_WORKERS: expected an integer from 1 to 64, got '0'"
+    )

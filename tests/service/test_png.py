@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.png import heatmap_png, heatmap_rgba
+from service.runtime.heatmap_png import heatmap_png, heatmap_rgba
 
 
 def smooth_map(seed: int, size: int = 224) -> np.ndarray:
@@ -87,12 +87,12 @@ def test_rejects_what_is_not_a_2d_map(bad: np.ndarray) -> None:
 
 
 def test_isal_deflates_and_the_zlib_fallback_decodes_to_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.png
+    import service.runtime.heatmap_png
 
     intensity = smooth_map(5)
-    assert service.png._deflate.__module__ == "isal.isal_zlib"  # the serve extra installs it
+    assert service.runtime.heatmap_png._deflate.__module__ == "isal.isal_zlib"  # the serve extra installs it
     fast = heatmap_png(intensity)
-    monkeypatch.setattr(service.png, "_deflate", zlib.compress)  # what runs where isal is not installed
+    monkeypatch.setattr(service.runtime.heatmap_png, "_deflate", zlib.compress)  # what runs where isal is not installed
     fallback = heatmap_png(intensity)
     assert fast != fallback
     np.testing.assert_array_equal(decode_rgba(fast), heatmap_rgba(intensity))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bayesnet import ModelSpec, build_model
-from service.predictor import AUTO, InferenceRequest, Predictor, batch_buckets
+from service.runtime.heatmaps import AUTO
+from service.runtime.predictor import InferenceRequest, Predictor, batch_buckets
 
 CPU = torch.device("cpu")
 
@@ -77,7 +78,7 @@ def test_warm_up_runs_every_bucket_size_once_so_live_batches_meet_no_new_shape()
 
 def test_the_model_thread_count_follows_the_batch_size_on_cpu() -> None:
     """A lone image runs on every thread (latency); several queued images on ``busy_threads`` (throughput)."""
-    from service.pipeline import Job, batch_processor
+    from service.runtime.pipeline import Job, batch_processor
 
     seen: list[int] = []
 
@@ -127,26 +128,3 @@ def test_staging_falls_back_to_pageable_memory_when_page_locking_fails(
     assert predictor.stage(image) is image and predictor.stage(image) is image
     assert len(calls) == 1  # tried once, then pageable for good
     assert "page-locked staging unavailable" in caplog.text
-
-
-def test_a_lone_image_in_a_quiet_moment_gets_its_heatmaps_from_the_inference_thread() -> None:
-    """The same maps the decode threads would render, rendered by the thread already running (no hand-off);
-    only for a batch of one image while ``quiet()`` says nothing else waits, and only when maps were asked for."""
-    from service.pipeline import Job, batch_processor
-    from service.responses import heatmaps
-
-    spec = ModelSpec(arch="test_efficientnet", image_size=64)
-    predictor = Predictor(build_model(spec), spec, device=CPU, max_batch=4)
-    x = torch.rand(spec.in_chans, 64, 64)
-    with_maps = Job(InferenceRequest(x, 2, (0, 1)), 0.0)
-    quiet = [True]
-    process = batch_processor(predictor, quiet=lambda: quiet[0])
-    (alone,) = process([with_maps])
-    assert alone.heatmaps is not None
-    assert set(alone.heatmaps) == {spec.labels[0], spec.labels[1]}
-    assert alone.heatmaps == heatmaps(alone.result, spec)
-    assert [r.heatmaps for r in process([with_maps, with_maps])] == [None, None]  # under load: the decode threads
-    assert process([Job(InferenceRequest(x, 2, ()), 0.0)])[0].heatmaps is None  # no maps asked for
-    quiet[0] = False
-    assert process([with_maps])[0].heatmaps is None
-    assert batch_processor(predictor)([with_maps])[0].heatmaps is None  # no quiet() given: never

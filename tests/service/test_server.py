@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from service.server import DrainingServer
+from service.process.server import DrainingServer
 from tests.service.live import free_port
 
 
@@ -99,7 +99,7 @@ def test_plain_server_needs_neither_gunicorn_nor_uvicorn_worker() -> None:
         "        if name.split('.')[0] in ('gunicorn', 'uvicorn_worker'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import service.__main__, service.server\n"
+        "import service.__main__, service.process.server\n"
         "from service.__main__ import main\n"
         "print('ok')\n"
     )

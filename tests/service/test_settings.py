@@ -1,6 +1,6 @@
 """Settings from the environment: list settings as JSON or comma-separated values, and a malformed setting
 reported in one line (the variable, what it was given, never a secret's value, the expected form) with exit
-status 3, by ``python -m service`` and by Gunicorn's worker (``service.asgi:app_from_env``)."""
+status 3, by ``python -m service`` and by Gunicorn's worker (``service.process.asgi:app_from_env``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from typing import get_origin
 
 import pytest
 
-from service.__main__ import EXIT_STARTUP_FAILED
-from service.settings import InvalidSettingsError, Settings, load_settings
+from service.process import EXIT_STARTUP_FAILED
+from service.settings import InvalidSettingsError, Settings, env_name, load_settings
+from service.settings.reference import setting_fields
 from tests.conftest import REPO_ROOT
 from tests.service.live import free_port
 
@@ -29,7 +30,15 @@ def _environment(tmp_path: Path, **variables: str) -> dict[str, str]:
 
 
 def _list_fields() -> list[str]:
-    return [name for name, info in Settings.model_fields.items() if get_origin(info.annotation) is list]
+    return [name for name, info in setting_fields().items() if get_origin(info.annotation) is list]
+
+
+def _value(settings: Settings, path: str) -> object:
+    """``settings.audit.url`` for ``audit.url``."""
+    value: object = settings
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
 
 
 @pytest.mark.parametrize("value", ["a,b", '["a","b"]', " a , b ", '[ "a", "b" ]'])
@@ -43,8 +52,9 @@ def test_list_settings_take_json_or_comma_separated_values(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("name", _list_fields())
 def test_every_list_setting_takes_comma_separated_values(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    monkeypatch.setenv(f"CXR_{name.upper()}", "ORTHANC,PACS2")
-    values = getattr(Settings(), name)
+    monkeypatch.setenv(env_name(name), "ORTHANC,PACS2")
+    values = _value(Settings(), name)
+    assert isinstance(values, list)
     assert [getattr(value, "get_secret_value", lambda v=value: v)() for value in values] == ["ORTHANC", "PACS2"]
 
 
@@ -140,3 +150,34 @@ def test_gunicorn_stops_with_the_one_line_and_no_traceback(tmp_path: Path) -> No
         f"got a value of {len(SECRET) + 5} characters"
     ], output
     assert "Traceback" not in output and SECRET not in output
+
+
+def test_a_groups_settings_keep_their_variable_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``settings.audit.url`` is read from CXR_AUDIT_URL, as it was before the settings were grouped."""
+    monkeypatch.setenv("CXR_AUDIT_URL", "sqlite:///x.sqlite3")
+    monkeypatch.setenv("CXR_AUDIT_SPOOL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_DICOMWEB_FORWARD_URL", "http://pacs/dicom-web")
+    monkeypatch.setenv("CXR_DIMSE_PORT", "11112")
+    monkeypatch.setenv("CXR_DIMSE_ALLOWED_AE", "ORTHANC, PACS2")
+    settings = load_settings()
+    assert settings.audit.url == "sqlite:///x.sqlite3" and settings.audit.spool_path == tmp_path
+    assert settings.dicomweb.forward_url == "http://pacs/dicom-web"
+    assert settings.dimse.port == 11112 and settings.dimse.allowed_ae == ["ORTHANC", "PACS2"]
+    assert Settings(audit={"policy": "buffer"}).audit.url == "sqlite:///x.sqlite3"  # code and environment merge
+
+
+def test_a_bad_group_variable_is_named_in_the_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_DIMSE_PORT", "70000")
+    with pytest.raises(InvalidSettingsError) as raised:
+        load_settings()
+    assert str(raised.value) == "invalid setting CXR_DIMSE_PORT: expected an integer from 1 to 65535, got '70000'"
+
+
+def test_an_unknown_variable_with_a_groups_prefix_is_ignored_like_any_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker/compose.yaml's CXR_AUDIT_DB_PASSWORD (the database's password, for the compose file) is no setting:
+    as with any CXR_ variable that names none, the service ignores it. In code, a group refuses unknown names."""
+    monkeypatch.setenv("CXR_AUDIT_DB_PASSWORD", "pw")
+    monkeypatch.setenv("CXR_NOT_A_SETTING", "1")
+    assert load_settings().audit.policy == "fail-closed"
+    with pytest.raises(InvalidSettingsError, match=r"audit\.db_password"):
+        load_settings({"audit": {"db_password": "pw"}})

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import REFERENCE_PATH, REGENERATE_COMMAND, Settings, main, settings_reference
+from service.settings import GunicornSettings, env_name
+from service.settings.reference import REFERENCE_PATH, REGENERATE_COMMAND, main, setting_fields, settings_reference
 from tests.conftest import REPO_ROOT
 
 #: Benchmark results, not reasons: "1.3x", "2.0 x", "88 images/s", "4.6 ms per", "9 core-ms", "2x faster".
@@ -36,14 +37,18 @@ def test_docs_settings_md_is_the_generated_reference() -> None:
         pytest.fail(f"docs/settings.md is out of date with service/settings.py; run: {REGENERATE_COMMAND}\n{diff}")
 
 
-@pytest.mark.parametrize("field", sorted(Settings.model_fields))
+#: Every setting by its path (``port``, ``audit.url``: a group's field) and Gunicorn's (``gunicorn:bind``).
+FIELDS = {**setting_fields(), **{f"gunicorn:{name}": info for name, info in GunicornSettings.model_fields.items()}}
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
 def test_every_setting_is_described_on_the_page(field: str) -> None:
-    description = (Settings.model_fields[field].description or "").strip()
-    assert description, f"Settings.{field} has no description: say what it does and why (service/settings.py)"
+    description = (FIELDS[field].description or "").strip()
+    assert description, f"setting {field} has no description: say what it does and why (service/settings/)"
     assert not MEASURED_FIGURE.search(description), (
-        f"Settings.{field}'s description quotes a measured figure; move it to docs/benchmarks.md and refer to it"
+        f"setting {field}'s description quotes a measured figure; move it to docs/benchmarks.md and refer to it"
     )
-    row = f"| `CXR_{field.upper()}` |"
+    row = f"| `{env_name(field.removeprefix('gunicorn:'))}` |"
     assert row in settings_reference()
 
 

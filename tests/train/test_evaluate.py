@@ -1,4 +1,5 @@
-"""Evaluation, calibration and export on a quickly trained synthetic model, and the shipped demo model."""
+"""Evaluation's measuring on hand-made predictions; evaluation, calibration and export on a quickly trained synthetic
+model, and the shipped demo model."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bayesnet import load_checkpoint
+from bayesnet import ModelSpec, load_checkpoint
+from bayesnet.labels import CHEXPERT_LABELS
 from train.calibrate import calibrate_checkpoint as calibrate
 from train.card import export
-from train.evaluate import evaluate
+from train.evaluate import evaluate, measure, metrics_json
 from train.fit import FitConfig, fit
+from train.predict import Predictions
 from train.selective import SCORES
 from train.synthetic import generate
 
@@ -20,6 +24,42 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "demo"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NIH_VALID = REPO.parent / "shared" / "data" / "nih-cxr14-sample" / "valid.csv"
+
+
+def _predictions(n: int = 80, n_samples: int = 6, seed: int = 0) -> Predictions:
+    """Hand-made predictions for the 14 labels: the first 6 annotated and well separated, the rest unknown."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, len(CHEXPERT_LABELS))) < 0.4).astype(np.float64)
+    y[:, 6:] = np.nan
+    det = np.where(y == 1.0, 1.5, -1.5) + rng.normal(0.0, 0.8, size=y.shape)
+    mc = det[None] + rng.normal(0.0, 0.5, size=(n_samples, *y.shape))
+    return Predictions(y=y, det_logits=det, mc_logits=mc, seconds_per_image=0.01)
+
+
+def test_measure_and_metrics_json_from_hand_made_predictions() -> None:
+    preds = _predictions()
+    spec = ModelSpec(trained_labels=CHEXPERT_LABELS[:6], name="hand-made")
+    measured = measure(preds, spec, n_boot=30)
+    assert measured.temperature_source.startswith("fitted on this evaluation set")
+    auc, lo, hi = measured.auc_mc
+    assert np.all(auc[:6] > 0.85) and np.all((lo[:6] <= auc[:6]) & (auc[:6] <= hi[:6]))
+    assert np.isnan(auc[6:]).all()
+    assert measured.referral_check is None
+    metrics = metrics_json(measured, spec, preds, checkpoint=Path("ckpt"), csv=Path("v.csv"), mc_samples=6, n_boot=30)
+    saved = json.loads(json.dumps(metrics, allow_nan=False))
+    assert saved["n_images"] == 80 and saved["model"]["name"] == "hand-made"
+    assert list(saved["auc_mc"]) == list(CHEXPERT_LABELS)
+    assert saved["auc_mc"][CHEXPERT_LABELS[13]] is None
+    assert saved["untrained_labels"] == list(CHEXPERT_LABELS[6:])
+    assert "referral_check" not in saved
+
+
+def test_measure_uses_the_temperature_calibrate_wrote() -> None:
+    temperature = tuple(1.0 + 0.1 * k for k in range(len(CHEXPERT_LABELS)))
+    spec = ModelSpec(trained_labels=CHEXPERT_LABELS[:6], temperature=temperature)
+    measured = measure(_predictions(), spec, n_boot=10)
+    assert measured.temperature_source == "the checkpoint's spec (fitted by calibrate)"
+    assert measured.temperature.tolist() == list(temperature)
 
 
 @pytest.fixture(scope="module")

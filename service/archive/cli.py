@@ -1,0 +1,188 @@
+"""The ``python -m service.archive`` command: its arguments, its settings, and one rank's run from input to output.
+
+Arguments override the service's ``CXR_*`` settings (``load_settings``), so the scorer loads, decodes and
+scores exactly as the server configured the same way would. The command exits with 2 on a bad input, a
+damaged output file, a missing checkpoint or invalid settings, each reported in one log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from bayesnet import CheckpointError, tune_allocator
+from service.archive.inputs import BatchInputError, ScoreItem, list_inputs
+from service.archive.progress import make_progress
+from service.archive.results import ResultsFileError
+from service.archive.scorer import ArchiveScorer, ScoreSummary
+from service.archive.sharding import DistInfo, merge_when_all_done, pick_device, prepare_output, process_group
+from service.runtime.heatmaps import CamSelectionError, parse_cams
+from service.runtime.loading import LoadedModel, build_predictor, load_model
+from service.schemas import ModelRef
+from service.settings import InvalidSettingsError, Settings, load_settings
+
+__all__ = ["build_parser", "default_batch_size", "main", "run"]
+
+log = logging.getLogger("service.archive")  # the command's one logger name, whichever module writes the line
+
+
+def default_batch_size(device: torch.device, max_batch_images: int) -> int:
+    """Images per model call when ``--batch-size`` is not given.
+
+    On a CPU, the server's ``max_batch_images`` (CXR_MAX_BATCH_IMAGES): small batches are fastest per image
+    there. On a GPU, 64: larger batches keep the card busy. ``bench/archive_scorer.py --sweep`` measures both
+    (docs/benchmarks.md, "Archive scoring vs the HTTP service").
+    """
+    return 64 if device.type == "cuda" else max_batch_images
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.archive",
+        description="Score a folder, CSV or list of radiographs with the service's model, no HTTP.",
+        epilog="Defaults not given here come from the service's CXR_* settings. Inputs, output and resuming: "
+        "python -m pydoc service.archive.",
+    )
+    parser.add_argument("--input", type=Path, required=True, help="directory, CSV with a Path column, or list file")
+    parser.add_argument("--out", type=Path, required=True, help="JSON-lines output (appended to; resumable)")
+    parser.add_argument("--model", type=Path, help="checkpoint directory (default models/demo, CXR_MODEL_PATH)")
+    parser.add_argument("--device", help="auto (cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per model call (default: CXR_MAX_BATCH_IMAGES on a CPU, 64 on a GPU)",
+    )
+    parser.add_argument("--mc-samples", type=int, help="MC samples T (default the model's, CXR_MC_SAMPLES)")
+    parser.add_argument(
+        "--cams",
+        default="none",
+        help="auto | all | none (default; each map adds a base64 PNG to its line) | names",
+    )
+    parser.add_argument("--decode-workers", type=int, help="decoding threads (default CXR_DECODE_WORKERS)")
+    parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default torch's)")
+    parser.add_argument(
+        "--ood-action", choices=["flag", "reject"], help="as the server: flag (default, CXR_OOD_ACTION) or reject"
+    )
+    parser.add_argument("--allow-untrained", action="store_true", help="score with the random placeholder model")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "model_path": args.model,
+        "device": args.device,
+        "mc_samples": args.mc_samples,
+        "decode_workers": args.decode_workers,
+        "torch_threads": args.torch_threads,
+        "ood_action": args.ood_action,
+    }
+    values = {key: value for key, value in overrides.items() if value is not None}
+    values.update(allow_untrained=args.allow_untrained, log_level=args.log_level, warmup=False)
+    return load_settings(values, flags={name: "--" + name.replace("_", "-") for name in overrides})
+
+
+def _load(settings: Settings, *, allow_untrained: bool) -> LoadedModel:
+    """Set torch up as the settings say and load the checkpoint; refuse the random placeholder unless allowed."""
+    if settings.tune_allocator:
+        tune_allocator()
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(settings)
+    if not loaded.trained and not allow_untrained:
+        raise CheckpointError(
+            "no trained checkpoint found (--model, CXR_MODEL_PATH or models/demo); pass --allow-untrained "
+            "to score with the random placeholder, whose outputs mean nothing"
+        )
+    return loaded
+
+
+def _build_scorer(
+    loaded: LoadedModel,
+    settings: Settings,
+    cams: str | tuple[int, ...],
+    device: torch.device,
+    batch_size: int | None,
+) -> ArchiveScorer:
+    """The predictor on ``device`` (warmed up on CUDA) wrapped in a scorer; ``batch_size`` None: the default."""
+    batch_size = batch_size or default_batch_size(device, settings.max_batch_images)
+    predictor = build_predictor(loaded, settings, device=device, max_batch=batch_size)
+    if device.type == "cuda":  # each padded batch size's cuDNN set-up and CUDA graph before the first batch
+        predictor.warmup()
+    return ArchiveScorer(
+        predictor,
+        ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256),
+        n_samples=settings.mc_samples or loaded.spec.mc_samples,
+        cams=cams,
+        batch_size=batch_size,
+        decode_workers=settings.decode_workers,
+        max_pixels=settings.max_pixels,
+        reject_ood=settings.ood_action == "reject",
+    )
+
+
+def _score_into(scorer: ArchiveScorer, todo: list[ScoreItem], target: Path) -> ScoreSummary:
+    progress = make_progress(len(todo))
+    try:
+        with target.open("a") as handle:
+            return scorer.score(todo, handle, progress)
+    finally:
+        progress.close()
+
+
+def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
+    """Score this rank's shard of ``args.input`` into its output file; rank 0 merges at the end."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise BatchInputError("--batch-size must be >= 1")
+    items = list_inputs(args.input)[dist.rank :: dist.world_size]  # fail on a bad input before loading
+    settings = _settings(args)
+    loaded = _load(settings, allow_untrained=args.allow_untrained)
+    try:
+        cams = parse_cams(args.cams, loaded.spec)
+    except CamSelectionError as err:
+        raise BatchInputError(str(err)) from err
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target, done = prepare_output(out, dist)
+    todo = [item for item in items if item.key not in done]
+    log.info(
+        "rank %d/%d: %d files in this shard, %d already in the output, %d to score -> %s",
+        dist.rank,
+        dist.world_size,
+        len(items),
+        len(items) - len(todo),
+        len(todo),
+        target,
+    )
+    with process_group(dist):
+        scorer = _build_scorer(loaded, settings, cams, pick_device(settings.device, dist), args.batch_size)
+        summary = _score_into(scorer, todo, target)
+        log.info(
+            "rank %d: %d scored, %d failed in %.1f s (%.2f images/s)",
+            dist.rank,
+            summary.scored,
+            summary.failed,
+            summary.seconds,
+            (summary.scored + summary.failed) / max(summary.seconds, 1e-9),
+        )
+        merge_when_all_done(out, dist)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, configure plain-text logging and run this rank; 2 on an error the user can fix, else 0."""
+    args = build_parser().parse_args(argv)
+    from service.process.logs import configure_logging
+
+    configure_logging(args.log_level, json_lines=False)
+    try:
+        run(args, DistInfo.from_env())
+    except (BatchInputError, ResultsFileError, CheckpointError, ValidationError, InvalidSettingsError) as err:
+        log.error("%s", err)
+        return 2
+    return 0

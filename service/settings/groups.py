@@ -1,0 +1,179 @@
+"""The groups of settings nested in :class:`~service.settings.Settings`: the audit trail, DICOMweb forwarding and
+the DIMSE listener, each read from the variables that carry the group's name (``CXR_AUDIT_URL`` is ``audit.url``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import NoDecode
+
+
+def default_state_dir() -> Path:
+    """Where the service keeps state by default: $XDG_STATE_HOME/bayesnet-cxr (~/.local/state/bayesnet-cxr)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "bayesnet-cxr"
+
+
+def _valid_ae_title(value: str) -> str:
+    """A DICOM AE title (PS3.5 6.2 VR AE): 1 to 16 ASCII characters, no backslash or control character; the
+    surrounding spaces, which are not significant, removed."""
+    title = value.strip()
+    if not 1 <= len(title) <= 16 or not title.isascii() or "\\" in title or not title.isprintable():
+        raise ValueError(
+            f"expected DICOM AE titles (1 to 16 printable ASCII characters, no backslash); {value[:40]!r} is not"
+        )
+    return title
+
+
+def list_from_text(value: object) -> object:
+    """A list given as text (an environment variable): a JSON list, or comma-separated values whose surrounding
+    spaces are dropped; empty text is the empty list."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"expected a JSON list or comma-separated values; it is not valid JSON ({err.msg})"
+            ) from err
+    return [item.strip() for item in text.split(",")] if text else []
+
+
+class SettingsGroup(BaseModel):
+    """Settings of one part of the service, nested in :class:`Settings` under the part's name; each variable is
+    ``CXR_`` + the part + the field (``audit.url`` is ``CXR_AUDIT_URL``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+class AuditSettings(SettingsGroup):
+    """The audit trail (docs/audit.md): ``CXR_AUDIT_*``."""
+
+    url: str = Field(
+        default_factory=lambda: f"sqlite:///{default_state_dir() / 'audit.sqlite3'}",
+        description="SQLAlchemy URL of the audit trail (docs/audit.md): a SQLite file in WAL mode by default "
+        "(~/.local/state/bayesnet-cxr/audit.sqlite3, or under $XDG_STATE_HOME); postgresql+psycopg://user@host/db "
+        "in deployment. Migrated to the newest schema at start-up",
+    )
+    policy: Literal["fail-closed", "buffer"] = Field(
+        default="fail-closed",
+        description="When the trail cannot be written: fail-closed (predictions answer 503) or buffer (records "
+        "go to a bounded on-disk spool, replayed when the database returns; a full spool answers 503)",
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="NORMAL",
+        description="SQLite audit file only: NORMAL (default) keeps every committed record through a crash of the "
+        "service (SIGKILL) but not of the operating system, at no measurable cost; FULL fsyncs each commit so a "
+        "record also survives a power cut, at a cost in latency that each answer waits for (bench/audit.py, "
+        "docs/audit.md). Deployments that need power-loss durability use PostgreSQL (or FULL)",
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="The buffer policy's spool directory; unset: audit-spool in the state directory"
+    )
+    spool_max_records: int = Field(default=100_000, ge=1, description="Most records the spool holds")
+    retention_days: int | None = Field(
+        default=None,
+        ge=183,
+        description="Delete audit records older than this (hourly, in small transactions); unset: keep them. At "
+        "least 183 days: the EU AI Act (Art. 19, 26) asks for at least six months",
+    )
+    group_commit_ms: float = Field(
+        default=3.0,
+        ge=0,
+        le=100,
+        description="Under load, the audit writer holds a transaction open up to this long while answers are "
+        "being finished, so that the answers of one inference batch share one commit (the answers wait for it); "
+        "a lone request never waits. 0: commit whatever is queued at once (docs/benchmarks.md)",
+    )
+    rolling_window: int = Field(
+        default=1000, ge=10, description="Predictions behind the rolling referral/OOD/label rates in /metrics"
+    )
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or default_state_dir() / "audit-spool"
+
+
+class DicomwebSettings(SettingsGroup):
+    """Forwarding results to a PACS over DICOMweb (docs/dicom.md): ``CXR_DICOMWEB_*``."""
+
+    forward_url: str | None = Field(
+        default=None,
+        description="DICOMweb base URL of the PACS that receives the SR of every instance sent to POST "
+        "/dicomweb/studies (STOW-RS, e.g. http://pacs:8042/dicom-web); unset: results are not forwarded "
+        "(docs/dicom.md)",
+    )
+    outbox_dir: Path | None = Field(
+        default=None,
+        description="Where SRs wait for the PACS (persistent); unset: dicomweb-outbox in the state directory",
+    )
+    outbox_max_instances: int = Field(
+        default=10_000, ge=1, description="Most SRs the outbox holds; beyond, STOW-RS instances fail (Out of Resources)"
+    )
+    retry_initial_s: float = Field(
+        default=1.0, gt=0, description="First wait after a failed store to the PACS; doubles on each failure"
+    )
+    retry_max_s: float = Field(default=60.0, gt=0, description="Longest wait between two store attempts")
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.outbox_dir or default_state_dir() / "dicomweb-outbox"
+
+
+class DimseSettings(SettingsGroup):
+    """The DICOM (DIMSE) C-STORE listener (docs/dicom.md): ``CXR_DIMSE_*``."""
+
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="TCP port of the DICOM (DIMSE) C-STORE/C-ECHO listener that scores what a PACS or modality "
+        "pushes, like POST /dicomweb/studies (docs/dicom.md); unset: no listener",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the DIMSE listener binds. The port is unauthenticated DICOM: 0.0.0.0 only with a "
+        "calling AE allow-list and a network policy that admits the PACS alone (docs/security.md)",
+    )
+    ae_title: str = Field(
+        default="BAYESCXR", description="The listener's AE title; an association calling another title is rejected"
+    )
+    allowed_ae: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Calling AE titles the listener accepts (CXR_DIMSE_ALLOWED_AE=ORTHANC,PACS2); empty: any",
+    )
+    max_associations: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Most simultaneous DIMSE associations; each holds at most one instance (max_upload_bytes) in "
+        "memory while it is scored",
+    )
+    idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="An association that sends nothing for this long is aborted"
+    )
+
+    @field_validator("allowed_ae", mode="before")
+    @classmethod
+    def _allowed_from_text(cls, value: object) -> object:
+        return list_from_text(value)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _valid_ae_title(value)
+
+    @field_validator("allowed_ae")
+    @classmethod
+    def _ae_titles(cls, value: list[str]) -> list[str]:
+        return [_valid_ae_title(title) for title in value]
+
+
+#: The groups of :class:`Settings`: attribute name -> model.
+GROUPS: dict[str, type[SettingsGroup]] = {"audit": AuditSettings, "dicomweb": DicomwebSettings, "dimse": DimseSettings}
