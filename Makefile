@@ -70,11 +70,11 @@ reliability: $(STAMP)
 
 # The demo model `make serve` ships: trained on CPU from the NIH sample in ../shared (offline ImageNet
 # Lite0 initialisation), calibrated and evaluated on its valid split, exported in half precision.
-# DEMO_FIT_ARGS names only what differs from FitConfig's defaults (train/config.py): its DEMO_RECIPE values, which
-# `train crossfit` also uses (tests/train/test_config.py checks they agree), and the model's name.
+# The demo recipe is train/config.py's DEMO_RECIPE (`train fit --recipe demo`), which `train crossfit` also trains;
+# DEMO_FIT_ARGS adds only the model's name.
 DEMO_DATA ?= ../shared/data/nih-cxr14-sample
 DEMO_RUN ?= runs/demo
-DEMO_FIT_ARGS ?= --epochs 15 --batch-size 16 --lr 5e-4 --freeze-epochs 2 --patience 6 --name bayesnet-cxr-demo
+DEMO_FIT_ARGS ?= --recipe demo --name bayesnet-cxr-demo
 
 demo-model: $(STAMP)
 	rm -rf $(DEMO_RUN)

@@ -100,12 +100,25 @@ _CROSSFIT_RECIPE: Final = (
 _CHOICES: Final[dict[str, Sequence[str]]] = {"init": INIT_SOURCES, "amp": get_args(AmpMode)}
 
 
-def _add_recipe_options(parser: argparse.ArgumentParser, names: Sequence[str], defaults: Mapping[str, Any]) -> None:
-    """One ``--option`` per FitConfig field in ``names``, its type and default taken from ``defaults``."""
+#: ``fit --recipe``: the defaults each recipe gives the options not set on the command line.
+RECIPES: Final[dict[str, Mapping[str, Any]]] = {"default": {}, "demo": DEMO_RECIPE}
+
+
+def _add_recipe_options(
+    parser: argparse.ArgumentParser, names: Sequence[str], defaults: Mapping[str, Any], *, recipes: bool = False
+) -> None:
+    """One ``--option`` per FitConfig field in ``names``, its type and default taken from ``defaults``. With
+    ``recipes``, a field that the demo recipe sets defaults to None on the parser and is filled by
+    :func:`fit_config` from the recipe ``--recipe`` names (its help shows both values)."""
     for name in names:
         default = defaults[name]
         shown = "" if default is None else " (default: %(default)s)"
-        options: dict[str, Any] = {"default": default, "help": _RECIPE_HELP[name] + shown}
+        if recipes and name in DEMO_RECIPE:
+            shown = f" (default: {default}; {DEMO_RECIPE[name]} with --recipe demo)"
+        options: dict[str, Any] = {
+            "default": None if recipes and name in DEMO_RECIPE else default,
+            "help": _RECIPE_HELP[name] + shown,
+        }
         if name in _CHOICES:
             options["choices"] = _CHOICES[name]
         else:
@@ -114,8 +127,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser, names: Sequence[str], d
 
 
 def fit_config(args: argparse.Namespace) -> FitConfig:
-    """The FitConfig of a parsed ``fit`` command line."""
+    """The FitConfig of a parsed ``fit`` command line: its options, the rest from ``--recipe``'s defaults."""
+    defaults = {**field_defaults(), **RECIPES[args.recipe]}
     recipe = {name: getattr(args, name) for name in _RECIPE_HELP}
+    recipe.update({name: defaults[name] for name in DEMO_RECIPE if recipe[name] is None})
     paths = {"train_csv": args.train, "valid_csv": args.valid, "out": args.out}
     return FitConfig(**paths, **recipe, resume=args.resume, progress=not args.no_progress)
 
@@ -150,7 +165,14 @@ def _add_fit(subparsers: _Subparsers) -> None:
         "--valid", type=Path, default=None, help="valid.csv or hf://owner/name:split (default: a patient split)"
     )
     parser.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, history, state")
-    _add_recipe_options(parser, list(_RECIPE_HELP), field_defaults())
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="default",
+        help="default: FitConfig's defaults (train/config.py); demo: the shipped demo model's (DEMO_RECIPE). "
+        "Options given on the command line win (default: %(default)s)",
+    )
+    _add_recipe_options(parser, list(_RECIPE_HELP), field_defaults(), recipes=True)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/training_state.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_run_fit)

@@ -1,8 +1,8 @@
 """The training recipe: :class:`FitConfig`, the one place its defaults are written.
 
 ``python -m train fit`` and ``crossfit`` build their options from these fields and defaults, the Makefile's
-``DEMO_FIT_ARGS`` passes only what differs from them, and :mod:`train.fit` runs a ``FitConfig``. The module
-imports no torch, so the command line can read the defaults and still start at once.
+``demo-model`` target names the demo recipe (``--recipe demo``, :data:`DEMO_RECIPE`), and :mod:`train.fit` runs a
+``FitConfig``. The module imports no torch, so the command line can read the defaults and still start at once.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class FitConfig:
 
 #: Where the shipped demo model's recipe departs from the defaults above, chosen for a few hundred films trained on
 #: a CPU (docs/demo-training.md records what was tried): a smaller batch and learning rate, two head-only epochs
-#: before the ImageNet trunk moves, more epochs and more patience. ``make demo-model`` passes these values to
-#: ``train fit`` (``DEMO_FIT_ARGS``; a test checks they agree), and ``train crossfit`` trains every fold with them by
+#: before the ImageNet trunk moves, more epochs and more patience. ``make demo-model`` trains with them
+#: (``train fit --recipe demo``), and ``train crossfit`` trains every fold with them by
 #: default because its folds cross-validate the demo recipe (docs/uncertainty.md).
 DEMO_RECIPE: Final[Mapping[str, Any]] = MappingProxyType(
     {"epochs": 15, "batch_size": 16, "lr": 5e-4, "freeze_epochs": 2, "patience": 6}

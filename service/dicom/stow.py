@@ -26,6 +26,7 @@ from service.dicom.multipart import MultipartError, Part, TooManyPartsError, med
 from service.dicom.sr import DicomSourceError, dicom_source, sr_answer, sr_bytes
 from service.errors import ServiceError, UploadTooLargeError
 from service.problems import problem_for
+from service.runtime.heatmaps import AUTO
 from service.runtime.pipeline import PredictionPipeline
 from service.schemas import PredictionResponse
 
@@ -169,7 +170,7 @@ async def receive(
     ``forward`` no heatmap is computed (``cams=none``): they exist only for a PACS to receive them.
     """
     received_at = time.perf_counter()
-    cams = "auto" if forward is not None else "none"
+    cams = AUTO if forward is not None else "none"
 
     async def one(index: int, part: Part) -> InstanceOutcome:
         header: Dataset | None = None

@@ -58,8 +58,16 @@ def test_the_demo_recipe_only_names_departures_from_the_defaults() -> None:
     assert all(defaults[name] != value for name, value in DEMO_RECIPE.items())
 
 
+def test_recipe_demo_gives_the_demo_recipe_and_options_still_win() -> None:
+    base = ["fit", "--train", str(TRAIN), "--out", str(OUT), "--recipe", "demo"]
+    assert fit_config(build_parser().parse_args(base)) == FitConfig(train_csv=TRAIN, out=OUT, **DEMO_RECIPE)
+    tuned = fit_config(build_parser().parse_args([*base, "--epochs", "3"]))
+    assert tuned == FitConfig(train_csv=TRAIN, out=OUT, **{**DEMO_RECIPE, "epochs": 3})
+
+
 def test_make_demo_model_trains_the_demo_recipe() -> None:
-    """`make demo-model`'s DEMO_FIT_ARGS are the demo recipe and the model's name, nothing the defaults already say."""
+    """`make demo-model` names the demo recipe and the model's name, no value of the recipe itself."""
+    assert _makefile_variable("DEMO_FIT_ARGS") == ["--recipe", "demo", "--name", "bayesnet-cxr-demo"]
     argv = ["fit", "--train", str(TRAIN), "--out", str(OUT), *_makefile_variable("DEMO_FIT_ARGS")]
     config = fit_config(build_parser().parse_args(argv))
     expected = replace(FitConfig(train_csv=TRAIN, out=OUT, **DEMO_RECIPE), name="bayesnet-cxr-demo")

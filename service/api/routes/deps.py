@@ -24,6 +24,7 @@ from service.errors import (
     UnsupportedUploadError,
     UploadTooLargeError,
 )
+from service.runtime.heatmaps import AUTO, AUTO_CAM_LIMIT
 from service.runtime.pipeline import PredictionPipeline
 from service.schemas import (
     Problem,
@@ -53,8 +54,8 @@ ERRORS = {
 CamsQuery = Annotated[
     str,
     Query(
-        description="Grad-CAM heatmaps: auto (positive or uncertain findings, at most 4), all, none, "
-        "or comma-separated finding names",
+        description=f"Grad-CAM heatmaps: {AUTO} (positive or uncertain findings, at most {AUTO_CAM_LIMIT}), all, "
+        "none, or comma-separated finding names",
         max_length=1024,
     ),
 ]

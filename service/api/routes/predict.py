@@ -38,6 +38,7 @@ from service.errors import (
     UploadTooLargeError,
 )
 from service.problems import problem_for
+from service.runtime.heatmaps import AUTO
 from service.schemas import (
     BatchItem,
     BatchItemError,
@@ -104,7 +105,7 @@ async def predict(
         UploadFile | None,
         File(description="PNG, JPEG or DICOM radiograph (sniffed by content); or send the image as the raw body"),
     ] = None,
-    cams: CamsQuery = "auto",
+    cams: CamsQuery = AUTO,
     mc_samples: SamplesQuery = None,
     patient_age: AgeQuery = None,
     view: ViewQuery = None,
@@ -180,7 +181,7 @@ async def predict_batch(
     pipeline: Pipeline,
     media_type: MediaType,
     files: Annotated[list[UploadFile], File(description="Radiographs, repeated field 'files'")],
-    cams: CamsQuery = "auto",
+    cams: CamsQuery = AUTO,
     mc_samples: SamplesQuery = None,
     patient_age: AgeQuery = None,
     view: ViewQuery = None,
