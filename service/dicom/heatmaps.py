@@ -96,6 +96,29 @@ def place_on_film(
     return np.clip(np.asarray(placed, dtype=np.float32), 0.0, 1.0)
 
 
+#: The long side of the map a hot spot is found on: fine enough for a point a reader can see, cheap for any film.
+HOT_SPOT_SIDE_PX = 512
+
+
+def hot_spots(
+    result: PredictionResponse, film_size: tuple[int, int], resize: ResizeMode
+) -> dict[str, tuple[float, float]]:
+    """Where each heatmap of ``result`` is hottest, as ``(column, row)`` in the film's pixel matrix (DICOM SCOORD
+    image coordinates: (0, 0) is the top left corner of the top left pixel, so a pixel's centre is at + 0.5).
+
+    ``film_size``: the film's ``(Rows, Columns)``; ``resize``: the model's ``ModelSpec.resize``. Found on the map
+    resampled onto the film's frame at :data:`HOT_SPOT_SIDE_PX`, then scaled to the film.
+    """
+    spots: dict[str, tuple[float, float]] = {}
+    rows, columns = film_size
+    out_rows, out_columns = output_size(rows, columns, HOT_SPOT_SIDE_PX)
+    for label, heatmap in result.gradcam.items():
+        placed = place_on_film(heatmap_intensity(heatmap), film_size, (out_rows, out_columns), resize)
+        row, column = np.unravel_index(int(np.argmax(placed)), placed.shape)
+        spots[label] = ((column + 0.5) * columns / out_columns, (row + 0.5) * rows / out_rows)
+    return spots
+
+
 def fuse(gray: FloatArray, intensity: FloatArray) -> npt.NDArray[np.uint8]:
     """``(H, W, 3)`` uint8 RGB: the film in gray with the map over it, red (weak) to yellow (strongest).
 

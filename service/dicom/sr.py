@@ -16,11 +16,12 @@ setting tags one by one.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
 from pydicom.config import RAISE
@@ -167,8 +168,15 @@ def _algorithm(result: PredictionResponse) -> hd.sr.AlgorithmIdentification:
 
 
 def _finding_group(
-    label: str, source: Dataset, result: PredictionResponse, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    label: str,
+    source: Dataset,
+    result: PredictionResponse,
+    algorithm: hd.sr.AlgorithmIdentification,
+    spot: tuple[float, float] | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One finding's measurement group. With ``spot`` (where its heatmap is hottest, ``(column, row)`` in the
+    film's pixels) a planar ROI group (TID 1410) whose region is that point on the source image, so a viewer that
+    shows SR content as image annotations (OHIF) can place and list it; without, an image-level group (TID 1501)."""
     prediction = result.predictions[label]
     concept = finding_concept(label)
 
@@ -180,20 +188,37 @@ def _finding_group(
     # The rule that decided, as the JSON carries it: its thresholds (those it has) and the reason code.
     rule = [(CLEAR_BELOW, prediction.clear_below), (POSITIVE_AT, prediction.positive_at)]
     reason = CodedConcept(prediction.reason, SCHEME, REASON_TEXT[Reason(prediction.reason)])
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label),
+    tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label)
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=concept, value=VALUE_BY_DECISION[prediction.decision]),
+        hd.sr.QualitativeEvaluation(name=DECISION_REASON, value=reason),
+    ]
+    measurements = [
+        measurement(MC_MEAN, prediction.conf),
+        measurement(MC_STD, prediction.std),
+        *(measurement(name, value) for name, value in rule if value is not None),
+    ]
+    if spot is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=concept,
+            algorithm_id=algorithm,
+            qualitative_evaluations=evaluations,
+            measurements=measurements,
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        )
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([spot], dtype=np.float32),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
         finding_type=concept,
         algorithm_id=algorithm,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept, value=VALUE_BY_DECISION[prediction.decision]),
-            hd.sr.QualitativeEvaluation(name=DECISION_REASON, value=reason),
-        ],
-        measurements=[
-            measurement(MC_MEAN, prediction.conf),
-            measurement(MC_STD, prediction.std),
-            *(measurement(name, value) for name, value in rule if value is not None),
-        ],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        qualitative_evaluations=evaluations,
+        measurements=measurements,
     )
 
 
@@ -229,17 +254,23 @@ def _has_library_descriptors(source: Dataset) -> bool:
 
 
 def build_sr(
-    source: Dataset, result: PredictionResponse, *, created: datetime, heatmaps: Sequence[Dataset] = ()
+    source: Dataset,
+    result: PredictionResponse,
+    *,
+    created: datetime,
+    heatmaps: Sequence[Dataset] = (),
+    spots: Mapping[str, tuple[float, float]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of ``result`` for the image whose header is ``source`` (from :func:`dicom_source`).
 
     ``heatmaps``: the heatmap images made for the same result (``service.dicom.heatmaps``), listed beside the source
-    in the evidence so the SR names every object of the result.
+    in the evidence so the SR names every object of the result. ``spots``: per finding, where its heatmap is hottest
+    on the source image (``service.dicom.heatmaps.hot_spots``); those findings get a region.
     """
     algorithm = _algorithm(result)
     # A film whose decisions are withheld (flagged by a gate) reports no finding as if it applied.
     labels = [] if result.decisions_withheld else list(result.predictions)
-    groups = [_finding_group(label, source, result, algorithm) for label in labels]
+    groups = [_finding_group(label, source, result, algorithm, (spots or {}).get(label)) for label in labels]
     groups.append(_referral_group(result, algorithm))
     # One device UID per weights file, the same in every SR it writes (derived from the sha256, not random).
     device_uid = generate_uid(entropy_srcs=[MANUFACTURER, result.model.name, result.model.sha256])
@@ -285,10 +316,14 @@ def build_sr(
 
 
 def sr_answer(
-    source: Dataset, result: PredictionResponse, created: datetime, heatmaps: Sequence[Dataset] = ()
+    source: Dataset,
+    result: PredictionResponse,
+    created: datetime,
+    heatmaps: Sequence[Dataset] = (),
+    spots: Mapping[str, tuple[float, float]] | None = None,
 ) -> bytes:
     """:func:`build_sr` as a Part 10 file: what ``POST /v1/predict`` answers for ``Accept: application/dicom``."""
-    return sr_bytes(build_sr(source, result, created=created, heatmaps=heatmaps))
+    return sr_bytes(build_sr(source, result, created=created, heatmaps=heatmaps, spots=spots))
 
 
 def sr_bytes(sr: Dataset) -> bytes:
@@ -318,7 +353,8 @@ def read_sr_findings(sr: Dataset) -> tuple[dict[str, SRFinding], bool, list[str]
     refer = False
     reasons: list[str] = []
     decision_by_value = {PRESENT: "positive", ABSENT: "negative", INDETERMINATE: "uncertain"}
-    for group in report.get_image_measurement_groups():
+    groups = [*report.get_image_measurement_groups(), *report.get_planar_roi_measurement_groups()]
+    for group in groups:
         evaluations = group.get_qualitative_evaluations()
         if group.finding_type == REFERRAL:
             refer = any(item.name == REFER and item.value == YES for item in evaluations)

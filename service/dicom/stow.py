@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from bayesnet.imaging import POPULATION_LATERAL, POPULATION_NON_CHEST, population_flags
-from service.dicom.heatmaps import heatmaps_for_upload
+from service.dicom.heatmaps import heatmaps_for_upload, hot_spots
 from service.dicom.multipart import MultipartError, Part, TooManyPartsError, media_type_params, split_related
 from service.dicom.sr import DicomSourceError, dicom_source, sr_answer, sr_bytes
 from service.errors import ServiceError, UploadTooLargeError
@@ -147,7 +147,8 @@ async def results_for_pacs(
         heatmaps = heatmaps_for_upload(
             data, header, result, resize=pipeline.spec.resize, max_pixels=pipeline.max_pixels, created=created
         )
-        return [sr_answer(header, result, created, heatmaps), *(sr_bytes(image) for image in heatmaps)]
+        spots = hot_spots(result, (int(header.Rows), int(header.Columns)), pipeline.spec.resize)
+        return [sr_answer(header, result, created, heatmaps, spots), *(sr_bytes(image) for image in heatmaps)]
 
     return await asyncio.get_running_loop().run_in_executor(pipeline.decode_pool, build)
 

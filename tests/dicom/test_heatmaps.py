@@ -21,8 +21,8 @@ from service.dicom import (
     heatmaps_for_upload,
     sr_answer,
 )
-from service.dicom.heatmaps import MAX_SIDE_PX, heatmap_intensity, place_on_film
-from service.dicom.sr import SR_SERIES_NUMBER
+from service.dicom.heatmaps import MAX_SIDE_PX, heatmap_intensity, hot_spots, place_on_film
+from service.dicom.sr import SR_SERIES_NUMBER, read_sr_findings
 from service.runtime.heatmap_png import heatmap_png
 from service.schemas import (
     FindingPrediction,
@@ -189,3 +189,49 @@ def evidence_uids(sr: pydicom.Dataset) -> set[str]:
         for series in study.ReferencedSeriesSequence
         for instance in series.ReferencedSOPSequence
     }
+
+
+def test_a_hot_spot_is_where_the_map_peaks_on_the_films_pixel_matrix() -> None:
+    """``hot_spots`` gives (column, row) in the film's pixels: the inverse of how the model's square covered it."""
+    intensity = np.zeros((64, 64), dtype=np.float32)
+    intensity[8, 48] = 1.0  # one hot cell: map row 8, column 48
+    result = result_with({"Cardiomegaly": heatmap(intensity)})
+    (column, row) = hot_spots(result, (2000, 1000), "squash")["Cardiomegaly"]
+    assert abs(column - (48.5 / 64) * 1000) < 1000 / 64 and abs(row - (8.5 / 64) * 2000) < 2000 / 64
+    # Letterboxed, the 1000-column film sat in the middle half of the square's width: map column 48 is its 3/4 mark
+    # of the square, which is column 1000 * (48.5/64 - 1/4) * 2 of the film.
+    (column, row) = hot_spots(result, (2000, 1000), "letterbox")["Cardiomegaly"]
+    assert abs(column - 1000 * (48.5 / 64 - 0.25) * 2) < 2 * 1000 / 64 and abs(row - (8.5 / 64) * 2000) < 2000 / 64
+    assert hot_spots(result_with({}), (2000, 1000), "squash") == {}
+
+
+def test_findings_with_a_heatmap_get_a_point_region_on_the_source_image_and_the_sr_stays_valid(tmp_path: Path) -> None:
+    """A viewer that shows SR content as image annotations (OHIF) needs a region: the findings with a heatmap get
+    a planar ROI group (TID 1410) whose SCOORD POINT references the source image; the others keep an image-level
+    group (TID 1501); every finding still reads back with its decision and MC numbers."""
+    upload = chest_cr()
+    source = dicom_source(upload)
+    result = result_with({"Cardiomegaly": heatmap(corner_map())})
+    spots = hot_spots(result, (int(source.Rows), int(source.Columns)), "squash")
+    answer = sr_answer(source, result, NOW, [], spots)
+    assert dciodvfy_errors(answer, tmp_path) == []
+    sr = pydicom.dcmread(io.BytesIO(answer))
+    regions = {}
+    for group in sr.ContentSequence:
+        for item in getattr(group, "ContentSequence", []):
+            if item.ValueType != "CONTAINER":
+                continue
+            name = next(
+                (c.TextValue for c in item.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "112039"), None
+            )
+            scoords = [c for c in item.ContentSequence if c.ValueType == "SCOORD"]
+            regions[name] = scoords
+    (point,) = regions["Cardiomegaly"]
+    assert point.GraphicType == "POINT" and point.RelationshipType == "CONTAINS"
+    column, row = (float(v) for v in point.GraphicData)
+    assert (column, row) == pytest.approx(spots["Cardiomegaly"], abs=0.01)
+    assert 0 <= column <= source.Columns / 4 + 1 and 0 <= row <= source.Rows / 4 + 1  # the corner map's hot quarter
+    assert point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert regions["Edema"] == []  # no heatmap, no region: an image-level group
+    findings, _, _ = read_sr_findings(sr)
+    assert set(findings) == {"Cardiomegaly", "Edema"} and findings["Cardiomegaly"].conf == pytest.approx(0.81)

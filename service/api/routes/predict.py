@@ -33,6 +33,7 @@ from service.api.routes.deps import (
     service_state,
 )
 from service.dicom import DicomSourceError, dicom_source, sr_answer
+from service.dicom.heatmaps import hot_spots
 from service.errors import (
     NotAcceptableError,
     UploadTooLargeError,
@@ -147,7 +148,12 @@ async def predict(
                 study = None  # a DICOM image without study UIDs: the report simply has no imagingStudy
         return fhir_json(fhir.diagnostic_report(result, issued=now(), study=study))
     if source is not None:
-        body = await asyncio.to_thread(sr_answer, source, result, now())
+        film = (int(source.Rows), int(source.Columns))
+
+        def sr() -> bytes:  # the heatmaps' hot spots become the findings' regions (off the event loop)
+            return sr_answer(source, result, now(), (), hot_spots(result, film, pipeline.spec.resize))
+
+        body = await asyncio.to_thread(sr)
         return Response(body, media_type=DICOM, headers={"Vary": "Accept", "Cache-Control": "no-store"})
     response.headers["Vary"] = "Accept"
     return result
