@@ -119,9 +119,15 @@ def dicom_source(data: bytes) -> Dataset:
     return source
 
 
+#: Spacings a derived object may copy (the SR's Image Library describes the film with them): a zero or negative
+#: value, as some exports carry ("0.000\\0.000"), is no spacing, and a viewer that trusts it shows nothing.
+_SPACINGS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
+
+
 def _drop_invalid_values(source: Dataset) -> None:
-    """Remove header values that are invalid for their VR (``Patient's Age`` "62" for "062Y") so the SR that copies
-    them stays valid; a type 2 attribute is emptied instead. Unique identifiers are left: the SR needs them as sent.
+    """Remove header values that are invalid for their VR (``Patient's Age`` "62" for "062Y") or meaningless (a zero
+    pixel spacing) so the objects that copy them stay valid and displayable; a type 2 attribute is emptied instead.
+    Unique identifiers are left: the SR needs them as sent.
     """
     for element in list(source):
         if element.VR in ("SQ", "UI") or element.value in (None, ""):
@@ -129,7 +135,10 @@ def _drop_invalid_values(source: Dataset) -> None:
         values = element.value if element.VM > 1 else [element.value]
         try:
             for value in values:
-                validate_value(element.VR, value, RAISE)
+                # pydicom keeps DS and IS values as numbers that remember their text; the text is what is checked.
+                validate_value(element.VR, str(value) if element.VR in ("DS", "IS") else value, RAISE)
+            if element.keyword in _SPACINGS and any(float(value) <= 0 for value in values):
+                raise ValueError(f"{element.keyword} must be positive")
         except (ValueError, TypeError):
             if element.keyword in _TYPE2_PATIENT_STUDY:
                 element.value = None

@@ -235,3 +235,15 @@ def test_findings_with_a_heatmap_get_a_point_region_on_the_source_image_and_the_
     assert regions["Edema"] == []  # no heatmap, no region: an image-level group
     findings, _, _ = read_sr_findings(sr)
     assert set(findings) == {"Cardiomegaly", "Edema"} and findings["Cardiomegaly"].conf == pytest.approx(0.81)
+
+
+def test_a_zero_pixel_spacing_is_not_copied_and_valid_numbers_are(tmp_path: Path) -> None:
+    """RG1's header says Pixel Spacing 0.000\\0.000, which makes viewers show the film black: the header the derived
+    objects copy from leaves it out. A valid spacing and the patient's numeric values (DS) are kept as sent."""
+    assert "PixelSpacing" not in dicom_source(chest_cr())
+    kept = dicom_source(chest_cr(PixelSpacing=[0.143, 0.143], PatientWeight="72.5"))
+    assert [float(v) for v in kept.PixelSpacing] == [0.143, 0.143] and float(kept.PatientWeight) == 72.5
+    assert "ImagerPixelSpacing" not in dicom_source(chest_cr(ImagerPixelSpacing=[0.1, -0.1]))
+    answer = sr_answer(kept, result_with({}), NOW)
+    assert dciodvfy_errors(answer, tmp_path) == []
+    assert float(pydicom.dcmread(io.BytesIO(answer)).PatientWeight) == 72.5  # the patient study module, copied
