@@ -44,4 +44,4 @@ class ServiceState:
     def model_ref(self) -> ModelRef | None:
         if self.loaded is None:
             return None
-        return ModelRef(name=self.loaded.spec.name, version=self.loaded.spec.version, sha256=self.loaded.sha256)
+        return self.loaded.ref

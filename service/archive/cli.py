@@ -23,7 +23,6 @@ from service.archive.scorer import ArchiveScorer, ScoreSummary
 from service.archive.sharding import DistInfo, merge_when_all_done, pick_device, prepare_output, process_group
 from service.runtime.heatmaps import CamSelectionError, parse_cams
 from service.runtime.loading import LoadedModel, build_predictor, load_model
-from service.schemas import ModelRef
 from service.settings import InvalidSettingsError, Settings, load_settings
 
 __all__ = ["build_parser", "default_batch_size", "main", "run"]
@@ -116,7 +115,7 @@ def _build_scorer(
         predictor.warmup()
     return ArchiveScorer(
         predictor,
-        ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256),
+        loaded.ref,
         n_samples=settings.mc_samples or loaded.spec.mc_samples,
         cams=cams,
         batch_size=batch_size,

@@ -20,14 +20,14 @@ from service.runtime.loading import LoadedModel, build_predictor, load_model
 from service.runtime.pipeline import Job, JobResult, PredictionPipeline, batch_processor
 from service.runtime.predictor import Predictor, resolve_device
 from service.runtime.signals import LoadSignals
-from service.schemas import ModelRef
 from service.settings import Settings
 
 __all__ = ["InferenceEngine", "load_single_threaded"]
 
 
 async def load_single_threaded(settings: Settings) -> LoadedModel:
-    """Load the checkpoint ``settings`` name in a helper thread that never starts an OpenMP team of its own."""
+    """Load the checkpoint ``settings`` name in a helper thread that never starts an OpenMP team of its own; first,
+    with ``settings.tune_allocator``, tune glibc's allocator (``bayesnet.tune_allocator``) for the process."""
     if settings.tune_allocator:
         tune_allocator()
 
@@ -97,7 +97,7 @@ class InferenceEngine:
             raise
         pipeline = PredictionPipeline(
             spec=loaded.spec,
-            model_ref=model_ref(loaded),
+            model_ref=loaded.ref,
             batcher=batcher,
             decode_pool=decode_pool,
             preview_pool=preview_pool,
@@ -117,8 +117,3 @@ class InferenceEngine:
         await self.batcher.stop(drain=True)
         for pool in self.pools:
             pool.shutdown(wait=True)
-
-
-def model_ref(loaded: LoadedModel) -> ModelRef:
-    """How responses and audit records name the model: name, version and the weights' sha256."""
-    return ModelRef(name=loaded.spec.name, version=loaded.spec.version, sha256=loaded.sha256)

@@ -14,6 +14,7 @@ from bayesnet import BayesianEfficientNet, CheckpointError, ModelSpec, build_mod
 from bayesnet.checkpoint import SPEC_FILE
 from bayesnet.ood import OODGate, load_ood_gate
 from service.runtime.predictor import Predictor
+from service.schemas import ModelRef
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
 log = logging.getLogger("service.model")
@@ -40,6 +41,11 @@ class LoadedModel:
     def intended_use(self) -> str:
         value = self.spec.extra.get("intended_use") or self.metadata.get("intended_use")
         return str(value) if value else DEFAULT_INTENDED_USE
+
+    @property
+    def ref(self) -> ModelRef:
+        """How responses and audit records name the model: name, version and the weights' sha256."""
+        return ModelRef(name=self.spec.name, version=self.spec.version, sha256=self.sha256)
 
 
 def untrained_placeholder() -> LoadedModel:
