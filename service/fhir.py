@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from bayesnet.decision import REASON_TEXT, Reason
 from service.codes import SNOMED_BY_LABEL, finding_code
 from service.schemas import BatchItem, BatchItemError, FindingPrediction, Heatmap, OODResult, PredictionResponse
+from service.wording import DISCLAIMER, NO_CLEARING, OOD_WARNING, WITHHELD_WORDS
 
 JSONDict = dict[str, Any]
 
@@ -62,17 +63,6 @@ INTERPRETATION_BY_DECISION = {
     "negative": ("NEG", "Negative"),
     "uncertain": ("IND", "Indeterminate"),
 }
-
-DISCLAIMER = "Research software, not a medical device: not a diagnosis."
-NO_CLEARING = "This model cannot rule out any finding at its stated guarantee; every film goes to a radiologist."
-WITHHELD_WORDS = {
-    "out_of_distribution": "the image does not look like a frontal chest radiograph",
-    "outside_intended_population": "the film is outside the intended population (adult frontal chest radiographs)",
-}
-OOD_WARNING = (
-    "This image does not look like the frontal chest radiographs the model was trained on: "
-    "its findings should not be trusted."
-)
 
 
 def finding_concept(label: str) -> JSONDict:

@@ -367,6 +367,11 @@ class AuditRecord(_Schema):
     width: int | None = None
     height: int | None = None
     photometric: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What decoding assumed or converted and which invalid DICOM header values the result objects left "
+        "out (attribute names, never values)",
+    )
     mc_samples: int | None = None
     findings: dict[str, AuditFindingRecord] = Field(default_factory=dict)
     referral: Referral | None = None

@@ -54,6 +54,8 @@ class AuditEvent(Base):
     #: ``referral.population_verified`` / ``.population_missing``; NULL in records older than revision 0002.
     population_verified: Mapped[bool | None] = mapped_column(Boolean)
     population_missing: Mapped[list[str] | None] = mapped_column(JSON)
+    #: What the image's decoding and header checks noted (``image.warnings``); NULL in records older than 0003.
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)
     ood_score: Mapped[float | None] = mapped_column(Float)
     ood_threshold: Mapped[float | None] = mapped_column(Float)
     in_distribution: Mapped[bool | None] = mapped_column(Boolean)

@@ -155,6 +155,7 @@ def _answered(base: dict[str, Any], response: PredictionResponse, started: float
             "width": response.image.width,
             "height": response.image.height,
             "photometric": response.image.photometric,
+            "warnings": list(response.image.warnings),
             "mc_samples": response.mc_samples,
             "findings": {
                 label: AuditFindingRecord(conf=p.conf, std=p.std, decision=p.decision)

@@ -114,6 +114,7 @@ def _event_values(record: AuditRecord) -> dict[str, Any]:
         "width": record.width,
         "height": record.height,
         "photometric": record.photometric,
+        "warnings": list(record.warnings),
         "mc_samples": record.mc_samples,
         "refer": None if record.referral is None else record.referral.refer,
         "referral_reasons": [] if record.referral is None else list(record.referral.reasons),
@@ -159,6 +160,7 @@ def from_row(row: AuditEvent) -> AuditRecord:
             "width": row.width,
             "height": row.height,
             "photometric": row.photometric,
+            "warnings": row.warnings or [],
             "mc_samples": row.mc_samples,
             "findings": {
                 f.label: AuditFindingRecord.model_validate({"conf": f.conf, "std": f.std, "decision": f.decision})

@@ -28,10 +28,10 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
 from bayesnet import decode_image
 from bayesnet.spec import ResizeMode
+from service.dicom.derived import new_series, secondary_capture
 from service.dicom.sr import MANUFACTURER, sr_bytes
 from service.schemas import Heatmap, PredictionResponse
 
@@ -164,13 +164,6 @@ def film_gray(pixels: FloatArray, out_size: tuple[int, int]) -> FloatArray:
     return np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0)
 
 
-def _source_reference(source: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    return item
-
-
 def build_heatmaps(
     source: Dataset, pixels: FloatArray, result: PredictionResponse, *, resize: ResizeMode, created: datetime
 ) -> list[hd.sc.SCImage]:
@@ -185,18 +178,8 @@ def build_heatmaps(
     film_size = (int(pixels.shape[0]), int(pixels.shape[1]))
     out_size = output_size(*film_size)
     gray = film_gray(pixels, out_size)
-    series_uid = hd.UID()
+    series = new_series(HEATMAP_SERIES_NUMBER, HEATMAP_SERIES_DESCRIPTION)
     model = result.model
-    equipment = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=model.name,
-        software_versions=[model.version, model.sha256],
-        contribution_datetime=created,
-        contribution_description=f"Grad-CAM heatmaps of {model.name} {model.version}, weights sha256 {model.sha256}",
-    )
-    orientation = source.get("PatientOrientation")
-    known_orientation = orientation is not None and len(orientation) == 2
     images = []
     for number, (label, heatmap) in enumerate(result.gradcam.items(), start=1):
         prediction = result.predictions.get(label)
@@ -206,44 +189,24 @@ def build_heatmaps(
             what += f", probability {prediction.conf:.2f} ({prediction.decision})"
         caption = [what, f"{MANUFACTURER} {model.name} {model.version}: research use only, not for diagnosis"]
         rgb = np.concatenate([fuse(gray, placed), caption_strip(caption, out_size[1])], axis=0)
-        image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=rgb,
-            photometric_interpretation="RGB",
-            bits_allocated=8,
-            coordinate_system="PATIENT",
-            # The image keeps the film's rows and columns, so the film's orientation labels hold for it. highdicom
-            # wants a value; without one from the film it is emptied below rather than invented.
-            patient_orientation=tuple(orientation) if known_orientation else ("L", "F"),
-            series_instance_uid=series_uid,
-            series_number=HEATMAP_SERIES_NUMBER,
-            sop_instance_uid=hd.UID(),
-            instance_number=number,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=model.name,
-            software_versions=model.version,
-            series_description=HEATMAP_SERIES_DESCRIPTION,
-            content_date=created.date(),
-            content_time=created.time(),
-            contributing_equipment=[equipment],
+        images.append(
+            secondary_capture(
+                source,
+                rgb,
+                series=series,
+                number=number,
+                model=model,
+                created=created,
+                contribution=f"Grad-CAM heatmaps of {model.name} {model.version}, weights sha256 {model.sha256}",
+                comments=f"{what}. Research use only, not for diagnosis.",
+                derivation=(
+                    f"Grad-CAM heatmap of {label} fused in colour on the source radiograph (resized, {resize}); "
+                    "not for diagnosis"
+                ),
+                shows_film=True,
+                film_oriented=True,
+            )
         )
-        if not known_orientation:
-            image.PatientOrientation = []  # type 2C: empty when the film does not say
-        if "BodyPartExamined" in source:  # a technical attribute; a chest is unpaired, so no Laterality
-            image.BodyPartExamined = source.BodyPartExamined
-        else:
-            image.Laterality = ""  # type 2C: present and empty when the body part is not known
-        # Burned In Annotation says whether the pixels could identify the patient. The caption cannot (it names the
-        # finding and the model), but the film's own pixels are in the image: "NO" only when the film says "NO".
-        image.BurnedInAnnotation = "NO" if source.get("BurnedInAnnotation") == "NO" else "YES"
-        image.RecognizableVisualFeatures = "NO"
-        image.ImageComments = f"{what}. Research use only, not for diagnosis."
-        image.DerivationDescription = (
-            f"Grad-CAM heatmap of {label} fused in colour on the source radiograph (resized, {resize}); "
-            "not for diagnosis"
-        )
-        image.SourceImageSequence = [_source_reference(source)]
-        images.append(image)
     return images
 
 

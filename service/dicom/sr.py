@@ -32,6 +32,7 @@ from pydicom.valuerep import validate_value
 
 from bayesnet import sniff_format
 from bayesnet.decision import REASON_TEXT, Reason
+from bayesnet.labels import CHEXPERT_LABELS
 from service.codes import SNOMED_BY_LABEL, finding_code
 from service.schemas import PredictionResponse
 
@@ -50,7 +51,9 @@ DECISION_REASON = CodedConcept("DECREASON", SCHEME, "Decision reason")
 WITHHELD = CodedConcept("WITHHELD", SCHEME, "Finding decisions withheld")
 MC_DROPOUT = CodedConcept("MCDROPOUT", SCHEME, "Monte-Carlo dropout")
 PROBABILITY_UNIT = CodedConcept("1", "UCUM", "no units")
-REFERRAL = CodedConcept("REFERRAL", SCHEME, "Referral to a radiologist")
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+METHOD = CodedConcept("370129005", "SCT", "Measurement Method")
+IMAGING_MEASUREMENTS = CodedConcept("126010", "DCM", "Imaging Measurements")
 REFER = CodedConcept("REFER", SCHEME, "Refer to a radiologist")
 REFERRAL_REASON = CodedConcept("REFREASON", SCHEME, "Referral reason")
 YES = CodedConcept("373066001", "SCT", "Yes")
@@ -95,6 +98,13 @@ def dicom_source(data: bytes) -> Dataset:
 
     Content-sniffed like every upload (``bayesnet.sniff_format``): the file name and part headers are not evidence.
     """
+    return checked_source(data)[0]
+
+
+def checked_source(data: bytes) -> tuple[Dataset, list[str]]:
+    """:func:`dicom_source` and what it left out: one warning per header value the result objects do not copy
+    (:func:`with_header_warnings` puts them in the answer and so in the audit record). The warnings name the
+    attribute, never its value."""
     kind = sniff_format(data)
     if kind != "dicom":
         raise DicomSourceError(f"this upload is {'a ' + kind.upper() + ' image' if kind else 'not a DICOM file'}")
@@ -105,7 +115,7 @@ def dicom_source(data: bytes) -> Dataset:
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if k not in source]
     if missing:
         raise DicomSourceError(f"its DICOM header lacks {', '.join(missing)}, so a result cannot reference it")
-    _drop_invalid_values(source)
+    warnings = _drop_invalid_values(source)
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in source:
             setattr(source, keyword, None)
@@ -116,7 +126,15 @@ def dicom_source(data: bytes) -> Dataset:
         name = str(source.get(keyword) or "")
         if name and "^" not in name and "=" not in name:
             setattr(source, keyword, name + "^")
-    return source
+    return source, warnings
+
+
+def with_header_warnings(result: PredictionResponse, warnings: Sequence[str]) -> PredictionResponse:
+    """``result`` with ``warnings`` (from :func:`checked_source`) added to ``image.warnings``."""
+    if not warnings:
+        return result
+    image = result.image.model_copy(update={"warnings": [*result.image.warnings, *warnings]})
+    return result.model_copy(update={"image": image})
 
 
 #: Spacings a derived object may copy (the SR's Image Library describes the film with them): a zero or negative
@@ -124,26 +142,33 @@ def dicom_source(data: bytes) -> Dataset:
 _SPACINGS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 
 
-def _drop_invalid_values(source: Dataset) -> None:
+def _drop_invalid_values(source: Dataset) -> list[str]:
     """Remove header values that are invalid for their VR (``Patient's Age`` "62" for "062Y") or meaningless (a zero
     pixel spacing) so the objects that copy them stay valid and displayable; a type 2 attribute is emptied instead.
-    Unique identifiers are left: the SR needs them as sent.
+    Unique identifiers are left: the SR needs them as sent. Returns one warning per value removed.
     """
+    warnings = []
     for element in list(source):
         if element.VR in ("SQ", "UI") or element.value in (None, ""):
             continue
         values = element.value if element.VM > 1 else [element.value]
+        problem = "is not valid for its value representation"
         try:
             for value in values:
                 # pydicom keeps DS and IS values as numbers that remember their text; the text is what is checked.
                 validate_value(element.VR, str(value) if element.VR in ("DS", "IS") else value, RAISE)
             if element.keyword in _SPACINGS and any(float(value) <= 0 for value in values):
-                raise ValueError(f"{element.keyword} must be positive")
+                problem = "is zero or negative"
+                raise ValueError(problem)
         except (ValueError, TypeError):
+            name = element.keyword or str(element.tag)
             if element.keyword in _TYPE2_PATIENT_STUDY:
                 element.value = None
+                warnings.append(f"DICOM header: {name} {problem}; the AI result objects carry it empty")
             else:
                 del source[element.tag]
+                warnings.append(f"DICOM header: {name} {problem}; the AI result objects leave it out")
+    return warnings
 
 
 def finding_concept(label: str) -> CodedConcept:
@@ -176,77 +201,112 @@ def _algorithm(result: PredictionResponse) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _finding_group(
+def _measurement_items(
+    label: str, result: PredictionResponse
+) -> tuple[CodedConcept, CodedConcept, list[tuple[CodedConcept, float]]]:
+    """A finding's coded value, the reason code of the rule that decided, and its numbers (MC mean and standard
+    deviation, the thresholds the rule has), as the JSON answer carries them."""
+    prediction = result.predictions[label]
+    reason = CodedConcept(prediction.reason, SCHEME, REASON_TEXT[Reason(prediction.reason)])
+    numbers = [(MC_MEAN, prediction.conf), (MC_STD, prediction.std)]
+    numbers += [
+        (name, value)
+        for name, value in ((CLEAR_BELOW, prediction.clear_below), (POSITIVE_AT, prediction.positive_at))
+        if value is not None
+    ]
+    return VALUE_BY_DECISION[prediction.decision], reason, numbers
+
+
+def _region_group(
     label: str,
     source: Dataset,
     result: PredictionResponse,
     algorithm: hd.sr.AlgorithmIdentification,
-    spot: tuple[float, float] | None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """One finding's measurement group. With ``spot`` (where its heatmap is hottest, ``(column, row)`` in the
-    film's pixels) a planar ROI group (TID 1410) whose region is that point on the source image, so a viewer that
-    shows SR content as image annotations (OHIF) can place and list it; without, an image-level group (TID 1501)."""
-    prediction = result.predictions[label]
+    spot: tuple[float, float],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A finding with a region: a planar ROI group (TID 1410) whose region is ``spot`` (where its heatmap is hottest,
+    ``(column, row)`` in the film's pixels) on the source image, so a viewer that shows SR content as image
+    annotations (OHIF) can place and list it."""
     concept = finding_concept(label)
-
-    def measurement(name: CodedConcept, value: float) -> hd.sr.Measurement:
-        return hd.sr.Measurement(
-            name=name, value=value, unit=PROBABILITY_UNIT, method=MC_DROPOUT, algorithm_id=algorithm
-        )
-
-    # The rule that decided, as the JSON carries it: its thresholds (those it has) and the reason code.
-    rule = [(CLEAR_BELOW, prediction.clear_below), (POSITIVE_AT, prediction.positive_at)]
-    reason = CodedConcept(prediction.reason, SCHEME, REASON_TEXT[Reason(prediction.reason)])
-    tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label)
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=concept, value=VALUE_BY_DECISION[prediction.decision]),
-        hd.sr.QualitativeEvaluation(name=DECISION_REASON, value=reason),
-    ]
-    measurements = [
-        measurement(MC_MEAN, prediction.conf),
-        measurement(MC_STD, prediction.std),
-        *(measurement(name, value) for name, value in rule if value is not None),
-    ]
-    if spot is None:
-        return hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            finding_type=concept,
-            algorithm_id=algorithm,
-            qualitative_evaluations=evaluations,
-            measurements=measurements,
-            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-        )
+    value, reason, numbers = _measurement_items(label, result)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POINT,
         graphic_data=np.array([spot], dtype=np.float32),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label),
         referenced_region=region,
         finding_type=concept,
         algorithm_id=algorithm,
-        qualitative_evaluations=evaluations,
-        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=concept, value=value),
+            hd.sr.QualitativeEvaluation(name=DECISION_REASON, value=reason),
+        ],
+        measurements=[
+            hd.sr.Measurement(name=name, value=number, unit=PROBABILITY_UNIT, method=MC_DROPOUT, algorithm_id=algorithm)
+            for name, number in numbers
+        ],
     )
 
 
-def _referral_group(
-    result: PredictionResponse, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _number(name: CodedConcept, value: float) -> hd.sr.NumContentItem:
+    item = hd.sr.NumContentItem(
+        name=name, value=value, unit=PROBABILITY_UNIT, relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+    )
+    item.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.CodeContentItem(METHOD, MC_DROPOUT, relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)]
+    )
+    return item
+
+
+def _code_item(
+    name: CodedConcept,
+    value: CodedConcept,
+    relationship: hd.sr.RelationshipTypeValues,
+    children: Sequence[hd.sr.ContentItem] = (),
+) -> hd.sr.CodeContentItem:
+    item = hd.sr.CodeContentItem(name=name, value=value, relationship_type=relationship)
+    if children:
+        item.ContentSequence = hd.sr.ContentSequence(children)
+    return item
+
+
+def _qualitative_evaluations(
+    labels: Sequence[str], result: PredictionResponse, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.ContainerContentItem:
+    """What has no region on the image, at the report level (TID 1500's "Qualitative Evaluations" container): each
+    such finding as a coded value with its numbers and reason as properties, then the referral and its reasons.
+
+    Not measurement groups: OHIF (3.13) hydrates every group under "Imaging Measurements" as an image annotation
+    and fails on one without coordinates (its viewport stays black), while it leaves this container alone."""
+    has_properties = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    items: list[hd.sr.ContentItem] = [*algorithm]  # TID 4019, as in a measurement group
+    for label in labels:
+        value, reason, numbers = _measurement_items(label, result)
+        children = [
+            *(_number(name, number) for name, number in numbers),
+            _code_item(DECISION_REASON, reason, has_properties),
+        ]
+        items.append(_code_item(finding_concept(label), value, contains, children))
     referral = result.referral
-    evaluations = [hd.sr.QualitativeEvaluation(name=REFER, value=YES if referral.refer else NO)]
-    evaluations += [
-        hd.sr.QualitativeEvaluation(name=REFERRAL_REASON, value=CodedConcept(reason, SCHEME, REASON_MEANINGS[reason]))
+    reasons: list[hd.sr.ContentItem] = [
+        _code_item(REFERRAL_REASON, CodedConcept(reason, SCHEME, REASON_MEANINGS[reason]), has_properties)
         for reason in referral.reasons
     ]
     if result.decisions_withheld:
-        evaluations.append(hd.sr.QualitativeEvaluation(name=WITHHELD, value=YES))
+        reasons.append(_code_item(WITHHELD, YES, has_properties))
+    items.append(_code_item(REFER, YES if referral.refer else NO, contains, reasons))
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _placeholder_group(algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A group :class:`highdicom.sr.MeasurementReport` accepts, removed with its container before the SR is built."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Referral"),
-        finding_type=REFERRAL,
-        algorithm_id=algorithm,
-        qualitative_evaluations=evaluations,
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="placeholder"), algorithm_id=algorithm
     )
 
 
@@ -267,20 +327,21 @@ def build_sr(
     result: PredictionResponse,
     *,
     created: datetime,
-    heatmaps: Sequence[Dataset] = (),
+    derived: Sequence[Dataset] = (),
     spots: Mapping[str, tuple[float, float]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of ``result`` for the image whose header is ``source`` (from :func:`dicom_source`).
 
-    ``heatmaps``: the heatmap images made for the same result (``service.dicom.heatmaps``), listed beside the source
-    in the evidence so the SR names every object of the result. ``spots``: per finding, where its heatmap is hottest
-    on the source image (``service.dicom.heatmaps.hot_spots``); those findings get a region.
+    ``derived``: the other objects made for the same result (the result page and the heatmap images), listed beside
+    the source in the evidence so the SR names every object of the result. ``spots``: per finding, where its
+    heatmap is hottest on the source image (``service.dicom.heatmaps.hot_spots``); those findings get a region.
     """
     algorithm = _algorithm(result)
     # A film whose decisions are withheld (flagged by a gate) reports no finding as if it applied.
     labels = [] if result.decisions_withheld else list(result.predictions)
-    groups = [_finding_group(label, source, result, algorithm, (spots or {}).get(label)) for label in labels]
-    groups.append(_referral_group(result, algorithm))
+    spots = spots or {}
+    groups = [_region_group(label, source, result, algorithm, spots[label]) for label in labels if label in spots]
+    evaluations = _qualitative_evaluations([label for label in labels if label not in spots], result, algorithm)
     # One device UID per weights file, the same in every SR it writes (derived from the sha256, not random).
     device_uid = generate_uid(entropy_srcs=[MANUFACTURER, result.model.name, result.model.sha256])
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -293,9 +354,15 @@ def build_sr(
             )
         ),
         procedure_reported=PROCEDURE,
-        imaging_measurements=groups,
+        # highdicom insists on at least one group (it builds TID 1500's "Imaging Measurements" row only); a film
+        # with no region gets the report without that container (the template's other rows may stand alone).
+        imaging_measurements=groups or [_placeholder_group(algorithm)],
         referenced_images=[source] if _has_library_descriptors(source) else None,
     )
+    root = report[0].ContentSequence
+    if not groups:
+        del root[next(i for i, item in enumerate(root) if _item_name(item) == IMAGING_MEASUREMENTS)]
+    root.append(evaluations)
     equipment = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
@@ -308,7 +375,7 @@ def build_sr(
         ),
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[source, *heatmaps],
+        evidence=[source, *derived],
         content=report,
         series_instance_uid=hd.UID(),
         series_number=SR_SERIES_NUMBER,
@@ -328,11 +395,11 @@ def sr_answer(
     source: Dataset,
     result: PredictionResponse,
     created: datetime,
-    heatmaps: Sequence[Dataset] = (),
+    derived: Sequence[Dataset] = (),
     spots: Mapping[str, tuple[float, float]] | None = None,
 ) -> bytes:
     """:func:`build_sr` as a Part 10 file: what ``POST /v1/predict`` answers for ``Accept: application/dicom``."""
-    return sr_bytes(build_sr(source, result, created=created, heatmaps=heatmaps, spots=spots))
+    return sr_bytes(build_sr(source, result, created=created, derived=derived, spots=spots))
 
 
 def sr_bytes(sr: Dataset) -> bytes:
@@ -354,29 +421,55 @@ def _code(value: object) -> str:
 
 
 def read_sr_findings(sr: Dataset) -> tuple[dict[str, SRFinding], bool, list[str]]:
-    """``(findings by label, refer, reasons)`` read back from an SR this module built (tests and clients)."""
+    """``(findings by label, refer, reasons)`` read back from an SR this module built (tests and clients): the region
+    groups and the report-level qualitative evaluations alike."""
     report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True).content
     if not isinstance(report, hd.sr.MeasurementReport):
         raise ValueError("not a TID 1500 Measurement Report")
-    findings: dict[str, SRFinding] = {}
-    refer = False
-    reasons: list[str] = []
     decision_by_value = {PRESENT: "positive", ABSENT: "negative", INDETERMINATE: "uncertain"}
-    groups = [*report.get_image_measurement_groups(), *report.get_planar_roi_measurement_groups()]
-    for group in groups:
-        evaluations = group.get_qualitative_evaluations()
-        if group.finding_type == REFERRAL:
-            refer = any(item.name == REFER and item.value == YES for item in evaluations)
-            reasons = [_code(item.value) for item in evaluations if item.name == REFERRAL_REASON]
-            continue
-        numbers = {m.name: m.value for m in group.get_measurements()}
-        reason = next(_code(item.value) for item in evaluations if item.name == DECISION_REASON)
-        findings[str(group.tracking_identifier)] = SRFinding(
-            decision=decision_by_value[_concept(evaluations[0].value)],
+
+    def finding(value: object, reason: object, numbers: Mapping[CodedConcept, float]) -> SRFinding:
+        return SRFinding(
+            decision=decision_by_value[_concept(value)],
             conf=float(numbers[MC_MEAN]),
             std=float(numbers[MC_STD]),
-            reason=reason,
+            reason=_code(reason),
             clear_below=float(numbers[CLEAR_BELOW]) if CLEAR_BELOW in numbers else None,
             positive_at=float(numbers[POSITIVE_AT]) if POSITIVE_AT in numbers else None,
         )
+
+    findings: dict[str, SRFinding] = {}
+    for group in report.get_planar_roi_measurement_groups():
+        evaluations = group.get_qualitative_evaluations()
+        reason = next(item.value for item in evaluations if item.name == DECISION_REASON)
+        numbers = {m.name: m.value for m in group.get_measurements()}
+        findings[str(group.tracking_identifier)] = finding(evaluations[0].value, reason, numbers)
+    refer = False
+    reasons: list[str] = []
+    label_by_concept = {finding_concept(label): label for label in CHEXPERT_LABELS}
+    for container in report[0].ContentSequence:
+        if container.ValueType != "CONTAINER" or _item_name(container) != QUALITATIVE_EVALUATIONS:
+            continue
+        for item in container.ContentSequence:
+            name = _item_name(item)
+            if item.ValueType != "CODE" or (name != REFER and name not in label_by_concept):
+                continue
+            children = list(getattr(item, "ContentSequence", []))
+            if name == REFER:
+                refer = _item_value(item) == YES
+                reasons = [_code(_item_value(c)) for c in children if _item_name(c) == REFERRAL_REASON]
+                continue
+            numbers = {
+                _item_name(c): float(c.MeasuredValueSequence[0].NumericValue) for c in children if c.ValueType == "NUM"
+            }
+            decided_by = next(_item_value(c) for c in children if _item_name(c) == DECISION_REASON)
+            findings[label_by_concept[name]] = finding(_item_value(item), decided_by, numbers)
     return findings, refer, reasons
+
+
+def _item_name(item: Dataset) -> CodedConcept:
+    return CodedConcept.from_dataset(item.ConceptNameCodeSequence[0])
+
+
+def _item_value(item: Dataset) -> CodedConcept:
+    return CodedConcept.from_dataset(item.ConceptCodeSequence[0])

@@ -21,9 +21,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from bayesnet.imaging import POPULATION_LATERAL, POPULATION_NON_CHEST, population_flags
+from bayesnet.referral import describe
 from service.dicom.heatmaps import heatmaps_for_upload, hot_spots
 from service.dicom.multipart import MultipartError, Part, TooManyPartsError, media_type_params, split_related
-from service.dicom.sr import DicomSourceError, dicom_source, sr_answer, sr_bytes
+from service.dicom.sr import DicomSourceError, checked_source, sr_answer, sr_bytes, with_header_warnings
+from service.dicom.summary import build_summary
 from service.errors import ServiceError, UploadTooLargeError
 from service.problems import problem_for
 from service.runtime.heatmaps import AUTO
@@ -90,14 +92,15 @@ class InstanceOutcome:
     detail: str | None = None
 
 
-def read_instance(part: Part) -> Dataset:
-    """The part's DICOM header (``NotADicomInstanceError`` for a part that is not a DICOM instance)."""
+def read_instance(part: Part) -> tuple[Dataset, list[str]]:
+    """The part's DICOM header and what it left out (``service.dicom.sr.checked_source``;
+    ``NotADicomInstanceError`` for a part that is not a DICOM instance)."""
     if part.content_type not in ("", "application/dicom"):
         raise NotADicomInstanceError(
             f"The part's Content-Type is {part.content_type[:100]}; STOW-RS parts must be application/dicom files."
         )
     try:
-        return dicom_source(part.data)
+        return checked_source(part.data)
     except DicomSourceError as err:
         raise NotADicomInstanceError(f"This part cannot be scored: {err}. Send DICOM Part 10 files.") from err
 
@@ -135,8 +138,8 @@ Audited = Callable[[int, bytes, Awaitable[PredictionResponse]], Awaitable[Predic
 async def results_for_pacs(
     data: bytes, header: Dataset, result: PredictionResponse, pipeline: PredictionPipeline
 ) -> list[bytes]:
-    """The objects a PACS receives for one scored instance, as Part 10 files: the SR (which lists the heatmap
-    images in its evidence), then the heatmap images.
+    """The objects a PACS receives for one scored instance, as Part 10 files: the SR (which lists the other
+    objects in its evidence), the result page (``service.dicom.summary``), then the heatmap images.
 
     Built in the pipeline's bounded decode pool: the heatmaps decode the film once more (the pipeline keeps no
     pixels), and the pool bounds how many films are in memory at once.
@@ -147,8 +150,13 @@ async def results_for_pacs(
         heatmaps = heatmaps_for_upload(
             data, header, result, resize=pipeline.spec.resize, max_pixels=pipeline.max_pixels, created=created
         )
+        rule = pipeline.spec.referral
+        page = build_summary(
+            header, result, guarantee=describe(rule) if rule else None, heatmaps=heatmaps, created=created
+        )
         spots = hot_spots(result, (int(header.Rows), int(header.Columns)), pipeline.spec.resize)
-        return [sr_answer(header, result, created, heatmaps, spots), *(sr_bytes(image) for image in heatmaps)]
+        sr = sr_answer(header, result, created, [page, *heatmaps], spots)
+        return [sr, sr_bytes(page), *(sr_bytes(image) for image in heatmaps)]
 
     return await asyncio.get_running_loop().run_in_executor(pipeline.decode_pool, build)
 
@@ -178,12 +186,13 @@ async def receive(
 
         async def score() -> PredictionResponse:
             nonlocal header
-            header = await asyncio.to_thread(read_instance, part)
-            check_scope(header)
+            source, warnings = await asyncio.to_thread(read_instance, part)
+            header = source
+            check_scope(source)
             result, _ = await pipeline.predict(
                 part.data, request_id=f"{request_id}-{index}", cams=cams, mc_samples=None, received_at=received_at
             )
-            return result
+            return with_header_warnings(result, warnings)
 
         try:
             if len(part.data) > max_upload_bytes:

@@ -27,7 +27,7 @@ def test_migrations_build_the_schema_once_and_are_idempotent(audit_url: str) -> 
         tables = set(inspect(store.engine).get_table_names())
         assert {"audit_events", "audit_findings", "alembic_version"} <= tables
         with store.engine.connect() as connection:
-            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
     finally:
         store.close()
 
@@ -37,6 +37,7 @@ def test_filters_and_cursor_pages_return_each_matching_record_once(audit_url: st
     try:
         old = [record(NOW - timedelta(days=10), confs={"Effusion": 0.9}, refer=True) for _ in range(3)]
         new = [record(NOW - timedelta(hours=1), confs={"Effusion": 0.1}, refer=False) for _ in range(7)]
+        new[0] = new[0].model_copy(update={"warnings": ["PixelSpacing in the DICOM header is zero or negative"]})
         other = [record(NOW - timedelta(hours=1), model="other-model") for _ in range(2)]
         store.insert([*old, *new, *other])
 

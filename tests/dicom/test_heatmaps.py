@@ -22,7 +22,7 @@ from service.dicom import (
     sr_answer,
 )
 from service.dicom.heatmaps import MAX_SIDE_PX, heatmap_intensity, hot_spots, place_on_film
-from service.dicom.sr import SR_SERIES_NUMBER, read_sr_findings
+from service.dicom.sr import SR_SERIES_NUMBER, checked_source, read_sr_findings
 from service.runtime.heatmap_png import heatmap_png
 from service.schemas import (
     FindingPrediction,
@@ -205,10 +205,15 @@ def test_a_hot_spot_is_where_the_map_peaks_on_the_films_pixel_matrix() -> None:
     assert hot_spots(result_with({}), (2000, 1000), "squash") == {}
 
 
+def _root_items(sr: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
+    return {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
+
+
 def test_findings_with_a_heatmap_get_a_point_region_on_the_source_image_and_the_sr_stays_valid(tmp_path: Path) -> None:
     """A viewer that shows SR content as image annotations (OHIF) needs a region: the findings with a heatmap get
-    a planar ROI group (TID 1410) whose SCOORD POINT references the source image; the others keep an image-level
-    group (TID 1501); every finding still reads back with its decision and MC numbers."""
+    a planar ROI group (TID 1410) whose SCOORD POINT references the source image, and every group under "Imaging
+    Measurements" has one (OHIF fails on a group without). The other findings and the referral are report-level
+    qualitative evaluations; every finding still reads back with its decision and MC numbers."""
     upload = chest_cr()
     source = dicom_source(upload)
     result = result_with({"Cardiomegaly": heatmap(corner_map())})
@@ -216,31 +221,53 @@ def test_findings_with_a_heatmap_get_a_point_region_on_the_source_image_and_the_
     answer = sr_answer(source, result, NOW, [], spots)
     assert dciodvfy_errors(answer, tmp_path) == []
     sr = pydicom.dcmread(io.BytesIO(answer))
+    root = _root_items(sr)
     regions = {}
-    for group in sr.ContentSequence:
-        for item in getattr(group, "ContentSequence", []):
-            if item.ValueType != "CONTAINER":
-                continue
-            name = next(
-                (c.TextValue for c in item.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "112039"), None
-            )
-            scoords = [c for c in item.ContentSequence if c.ValueType == "SCOORD"]
-            regions[name] = scoords
+    for group in root["Imaging Measurements"].ContentSequence:
+        name = next(c.TextValue for c in group.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "112039")
+        regions[name] = [c for c in group.ContentSequence if c.ValueType == "SCOORD"]
+    assert list(regions) == ["Cardiomegaly"]
     (point,) = regions["Cardiomegaly"]
     assert point.GraphicType == "POINT" and point.RelationshipType == "CONTAINS"
     column, row = (float(v) for v in point.GraphicData)
     assert (column, row) == pytest.approx(spots["Cardiomegaly"], abs=0.01)
     assert 0 <= column <= source.Columns / 4 + 1 and 0 <= row <= source.Rows / 4 + 1  # the corner map's hot quarter
     assert point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert regions["Edema"] == []  # no heatmap, no region: an image-level group
+    evaluations = root["Qualitative Evaluations"]
+    assert evaluations.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
+    coded = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in evaluations.ContentSequence}
+    assert "Pulmonary edema" in coded and "Cardiomegaly" not in coded and "Refer to a radiologist" in coded
+    edema = coded["Pulmonary edema"]
+    assert edema.ValueType == "CODE" and edema.ConceptCodeSequence[0].CodeMeaning == "Present"
+    assert {c.ValueType for c in edema.ContentSequence} == {"NUM", "CODE"}  # MC numbers and the decision reason
     findings, _, _ = read_sr_findings(sr)
     assert set(findings) == {"Cardiomegaly", "Edema"} and findings["Cardiomegaly"].conf == pytest.approx(0.81)
+    assert findings["Edema"].decision == "positive" and findings["Edema"].positive_at == pytest.approx(0.7)
+
+
+def test_an_sr_without_regions_has_no_empty_measurements_container(tmp_path: Path) -> None:
+    """No heatmap, no region: the report carries its findings and referral as qualitative evaluations only (TID
+    1500 allows that container alone) and stays valid and readable."""
+    source = dicom_source(chest_cr())
+    answer = sr_answer(source, result_with({}), NOW)
+    assert dciodvfy_errors(answer, tmp_path) == []
+    sr = pydicom.dcmread(io.BytesIO(answer))
+    assert "Imaging Measurements" not in _root_items(sr) and "Qualitative Evaluations" in _root_items(sr)
+    findings, refer, reasons = read_sr_findings(sr)
+    assert set(findings) == {"Cardiomegaly", "Edema"} and isinstance(refer, bool) and reasons
 
 
 def test_a_zero_pixel_spacing_is_not_copied_and_valid_numbers_are(tmp_path: Path) -> None:
     """RG1's header says Pixel Spacing 0.000\\0.000, which makes viewers show the film black: the header the derived
     objects copy from leaves it out. A valid spacing and the patient's numeric values (DS) are kept as sent."""
     assert "PixelSpacing" not in dicom_source(chest_cr())
+    with pytest.warns(UserWarning, match="Invalid value for VR AS"):  # pydicom's own check, as a sender's would be
+        film = chest_cr(PatientAge="62")
+    _, warnings = checked_source(film)
+    assert warnings == [
+        "DICOM header: PatientAge is not valid for its value representation; the AI result objects leave it out",
+        "DICOM header: PixelSpacing is zero or negative; the AI result objects leave it out",
+    ]
     kept = dicom_source(chest_cr(PixelSpacing=[0.143, 0.143], PatientWeight="72.5"))
     assert [float(v) for v in kept.PixelSpacing] == [0.143, 0.143] and float(kept.PatientWeight) == 72.5
     assert "ImagerPixelSpacing" not in dicom_source(chest_cr(ImagerPixelSpacing=[0.1, -0.1]))

@@ -14,6 +14,8 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
+from service.dicom.heatmaps import HEATMAP_SERIES_NUMBER
+from service.dicom.summary import SUMMARY_SERIES_NUMBER
 from service.runtime.heatmaps import AUTO_CAM_LIMIT
 from service.settings import Settings
 from tests.dicom.conftest import ADMIN_KEY
@@ -74,11 +76,16 @@ def test_a_study_in_the_pacs_gets_its_sr_back_with_the_findings_it_was_scored_wi
         response = stow(client, [(upload, "application/dicom")])
         assert response.status_code == 200, response.text
         assert len(items(response.json(), REFERENCED_SOP)) == 1
-        # The SR and one heatmap image per finding drawn with cams=auto (positive or uncertain, at most 4).
+        # The SR, the result page and one heatmap image per finding drawn with cams=auto (positive or uncertain,
+        # at most 4).
         (record,) = audit_records(client, response.headers["x-request-id"], ADMIN_KEY)
         drawn = min(AUTO_CAM_LIMIT, sum(f["decision"] != "negative" for f in record["findings"].values()))
         assert drawn >= 1  # the tiny untrained model is unsure of everything, so there is a heatmap to check
-        wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_forwarded_total", 0) == 1 + drawn)
+        # RG1's zero Pixel Spacing is left out of the result objects, and the audit record says so (name, no value).
+        assert [w for w in record["warnings"] if w.startswith("DICOM header")] == [
+            "DICOM header: PixelSpacing is zero or negative; the AI result objects leave it out"
+        ]
+        wait_until(lambda: outbox_metrics(client).get("cxr_dicomweb_forwarded_total", 0) == 2 + drawn)
         assert outbox_metrics(client)["cxr_dicomweb_outbox_instances"] == 0
 
     # QIDO-RS finds the SR in the same study; WADO-RS returns it; highdicom reads its findings back.
@@ -91,8 +98,10 @@ def test_a_study_in_the_pacs_gets_its_sr_back_with_the_findings_it_was_scored_wi
     assert_sr_matches_record(sr, record)
 
     # The heatmaps: Secondary Capture images in one more series of the same study, each valid and naming its finding.
-    (heatmaps,) = pacs_client(pacs).search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
-    heatmap_series = str(heatmaps["0020000E"]["Value"][0])
+    derived = pacs_client(pacs).search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
+    by_number = {int(item["00200011"]["Value"][0]): str(item["0020000E"]["Value"][0]) for item in derived}
+    assert set(by_number) == {HEATMAP_SERIES_NUMBER, SUMMARY_SERIES_NUMBER}
+    heatmap_series = by_number[HEATMAP_SERIES_NUMBER]
     assert heatmap_series != series_uid
     found = pacs_client(pacs).search_for_instances(study_instance_uid=study, series_instance_uid=heatmap_series)
     assert len(found) == drawn
@@ -101,14 +110,35 @@ def test_a_study_in_the_pacs_gets_its_sr_back_with_the_findings_it_was_scored_wi
     assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert any(label in image.ImageComments for label in record["findings"])
     heatmap_uids = {str(item["00080018"]["Value"][0]) for item in found}
-    assert evidence_uids(sr) == {source.SOPInstanceUID, *heatmap_uids}  # the SR names every object of the result
-    # Orthanc's own renderer (Orthanc Explorer's preview) decodes it, with the heatmap's colour in it.
+    # The result page: one valid image in the film's study.
+    (page_item,) = pacs_client(pacs).search_for_instances(
+        study_instance_uid=study, series_instance_uid=by_number[SUMMARY_SERIES_NUMBER]
+    )
+    page = pacs_client(pacs).retrieve_instance(
+        study, by_number[SUMMARY_SERIES_NUMBER], page_item["00080018"]["Value"][0]
+    )
+    assert dciodvfy_errors(_part10(page), tmp_path) == []
+    assert (
+        page.PatientID == source.PatientID
+        and page.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    )
+    # The SR names every object of the result.
+    assert evidence_uids(sr) == {source.SOPInstanceUID, page.SOPInstanceUID, *heatmap_uids}
+    # Orthanc's own renderer (Orthanc Explorer's preview) decodes both: the heatmap with its colour, the page with
+    # its text and (when a finding was drawn) the key heatmaps.
+    rendered = orthanc_preview(pacs, image.SOPInstanceUID)
+    assert (rendered[..., 0] - rendered[..., 2]).max() > 100  # red-to-yellow where the map is hot
+    rendered = orthanc_preview(pacs, page.SOPInstanceUID)
+    assert rendered.shape[:2] == (page.Rows, page.Columns) and (rendered > 200).mean() > 0.002  # text on black
+
+
+def orthanc_preview(pacs: str, sop_instance_uid: str) -> np.ndarray:
+    """The instance as Orthanc Explorer shows it (its ``/preview`` PNG), RGB."""
     rest = pacs.removesuffix("/dicom-web")
-    (match,) = httpx.post(f"{rest}/tools/lookup", content=str(image.SOPInstanceUID), timeout=30).json()
+    (match,) = httpx.post(f"{rest}/tools/lookup", content=str(sop_instance_uid), timeout=30).json()
     preview = httpx.get(f"{rest}/instances/{match['ID']}/preview", timeout=30)
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
-    rendered = np.asarray(Image.open(io.BytesIO(preview.content)).convert("RGB"), dtype=int)
-    assert (rendered[..., 0] - rendered[..., 2]).max() > 100  # red-to-yellow where the map is hot
+    return np.asarray(Image.open(io.BytesIO(preview.content)).convert("RGB"), dtype=int)
 
 
 def test_a_chest_cr_from_another_source_round_trips_too(
@@ -160,8 +190,10 @@ def test_results_wait_in_the_outbox_while_the_pacs_is_down_and_survive_a_restart
         assert outbox_metrics(client)["cxr_dicomweb_outbox_instances"] == 0
     assert list(outbox.glob("*.dcm")) == []
     assert len(sr_series(pacs, study)) == 1
-    (heatmaps,) = pacs_client(pacs).search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
-    assert heatmaps["00201209"]["Value"][0] == len(waiting) - 1  # Number of Series Related Instances
+    derived = pacs_client(pacs).search_for_series(study_instance_uid=study, search_filters={"Modality": "OT"})
+    # Number of Series Related Instances: the result page, and every heatmap.
+    count = {int(item["00200011"]["Value"][0]): item["00201209"]["Value"][0] for item in derived}
+    assert count == {SUMMARY_SERIES_NUMBER: 1, HEATMAP_SERIES_NUMBER: len(waiting) - 2}
 
 
 def _part10(ds: pydicom.Dataset) -> bytes:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import Response
+from pydicom.dataset import Dataset
 
 from service import fhir
 from service.api.disconnect import cancel_on_disconnect
@@ -32,7 +33,7 @@ from service.api.routes.deps import (
     read_upload,
     service_state,
 )
-from service.dicom import DicomSourceError, dicom_source, sr_answer
+from service.dicom import DicomSourceError, checked_source, dicom_source, sr_answer, with_header_warnings
 from service.dicom.heatmaps import hot_spots
 from service.errors import (
     NotAcceptableError,
@@ -114,29 +115,31 @@ async def predict(
     received_at = time.perf_counter()
     auditor = auditor_of(request)
     data = await read_image(request, file)
-    source = None
+    source: Dataset | None = None
+    header_warnings: list[str] = []
     if media_type == DICOM:  # checked before any inference: an SR can only answer a DICOM image
         try:
-            source = await asyncio.to_thread(dicom_source, data)
+            source, header_warnings = await asyncio.to_thread(checked_source, data)
         except DicomSourceError as err:
             raise NotAcceptableError(
                 f"A DICOM SR ({DICOM}) can only answer a DICOM upload, and {err}. Send the DICOM file, or "
                 f"Accept: {JSON} or {FHIR_JSON} for this image."
             ) from err
-    result, batch_size = await cancel_on_disconnect(
-        request,
-        auditor.audited(
-            audit_subject(request, pipeline),
+
+    async def predicted() -> tuple[PredictionResponse, int]:
+        result, batch_size = await pipeline.predict(
             data,
-            pipeline.predict(
-                data,
-                request_id=request.state.request_id,
-                cams=cams,
-                mc_samples=mc_samples,
-                received_at=received_at,
-                declared=declared(patient_age, view),
-            ),
-        ),
+            request_id=request.state.request_id,
+            cams=cams,
+            mc_samples=mc_samples,
+            received_at=received_at,
+            declared=declared(patient_age, view),
+        )
+        # What the SR leaves out of the header is part of the answer, and so of its audit record.
+        return with_header_warnings(result, header_warnings), batch_size
+
+    result, batch_size = await cancel_on_disconnect(
+        request, auditor.audited(audit_subject(request, pipeline), data, predicted())
     )
     request.state.batch_size = batch_size
     if media_type == FHIR_JSON:
