@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= serve,train,dev
 
-.PHONY: install test test-fast lint format serve bench bench-mc bench-serve bench-train bench-archive bench-allocator bench-audit reliability demo-model wheelhouse image-smoke clean
+.PHONY: install test test-fast lint format ohif serve bench bench-mc bench-serve bench-train bench-archive bench-allocator bench-audit reliability demo-model wheelhouse image-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-fast: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -m "not slow and not integration"
+
+# OHIF (pinned, from the npm registry, checked against its sha512, cached outside the repository) for the viewer
+# test, tests/viewer/; without it that test skips. Never fails: no registry means a skip, said in the output.
+ohif: $(STAMP)
+	$(PY) -m tests.viewer.ohif fetch
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,16 +1,20 @@
 """A prediction as a DICOM Structured Report: Comprehensive 3D SR with TID 1500 Measurement Report as its root.
 
-The shape follows IHE AI Results (AIR): one measurement group per trained finding, each with a qualitative
-evaluation (present / absent / indeterminate from ``decision``) and the Monte-Carlo mean probability and
-standard deviation as numeric measurements; one more group carries the referral conclusion and its reasons.
-The algorithm is named twice, as AIR asks: in every group's Algorithm Identification (TID 4019) and in the
-Contributing Equipment Sequence with purpose "Processing Algorithm". The source radiograph is the evidence
-(Current Requested Procedure Evidence Sequence and the Image Library), the SR joins the source's study in a
-new series, and highdicom copies the source's patient and study modules so a PACS can file it. Nothing else
-from the source header is copied, and none of it is logged.
+The content follows IHE AI Results (AIR): every finding present / absent / indeterminate (from ``decision``) with
+its Monte-Carlo mean probability (one concept per finding, "<label> probability (MC dropout mean)") and standard
+deviation, the thresholds and reason of the rule that decided, and the referral with its reasons. A finding with a
+heatmap is a planar ROI measurement group (TID 1410) whose region is the heatmap's hot spot on the source image;
+the other findings and the referral are TID 1500's report-level qualitative evaluations, because OHIF (3.13) fails
+on a measurement group without coordinates and ignores that container (docs/dicom.md, "Reading the result in
+OHIF"). The algorithm is named in Algorithm Identification (TID 4019) and in the Contributing Equipment Sequence
+with purpose "Processing Algorithm", as AIR asks. The source radiograph is the evidence (Current Requested
+Procedure Evidence Sequence and the Image Library), the SR joins the source's study in a new series, and highdicom
+copies the source's patient and study modules so a PACS can file it; header values invalid for their VR or
+meaningless (a zero pixel spacing) are left out first, each with a warning (``checked_source``). Nothing else from
+the source header is copied, and none of it is logged.
 
-Built from highdicom's information model (``MeasurementReport``, ``QualitativeEvaluation``), never by
-setting tags one by one.
+Built from highdicom's information model (``MeasurementReport``, ``QualitativeEvaluation``, content items), never
+by setting tags one by one.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "bayesnet-cxr AI result (research use only)"
 
 PROCEDURE = CodedConcept("36554-4", "LN", "XR Chest Single view")
-MC_MEAN = CodedConcept("MCMEAN", SCHEME, "Monte-Carlo dropout mean probability")
+#: Code value prefix of a finding's probability (MC mean) concept: ``probability_concept``.
+PROBABILITY_PREFIX = "prob-"
 MC_STD = CodedConcept("MCSTD", SCHEME, "Monte-Carlo dropout standard deviation")
 CLEAR_BELOW = CodedConcept("CLEARBELOW", SCHEME, "Rule: cleared below this score")
 POSITIVE_AT = CodedConcept("POSITIVEAT", SCHEME, "Rule: positive at this score")
@@ -171,6 +176,13 @@ def _drop_invalid_values(source: Dataset) -> list[str]:
     return warnings
 
 
+def probability_concept(label: str) -> CodedConcept:
+    """The concept of a finding's probability (the MC mean), one per finding, so its name travels with the number:
+    OHIF labels a region only with its measurements' names and values ("Consolidation probability (MC dropout
+    mean): 0.75")."""
+    return CodedConcept(PROBABILITY_PREFIX + finding_code(label), SCHEME, f"{label} probability (MC dropout mean)")
+
+
 def finding_concept(label: str) -> CodedConcept:
     """SNOMED CT where the concept is unambiguous (as in the FHIR mapping), else the project code."""
     if label in SNOMED_BY_LABEL:
@@ -208,7 +220,7 @@ def _measurement_items(
     deviation, the thresholds the rule has), as the JSON answer carries them."""
     prediction = result.predictions[label]
     reason = CodedConcept(prediction.reason, SCHEME, REASON_TEXT[Reason(prediction.reason)])
-    numbers = [(MC_MEAN, prediction.conf), (MC_STD, prediction.std)]
+    numbers = [(probability_concept(label), prediction.conf), (MC_STD, prediction.std)]
     numbers += [
         (name, value)
         for name, value in ((CLEAR_BELOW, prediction.clear_below), (POSITIVE_AT, prediction.positive_at))
@@ -431,7 +443,7 @@ def read_sr_findings(sr: Dataset) -> tuple[dict[str, SRFinding], bool, list[str]
     def finding(value: object, reason: object, numbers: Mapping[CodedConcept, float]) -> SRFinding:
         return SRFinding(
             decision=decision_by_value[_concept(value)],
-            conf=float(numbers[MC_MEAN]),
+            conf=next(float(v) for name, v in numbers.items() if str(name.value).startswith(PROBABILITY_PREFIX)),
             std=float(numbers[MC_STD]),
             reason=_code(reason),
             clear_below=float(numbers[CLEAR_BELOW]) if CLEAR_BELOW in numbers else None,

@@ -30,7 +30,7 @@ from service.wording import DISCLAIMER, NO_CLEARING, OOD_WARNING, WITHHELD_WORDS
 
 SUMMARY_SERIES_NUMBER = 9903
 SUMMARY_SERIES_DESCRIPTION = "bayesnet-cxr AI result page (research use only)"
-#: Page size in pixels (columns, rows): 4:3, the shape of a reading-room monitor, 3.7 MB of RGB.
+#: Page size in pixels (columns, rows): 4:3, the shape of a reading-room monitor; 5.8 MB of uncompressed RGB.
 PAGE_SIZE = (1600, 1200)
 #: How many heatmaps the page shows beside the text.
 KEY_HEATMAPS = 2

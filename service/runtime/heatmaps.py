@@ -81,12 +81,13 @@ def for_population(wanted: CamSelection, *, outside: bool) -> CamSelection:
 def auto_classes(
     mean: np.ndarray, decisions: Sequence[Decision], trained: Sequence[int], *, in_distribution: bool
 ) -> list[int]:
-    """The label indices ``auto`` draws for one image: its positive or uncertain trained findings, most probable
-    first, at most :data:`AUTO_CAM_LIMIT`; none when the out-of-distribution gate flagged the image."""
+    """The label indices ``auto`` draws for one image: its positive trained findings, then its uncertain ones, each
+    most probable first, at most :data:`AUTO_CAM_LIMIT`; none when the out-of-distribution gate flagged the image.
+    (Positive first: a finding the rule called positive at 0.43 matters more than an uncertain one at 0.75.)"""
     if not in_distribution:
         return []
     flagged = [k for k in trained if decisions[k] in (Decision.POSITIVE, Decision.UNCERTAIN)]
-    flagged.sort(key=lambda k: float(mean[k]), reverse=True)
+    flagged.sort(key=lambda k: (decisions[k] != Decision.POSITIVE, -float(mean[k])))
     return flagged[:AUTO_CAM_LIMIT]
 
 
