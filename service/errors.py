@@ -131,6 +131,13 @@ class AdminOnlyError(ServiceError):
     title = "Admin key required"
 
 
+class OutcomeKeyRequiredError(ServiceError):
+    """A prediction or admin key offered where an outcome key is required (``POST /v1/outcomes``)."""
+
+    status = 403
+    title = "Outcome key required"
+
+
 class NotAcceptableError(ServiceError):
     """The Accept header rules out every representation the endpoint offers (JSON and FHIR R4 JSON)."""
 

@@ -343,6 +343,9 @@ class AuditFindingRecord(_Schema):
     conf: float
     std: float
     decision: DecisionName
+    interval: tuple[float, float] | None = Field(
+        default=None, description="5th and 95th percentile of the MC samples; null in records older than revision 0004"
+    )
 
 
 class AuditRecord(_Schema):
@@ -362,6 +365,10 @@ class AuditRecord(_Schema):
     error: str | None = Field(default=None, description="Problem title of a refusal")
     model: ModelRef
     input_sha256: str
+    study_uid_sha256: str | None = Field(
+        default=None, description="sha256 of a DICOM upload's Study Instance UID (how verdicts sent by UID find it)"
+    )
+    sop_uid_sha256: str | None = Field(default=None, description="sha256 of a DICOM upload's SOP Instance UID")
     input_bytes: int
     input_format: Literal["png", "jpeg", "dicom"] | None = None
     width: int | None = None
@@ -377,6 +384,13 @@ class AuditRecord(_Schema):
     referral: Referral | None = None
     ood: OODResult | None = None
     latency_ms: float
+
+
+class OutcomeReceiptBody(_Schema):
+    """A submission of radiologists' verdicts, stored whole (``POST /v1/outcomes``)."""
+
+    films: int = Field(description="Films that received at least one verdict")
+    verdicts: int = Field(description="Verdicts stored (one per film and finding)")
 
 
 class AuditPage(_Schema):

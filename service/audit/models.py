@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 #: BIGINT on PostgreSQL; SQLite only auto-increments an ``INTEGER PRIMARY KEY``.
@@ -42,6 +42,10 @@ class AuditEvent(Base):
     model_version: Mapped[str] = mapped_column(String(100))
     model_sha256: Mapped[str] = mapped_column(String(64))
     input_sha256: Mapped[str] = mapped_column(String(64))
+    #: sha256 of a DICOM upload's Study and SOP Instance UIDs (``service.audit.uids``): how a radiologist's verdict
+    #: sent by UID finds its film, without the trail holding the UIDs; NULL for other uploads and older records.
+    study_uid_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    sop_uid_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     input_bytes: Mapped[int] = mapped_column(BigInteger)
     input_format: Mapped[str | None] = mapped_column(String(16))
     width: Mapped[int | None] = mapped_column(Integer)
@@ -76,5 +80,43 @@ class AuditFinding(Base):
     conf: Mapped[float] = mapped_column(Float)
     std: Mapped[float] = mapped_column(Float)
     decision: Mapped[str] = mapped_column(String(16), index=True)
+    #: 5th and 95th percentile of the MC samples (the rule's "interval" score); NULL in records older than 0004.
+    interval_low: Mapped[float | None] = mapped_column(Float)
+    interval_high: Mapped[float | None] = mapped_column(Float)
 
     event: Mapped[AuditEvent] = relationship(back_populates="findings")
+
+
+class AuditOutcome(Base):
+    """A radiologist's final verdict on one finding of one audited film (issue #30, docs/guarantee.md)."""
+
+    __tablename__ = "audit_outcomes"
+    __table_args__ = (UniqueConstraint("event_pk", "label", name="uq_audit_outcomes_event_label"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    event_pk: Mapped[int] = mapped_column(_ID, ForeignKey("audit_events.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    present: Mapped[bool] = mapped_column(Boolean)
+    #: How it arrived: "fhir", "hl7", "csv" or "ndjson".
+    source: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The key id of the sender (as ``audit_events.client_id``), never the key.
+    submitted_by: Mapped[str | None] = mapped_column(String(64))
+    message_id: Mapped[str | None] = mapped_column(String(128))
+
+
+class GuaranteeTransition(Base):
+    """One change of the referral rule's operating state: who, when, why (docs/guarantee.md)."""
+
+    __tablename__ = "guarantee_transitions"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    previous_state: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(1000))

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from bayesnet import ImageFacts, sniff_format
+from service.audit.uids import dicom_uid_digests
 from service.audit.writer import AuditWriter
 from service.errors import AuditUnavailableError, OutOfDistributionError
 from service.problems import problem_for
@@ -95,11 +96,11 @@ class Auditor:
         its outcome, and return it once the record is durable; raise ``AuditUnavailableError`` (503) if it
         cannot be. A refusal is recorded too, and re-raised once its record is durable.
 
-        The upload's sha256 is taken beside the prediction, in a thread of its own, so it costs the answer no
-        latency."""
+        The upload's sha256 (and a DICOM upload's UID digests) is taken beside the prediction, in a thread of its
+        own, so it costs the answer no latency."""
         occurred_at = datetime.now(timezone.utc)
         started = time.perf_counter()
-        digest = asyncio.ensure_future(asyncio.to_thread(_sha256, data))
+        digest = asyncio.ensure_future(asyncio.to_thread(_fingerprint, data))
         base: dict[str, Any] = {
             "event_id": uuid.uuid4().hex,
             "request_id": subject.request_id,
@@ -115,15 +116,15 @@ class Auditor:
         except asyncio.CancelledError:
             # The client hung up: nobody receives an answer, but the work was admitted; record it, do not wait.
             digest.cancel()
-            base["input_sha256"] = _sha256(data)
+            base.update(_fingerprint(data))
             self.writer.submit(_refusal(base, 499, "Client closed the connection", data, None, started))
             raise
         except Exception as err:
             status, title, _, _ = problem_for(err)
-            base["input_sha256"] = await digest
+            base.update(await digest)
             await self._durable(_refusal(base, status, title, data, err, started))
             raise
-        base["input_sha256"] = await digest
+        base.update(await digest)
         response = outcome[0] if isinstance(outcome, tuple) else outcome
         assert isinstance(response, PredictionResponse)
         record = _answered(base, response, started)
@@ -141,8 +142,10 @@ class Auditor:
             ) from err
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _fingerprint(data: bytes) -> dict[str, str | None]:
+    """The upload's sha256 and, for DICOM, its UIDs' digests (``service.audit.uids``)."""
+    study, sop = dicom_uid_digests(data)
+    return {"input_sha256": hashlib.sha256(data).hexdigest(), "study_uid_sha256": study, "sop_uid_sha256": sop}
 
 
 def _answered(base: dict[str, Any], response: PredictionResponse, started: float) -> AuditRecord:
@@ -158,7 +161,7 @@ def _answered(base: dict[str, Any], response: PredictionResponse, started: float
             "warnings": list(response.image.warnings),
             "mc_samples": response.mc_samples,
             "findings": {
-                label: AuditFindingRecord(conf=p.conf, std=p.std, decision=p.decision)
+                label: AuditFindingRecord(conf=p.conf, std=p.std, decision=p.decision, interval=p.interval)
                 for label, p in response.predictions.items()
             },
             "referral": response.referral,

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, create_engine, delete, event, exists, func, inser
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, selectinload
 
-from service.audit.models import AuditEvent, AuditFinding
+from service.audit.models import AuditEvent, AuditFinding, AuditOutcome
 from service.schemas import AuditFindingRecord, AuditRecord, ModelRef, OODResult, Referral
 
 log = logging.getLogger("service.audit")
@@ -109,6 +109,8 @@ def _event_values(record: AuditRecord) -> dict[str, Any]:
         "model_version": record.model.version,
         "model_sha256": record.model.sha256,
         "input_sha256": record.input_sha256,
+        "study_uid_sha256": record.study_uid_sha256,
+        "sop_uid_sha256": record.sop_uid_sha256,
         "input_bytes": record.input_bytes,
         "input_format": record.input_format,
         "width": record.width,
@@ -155,6 +157,8 @@ def from_row(row: AuditEvent) -> AuditRecord:
             "error": row.error,
             "model": ModelRef(name=row.model_name, version=row.model_version, sha256=row.model_sha256),
             "input_sha256": row.input_sha256,
+            "study_uid_sha256": row.study_uid_sha256,
+            "sop_uid_sha256": row.sop_uid_sha256,
             "input_bytes": row.input_bytes,
             "input_format": row.input_format,
             "width": row.width,
@@ -163,7 +167,14 @@ def from_row(row: AuditEvent) -> AuditRecord:
             "warnings": row.warnings or [],
             "mc_samples": row.mc_samples,
             "findings": {
-                f.label: AuditFindingRecord.model_validate({"conf": f.conf, "std": f.std, "decision": f.decision})
+                f.label: AuditFindingRecord.model_validate(
+                    {
+                        "conf": f.conf,
+                        "std": f.std,
+                        "decision": f.decision,
+                        "interval": None if f.interval_low is None else (f.interval_low, f.interval_high),
+                    }
+                )
                 for f in row.findings
             },
             "referral": referral,
@@ -206,7 +217,15 @@ class AuditStore:
             statement = insert(AuditEvent).returning(AuditEvent.id, sort_by_parameter_order=True)
             keys = list(connection.scalars(statement, [_event_values(r) for r in wanted]))
             findings = [
-                {"event_pk": key, "label": label, "conf": f.conf, "std": f.std, "decision": f.decision}
+                {
+                    "event_pk": key,
+                    "label": label,
+                    "conf": f.conf,
+                    "std": f.std,
+                    "decision": f.decision,
+                    "interval_low": None if f.interval is None else f.interval[0],
+                    "interval_high": None if f.interval is None else f.interval[1],
+                }
                 for key, record in zip(keys, wanted, strict=True)
                 for label, f in record.findings.items()
             ]
@@ -298,5 +317,6 @@ class AuditStore:
                 # Explicitly, not only by ON DELETE CASCADE: a SQLite connection without foreign keys on would
                 # otherwise leave orphaned findings.
                 session.execute(delete(AuditFinding).where(AuditFinding.event_pk.in_(ids)))
+                session.execute(delete(AuditOutcome).where(AuditOutcome.event_pk.in_(ids)))
                 session.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids)))
                 deleted += len(ids)

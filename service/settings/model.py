@@ -226,6 +226,17 @@ class Settings(BaseSettings):
         description="Keys of the audit read API (GET /v1/audit), separate from api_keys; empty: the audit API "
         "refuses everyone",
     )
+    outcome_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys of POST /v1/outcomes (radiologists' verdicts in), apart from the prediction and admin keys; "
+        "empty: the route refuses everyone",
+    )
+    outcome_code_map: Path | None = Field(
+        default=None,
+        description="JSON file mapping the site's finding codes to the 14 findings for POST /v1/outcomes "
+        '({"mappings": [{"system": ..., "code": ..., "label": ...}]}, docs/guarantee.md); unset: the service\'s '
+        "own codes and SNOMED CT only",
+    )
     audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit trail (CXR_AUDIT_*)")
     dicomweb: DicomwebSettings = Field(
         default_factory=DicomwebSettings, description="Forwarding results to a PACS (CXR_DICOMWEB_*)"
@@ -259,7 +270,7 @@ class Settings(BaseSettings):
         "(docs/benchmarks.md); off leaves the allocator as the environment configured it",
     )
 
-    @field_validator("cors_origins", "api_keys", "admin_api_keys", mode="before")
+    @field_validator("cors_origins", "api_keys", "admin_api_keys", "outcome_api_keys", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return list_from_text(value)
@@ -269,7 +280,7 @@ class Settings(BaseSettings):
     def _no_blank_origins(cls, value: list[str]) -> list[str]:
         return [origin.strip() for origin in value if origin.strip()]
 
-    @field_validator("api_keys", "admin_api_keys")
+    @field_validator("api_keys", "admin_api_keys", "outcome_api_keys")
     @classmethod
     def _no_blank_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         # An empty key would let a request without any key in (b"" == b""), and HTTP strips the spaces
@@ -286,6 +297,10 @@ class Settings(BaseSettings):
         prediction = {key.get_secret_value() for key in self.api_keys}
         if any(key.get_secret_value() in prediction for key in self.admin_api_keys):
             raise ValueError("CXR_ADMIN_API_KEYS and CXR_API_KEYS must not share a key")
+        # Whoever sends verdicts moves the guarantee's live bounds: a role of its own.
+        others = prediction | {key.get_secret_value() for key in self.admin_api_keys}
+        if any(key.get_secret_value() in others for key in self.outcome_api_keys):
+            raise ValueError("CXR_OUTCOME_API_KEYS must not share a key with CXR_API_KEYS or CXR_ADMIN_API_KEYS")
         return self
 
     @classmethod

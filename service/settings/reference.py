@@ -45,7 +45,8 @@ REFERENCE_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("max_batch_images", "max_wait_ms", "max_queue", "decode_workers", "torch_threads", "busy_torch_threads"),
     ),
     ("Model", ("model_path", "allow_untrained", "device", "mc_samples", "autocast")),
-    ("Security and keys", ("api_keys", "admin_api_keys", "cors_origins")),
+    ("Security and keys", ("api_keys", "admin_api_keys", "outcome_api_keys", "cors_origins")),
+    ("Radiologists' verdicts", ("outcome_code_map",)),
     ("Out-of-distribution gate", ("ood_action",)),
     (
         "Audit trail",

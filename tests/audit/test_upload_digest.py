@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 from concurrent.futures import Future
 from typing import Any
 
@@ -62,9 +63,30 @@ def test_the_digest_is_taken_in_a_thread_beside_the_prediction(monkeypatch: pyte
 
     async def prediction() -> None:
         await asyncio.sleep(0)  # the prediction's first wait (decoding, in the service)
-        assert hashed_in == ["_sha256"]  # the digest is already on its way, in a thread
+        assert hashed_in == ["_fingerprint"]  # the digest is already on its way, in a thread
         raise BadRequestParameterError("refused")
 
     monkeypatch.setattr(asyncio, "to_thread", to_thread)
     data = b"not an image"
     assert _audit(data, prediction()).input_sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_dicom_upload_is_known_by_its_uids_digests_and_never_by_its_uids() -> None:
+    """How a verdict sent by Study or SOP Instance UID finds its film: the record holds their sha256 only."""
+    import pydicom
+
+    from service.audit.uids import uid_digest
+    from tests.dicom.dicom_files import chest_cr
+
+    data = chest_cr()
+    header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+    async def prediction() -> None:
+        raise BadRequestParameterError("refused")
+
+    record = _audit(data, prediction())
+    assert record.study_uid_sha256 == uid_digest(str(header.StudyInstanceUID))
+    assert record.sop_uid_sha256 == uid_digest(str(header.SOPInstanceUID))
+    assert str(header.StudyInstanceUID) not in record.model_dump_json()
+    png = _audit(b"\x89PNG" + bytes(100), prediction())
+    assert png.study_uid_sha256 is None and png.sop_uid_sha256 is None

@@ -113,7 +113,14 @@ def test_every_error_is_documented_as_the_problem_it_is(name: str, request: pyte
 def test_request_bodies_and_their_files_are_required(keyed: dict[str, Any]) -> None:
     schemas = keyed["components"]["schemas"]
     posts = {path: item["post"] for path, item in keyed["paths"].items() if "post" in item}
-    assert set(posts) == {"/v1/predict", "/predict", "/v1/predict/batch", "/v1/preview", "/dicomweb/studies"}
+    assert set(posts) == {
+        "/v1/predict",
+        "/predict",
+        "/v1/predict/batch",
+        "/v1/preview",
+        "/dicomweb/studies",
+        "/v1/outcomes",
+    }
     for path, operation in posts.items():
         assert operation["requestBody"]["required"] is True, path
 
@@ -131,6 +138,17 @@ def test_request_bodies_and_their_files_are_required(keyed: dict[str, Any]) -> N
     files = batch["properties"]["files"]
     assert batch["required"] == ["files"] and (files["minItems"], files["maxItems"]) == (1, 7)
     assert files["items"]["format"] == "binary"
+
+
+def test_the_outcomes_body_names_its_four_forms(keyed: dict[str, Any]) -> None:
+    body = keyed["paths"]["/v1/outcomes"]["post"]["requestBody"]
+    assert set(body["content"]) == {
+        "application/fhir+json",
+        "application/json",
+        "text/csv",
+        "application/x-ndjson",
+        "x-application/hl7-v2+er7",
+    }
 
 
 def test_the_stow_rs_body_is_documented(keyed: dict[str, Any]) -> None:

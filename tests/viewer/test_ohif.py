@@ -11,10 +11,11 @@ nginx or Orthanc cannot be had (``python -m tests.viewer.ohif fetch`` fetches th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -105,17 +106,27 @@ class Viewer:
         self.page, self.shots, self.errors = page, shots, []
         page.on("pageerror", lambda err: self.errors.append(str(err)[:500]))
 
-    def pixels(self, name: str) -> np.ndarray:
-        """The active viewport as RGB (and, with ``OHIF_SCREENSHOTS``, the whole window saved as ``name``.png)."""
-        if self.shots is not None:
-            self.page.screenshot(path=str(self.shots / f"{name}.png"))
+    def pixels(self) -> np.ndarray:
+        """The active viewport as RGB."""
         canvas = self.page.locator("canvas.cornerstone-canvas").first
         return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=int)
+
+    def until(self, name: str, check: Callable[[np.ndarray, str], bool], seconds: float = 60.0) -> bool:
+        """Whether ``check(viewport pixels, page text)`` comes to hold within ``seconds`` (no DOM event marks the end
+        of a WebGL draw or of OHIF hydrating an SR, and a busy machine takes longer); with ``OHIF_SCREENSHOTS``,
+        the window is saved as ``name``.png once it does (or at the deadline)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            held = check(self.pixels(), self.page.locator("body").inner_text())
+            if held or time.monotonic() > deadline:
+                if self.shots is not None:
+                    self.page.screenshot(path=str(self.shots / f"{name}.png"))
+                return held
+            time.sleep(1.0)
 
     def open_series(self, description: str) -> None:
         """Double-click the series' thumbnail (its description, as OHIF shows it) into the viewport."""
         self.page.get_by_text(description, exact=True).first.dblclick(timeout=30_000)
-        time.sleep(4)  # the viewport loads and renders: no DOM event marks the end of a WebGL draw
 
 
 def _settled(viewer: Viewer, seconds: float = 60.0) -> None:
@@ -159,38 +170,33 @@ def test_ohif_shows_the_study_the_film_the_result_page_the_sr_s_regions_and_the_
             # The viewer opens on the film: rendered, not black.
             page.goto(f"{url}/viewer?StudyInstanceUIDs={study}", wait_until="networkidle")
             _settled(viewer)
-            for button in ("Skip all",):  # OHIF's first-visit tour
-                if page.get_by_text(button).count():
-                    page.get_by_text(button).first.click()
-            time.sleep(4)
+            if page.get_by_text("Skip all").count():  # OHIF's first-visit tour
+                page.get_by_text("Skip all").first.click()
             for description in (SR_SERIES_DESCRIPTION, SUMMARY_SERIES_DESCRIPTION, HEATMAP_SERIES_DESCRIPTION):
-                assert page.get_by_text(description, exact=True).count(), f"no thumbnail for {description!r}"
-            film = viewer.pixels("ohif-film")
-            assert film.std() > 20 and film.mean() > 20, "the film did not render"
+                page.get_by_text(description, exact=True).first.wait_for(timeout=30_000)  # its thumbnail
+            assert viewer.until("ohif-film", lambda rgb, _: rgb.std() > 20 and rgb.mean() > 20), "no film shown"
 
             # The result page: text on black, in the referral's colour, with the key heatmaps.
             viewer.open_series(SUMMARY_SERIES_DESCRIPTION)
-            summary = viewer.pixels("ohif-result-page")
-            assert (summary.mean(axis=-1) > 200).mean() > 0.002, "no text on the result page"
-            assert (summary[..., 0] - summary[..., 2]).max() > 100, "no colour on the result page"
+            assert viewer.until(
+                "ohif-result-page",
+                lambda rgb, _: (rgb.mean(axis=-1) > 200).mean() > 0.002 and (rgb[..., 0] - rgb[..., 2]).max() > 100,
+            ), "the result page shows no text or no colour"
 
             # The SR: opens without a page error and labels each region (an arrow on the film) with its finding's
-            # probability. OHIF first asks whether to track the SR's measurements; either answer shows them.
+            # probability. OHIF first asks whether to track the SR's measurements; the arrows come once answered.
             viewer.open_series(SR_SERIES_DESCRIPTION)
-            if page.get_by_text("Yes", exact=True).count():
-                page.get_by_text("Yes", exact=True).first.click()
-                time.sleep(3)
-            sr_view = viewer.pixels("ohif-sr")
-            assert sr_view.std() > 20, "the SR's viewport is blank"
+            with contextlib.suppress(playwright.Error):  # no question asked: nothing to answer
+                page.get_by_text("Yes", exact=True).first.click(timeout=20_000)
+            labels = [f"{label} probability (MC dropout mean)" for label in regions]
+            shown = viewer.until("ohif-sr", lambda rgb, text: rgb.std() > 20 and all(x in text for x in labels))
+            text = page.locator("body").inner_text()
+            assert shown, f"OHIF does not label the regions of {[x for x in labels if x not in text]}"
             assert viewer.errors == [], viewer.errors
-            shown = page.locator("body").inner_text()
-            missing = [label for label in regions if f"{label} probability (MC dropout mean)" not in shown]
-            assert missing == [], f"OHIF does not label the regions of {missing}"
 
             # The heatmaps: the film with the map's colour on it.
             viewer.open_series(HEATMAP_SERIES_DESCRIPTION)
-            heatmap = viewer.pixels("ohif-heatmap")
-            assert (heatmap[..., 0] - heatmap[..., 2]).max() > 100, "the heatmap is not in colour"
+            assert viewer.until("ohif-heatmap", lambda rgb, _: (rgb[..., 0] - rgb[..., 2]).max() > 100), "no colour"
             assert viewer.errors == [], viewer.errors
         finally:
             browser.close()

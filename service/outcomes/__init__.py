@@ -1,0 +1,1 @@
+"""Radiologists' verdicts on scored films (issue #30): parsing (``parsing``)."""
