@@ -138,6 +138,13 @@ class OutcomeKeyRequiredError(ServiceError):
     title = "Outcome key required"
 
 
+class NoGuaranteeError(ServiceError):
+    """The guarantee's operation asked of a model without a referral rule (``/v1/guarantee``)."""
+
+    status = 409
+    title = "No guarantee to operate"
+
+
 class NotAcceptableError(ServiceError):
     """The Accept header rules out every representation the endpoint offers (JSON and FHIR R4 JSON)."""
 

@@ -1,4 +1,5 @@
 """``python -m service.monitor --since 7d --reference 30d``: is the population the model sees drifting?
+(``--guarantee MODEL_DIR``: is the referral rule keeping its promise on the radiologists' verdicts? docs/guarantee.md)
 
 Reads the audit trail (``CXR_AUDIT_URL`` or ``--url``) and compares the current window (the last ``--since``)
 with the reference window just before it (``--reference`` long), without any ground truth (CheXstray, Soin et
@@ -268,6 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="only this model name")
     parser.add_argument("--plot", type=Path, default=Path("drift.png"), help="PNG to write (drift.png)")
     parser.add_argument("--min-records", type=int, default=30)
+    parser.add_argument(
+        "--guarantee",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="instead of drift: watch the referral rule of this model directory against the radiologists' verdicts "
+        "in the trail (docs/guarantee.md); --since bounds the watch, --plot gets its chart; exit 3 when broken",
+    )
     args = parser.parse_args(argv)
     if args.url is None:
         from service.settings import InvalidSettingsError, load_settings
@@ -277,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except InvalidSettingsError as err:
             parser.error(str(err))  # one line, exit 2
     now = datetime.now(timezone.utc)
+    if args.guarantee is not None:
+        return _guarantee(args.guarantee, args.url, since=now - args.since, plot_path=args.plot, parser=parser)
     split = now - args.since
     store = AuditStore.open(args.url)
     try:
@@ -295,6 +305,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(report, reference, current, args.plot)
     print(f"plot: {args.plot}")
     return EXIT_DRIFT if report.alert else 0
+
+
+def _guarantee(model_dir: Path, url: str, *, since: datetime, plot_path: Path, parser: argparse.ArgumentParser) -> int:
+    from bayesnet.checkpoint import load_spec, read_checkpoint_document
+    from bayesnet.errors import CheckpointError
+    from service.guarantee.watch import format_watch, plot_watch, watch
+
+    try:
+        spec = load_spec(model_dir)
+        sha256 = str(read_checkpoint_document(model_dir)["weights_sha256"])
+    except (CheckpointError, KeyError) as err:
+        parser.error(f"--guarantee {model_dir}: {err}")
+    if spec.referral is None:
+        parser.error(f"--guarantee {model_dir}: the model has no referral rule, so there is no guarantee to watch")
+    store = AuditStore.open(url)
+    try:
+        report = watch(store, spec.referral, spec.trained_labels, model_sha256=sha256, since=since)
+    finally:
+        store.close()
+    print(format_watch(report))
+    plot_watch(report, plot_path)
+    print(f"plot: {plot_path}")
+    return EXIT_DRIFT if report.exceeded else 0
 
 
 if __name__ == "__main__":

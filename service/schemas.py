@@ -133,6 +133,8 @@ ReferralReason = Literal[
     "outside_intended_population",
     "population_unverified",
     "no_referral_rule",
+    "shadow_mode",
+    "guarantee_suspended",
 ]
 
 
@@ -148,8 +150,21 @@ class Referral(_Schema):
         "declared patient_age / view: child, lateral or oblique view, not a chest), population_unverified (nothing "
         "establishes an adult frontal chest film: a PNG or JPEG without declared patient_age and view, or a DICOM "
         "header without Patient's Age or View Position; such a film is never cleared), no_referral_rule (the model "
-        "has no fitted rule). A film flagged out_of_distribution or outside_intended_population gets no "
-        "finding-based reason: its findings' decisions are withheld"
+        "has no fitted rule), shadow_mode (the site runs the rule in shadow: every film is read, docs/guarantee.md), "
+        "guarantee_suspended (the radiologists' verdicts showed the rule's promise broken, or the watch stopped it: "
+        "every film is read until a person re-enables it). A film flagged out_of_distribution or "
+        "outside_intended_population gets no finding-based reason: its findings' decisions are withheld"
+    )
+    mode: Literal["shadow", "supervised", "autonomous"] = Field(
+        default="autonomous",
+        description="The site's deployment mode for the rule (CXR_GUARANTEE_MODE or the admin API): shadow (every "
+        "film referred), supervised (the rule's referral shown, every film still read), autonomous (films the rule "
+        "cleared are not sent for reading)",
+    )
+    review_required: bool = Field(
+        default=True,
+        description="Whether a radiologist reads this film: refer, or any film outside autonomous mode. Route "
+        "worklists by this field",
     )
     population: list[Literal["paediatric", "lateral_or_oblique_view", "non_chest_body_part"]] = Field(
         default_factory=list,
@@ -277,6 +292,42 @@ class FindingEvidence(_Schema):
     )
 
 
+class PromiseStatus(_Schema):
+    """One promised miss rate on the site's films with verdicts, and its anytime-valid confidence sequence."""
+
+    limit: float = Field(description="The promised rate: the rule's alpha (study_alpha for the study promise)")
+    judged_films: int = Field(description="Films with the finding (study: abnormal films) by the verdicts")
+    misses: int = Field(description="Of those, reported negative by the rule (study: cleared as normal)")
+    observed: float | None = Field(description="misses / judged_films; null before the first")
+    lower: float = Field(description="Lower bound of the confidence sequence")
+    upper: float = Field(description="Upper bound of the confidence sequence (valid however often it is read)")
+    broken: bool = Field(description="The whole sequence is above the limit: the verdicts show the promise broken")
+
+
+class GuaranteeStatus(_Schema):
+    """The referral rule's guarantee watched on this site's radiologists' verdicts (docs/guarantee.md)."""
+
+    mode: Literal["shadow", "supervised", "autonomous"] = Field(description="The rule's deployment mode")
+    state: Literal["active", "suspended"] = Field(
+        description="suspended: every film is referred until a person re-enables the rule"
+    )
+    changed_at: datetime = Field(description="When the mode or state last changed (the audit trail has who and why)")
+    change_reason: str = Field(description="Why: first_start, mode_set, miss_rate_exceeded, coverage_below, ...")
+    checked_at: datetime = Field(description="When the watch was last computed from the audit trail")
+    confidence: float = Field(description="1 - delta of the confidence sequences")
+    films: int = Field(description="Films this model scored (answered)")
+    referral_rate: float | None = Field(description="Fraction the rule referred")
+    expected_referral_rate: float = Field(description="What the rule referred on its calibration films")
+    cleared: int = Field(description="Films the rule cleared")
+    cleared_with_verdict: int = Field(description="Of those, films with at least one radiologist's verdict")
+    coverage: float | None = Field(description="cleared_with_verdict / cleared")
+    findings: dict[str, PromiseStatus] = Field(
+        description="Per trained finding: of films that have it, reported negative"
+    )
+    study: PromiseStatus | None = Field(description="Of abnormal films, cleared as normal; null: the rule clears none")
+    broken: list[str] = Field(description="Promises the verdicts show broken (finding labels, 'study')")
+
+
 class ModelCard(_Schema):
     name: str
     version: str
@@ -312,6 +363,11 @@ class ModelCard(_Schema):
     )
     evidence: dict[str, FindingEvidence] = Field(
         default_factory=dict, description="Per trained finding: how well the model separates it, as measured"
+    )
+    guarantee: GuaranteeStatus | None = Field(
+        default=None,
+        description="The rule's promise watched on this site's radiologists' verdicts (POST /v1/outcomes); null: no "
+        "rule, or not computed yet",
     )
 
 
@@ -384,6 +440,39 @@ class AuditRecord(_Schema):
     referral: Referral | None = None
     ood: OODResult | None = None
     latency_ms: float
+
+
+class GuaranteeChange(_Schema):
+    """One recorded change of the rule's operating state."""
+
+    at: datetime
+    mode: Literal["shadow", "supervised", "autonomous"]
+    state: Literal["active", "suspended"]
+    previous_state: Literal["active", "suspended"] | None
+    reason: str = Field(
+        description="first_start, mode_set, miss_rate_exceeded, coverage_below, suspended_by_person, resumed"
+    )
+    actor: str = Field(description="settings, service (the automatic stop), or key-<id> of the admin key used")
+    detail: str
+
+
+class GuaranteeOperation(_Schema):
+    """``GET /v1/guarantee``: the rule's operating state, its recent changes and its live watch."""
+
+    current: GuaranteeChange
+    history: list[GuaranteeChange] = Field(description="The latest changes, newest first (at most 50)")
+    watch: GuaranteeStatus | None = Field(description="The live watch; null until first computed")
+
+
+class GuaranteeAction(_Schema):
+    """``POST /v1/guarantee``: a person changes the rule's operating state. Always with a reason, kept in the trail."""
+
+    action: Literal["resume", "suspend", "set_mode"] = Field(
+        description="resume (re-enable a suspended rule: after recalibration, or a review of the evidence; its watch "
+        "starts afresh), suspend, or set_mode (with mode)"
+    )
+    mode: Literal["shadow", "supervised", "autonomous"] | None = Field(default=None, description="For set_mode")
+    reason: str = Field(min_length=3, max_length=500, description="Why, in words (recorded with the change)")
 
 
 class OutcomeReceiptBody(_Schema):

@@ -26,6 +26,7 @@ from service.api.state import ServiceState
 from service.audit import snapshot as audit_snapshot
 from service.audit.metrics import AuditCollector
 from service.dicom.metrics import OutboxCollector
+from service.runtime.operating import OperatingSwitch
 from service.runtime.signals import LoadSignals
 from service.settings import Settings
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     state = ServiceState(settings=settings, metrics=metrics)
     # One object through which the pipeline tells the batcher and the audit writer what is on its way.
     signals = LoadSignals()
+    operating = OperatingSwitch()  # the lifespan sets it from the trail; the guarantee watch may suspend
     app = FastAPI(
         title="bayesnet-cxr",
         version="0.1.0",
@@ -55,13 +57,15 @@ def create_app(settings: Settings) -> FastAPI:
             "mean probability and variance, a decision (positive / negative / uncertain), a referral flag "
             "and Grad-CAM heatmaps. Research and demonstration only: not a medical device."
         ),
-        lifespan=Lifespan(state, signals),
+        lifespan=Lifespan(state, signals, operating),
         docs_url=None,
         redoc_url=None,
     )
     app.state.service = state
     app.state.audit = None  # the lifespan opens the AuditTrail
     app.state.dicom_outbox = None  # the lifespan opens it when forwarding to a PACS is configured
+    app.state.guarantee = None  # the lifespan starts the watch when the model has a referral rule
+    app.state.operating = operating
     metrics.watch(AuditCollector(lambda: audit_snapshot(app.state.audit) if app.state.audit is not None else None))
     metrics.watch(
         OutboxCollector(lambda: app.state.dicom_outbox.snapshot() if app.state.dicom_outbox is not None else None)

@@ -22,7 +22,9 @@ from service.api.state import ServiceState
 from service.audit import AuditTrail
 from service.dicom.dimse import open_listener
 from service.dicom.outbox import open_outbox
+from service.guarantee.live import GuaranteeCollector, GuaranteeMonitor
 from service.runtime.engine import InferenceEngine, load_single_threaded
+from service.runtime.operating import Operating, OperatingSwitch
 from service.runtime.signals import LoadSignals
 
 log = logging.getLogger("service.api.lifespan")
@@ -31,9 +33,10 @@ log = logging.getLogger("service.api.lifespan")
 class Lifespan:
     """The lifespan of the app built around ``state``; ``signals``: shared by the pipeline, batcher and writer."""
 
-    def __init__(self, state: ServiceState, signals: LoadSignals) -> None:
+    def __init__(self, state: ServiceState, signals: LoadSignals, operating: OperatingSwitch) -> None:
         self.state = state
         self.signals = signals
+        self.operating = operating
         # Read here, on the thread that builds the app, before the lifespan's helper threads change torch's default.
         self.intraop_threads = state.settings.torch_threads or torch.get_num_threads()
 
@@ -60,6 +63,23 @@ class Lifespan:
                 stack.callback(supervisor.cancel)
                 if outbox is not None:
                     outbox.start()
+                rule = engine.loaded.spec.referral
+                self.operating.set(Operating(mode=settings.guarantee.mode))
+                if rule is not None:  # the rule's promise in operation: its recorded state, watched on the verdicts
+                    monitor = GuaranteeMonitor(
+                        trail.store,
+                        rule,
+                        engine.loaded.spec.trained_labels,
+                        model_sha256=engine.loaded.sha256,
+                        switch=self.operating,
+                        settings=settings.guarantee,
+                    )
+                    await asyncio.to_thread(monitor.load_state)
+                    await asyncio.to_thread(monitor.refresh)  # the first answer already has its live status
+                    watching = asyncio.get_running_loop().create_task(monitor.run(), name="guarantee-watch")
+                    stack.callback(watching.cancel)
+                    app.state.guarantee = monitor
+                    state.metrics.watch(GuaranteeCollector(monitor))
                 dimse = await asyncio.to_thread(
                     open_listener,
                     settings.dimse,
@@ -98,6 +118,7 @@ class Lifespan:
             settings,
             intraop_threads=self.intraop_threads,
             signals=self.signals,
+            operating=self.operating,
             on_batch=state.metrics.observe_batch,
         )
         state.batcher, state.predictor, state.pipeline = engine.batcher, engine.predictor, engine.pipeline

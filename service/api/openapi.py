@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from service.api.problems import PROBLEM_JSON
 from service.api.routes import PREDICT_PATHS, require_api_key
 from service.api.routes.audit import require_admin_key
+from service.api.routes.outcomes import require_outcome_key
 from service.settings import Settings
 
 __all__ = ["STOW_MEDIA_TYPE", "install_openapi", "service_openapi"]
@@ -61,6 +62,15 @@ _ADMIN_SCHEMES: dict[str, dict[str, str]] = {
         "description": "An audit key (CXR_ADMIN_API_KEYS); a prediction key is refused with 403",
     },
     "AdminBearerKey": {"type": "http", "scheme": "bearer", "description": "An audit key as Authorization: Bearer"},
+}
+_OUTCOME_SCHEMES: dict[str, dict[str, str]] = {
+    "OutcomeApiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "A verdicts key (CXR_OUTCOME_API_KEYS); a prediction or audit key is refused with 403",
+    },
+    "OutcomeBearerKey": {"type": "http", "scheme": "bearer", "description": "A verdicts key as Authorization: Bearer"},
 }
 #: Statuses any request can meet, whatever its route.
 _EVERY_OPERATION = {
@@ -105,7 +115,7 @@ def service_openapi(app: FastAPI, settings: Settings, *, trained_labels: Sequenc
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     prediction_keys = bool(settings.api_keys)
-    schemes: dict[str, dict[str, str]] = dict(_ADMIN_SCHEMES)
+    schemes: dict[str, dict[str, str]] = {**_ADMIN_SCHEMES, **_OUTCOME_SCHEMES}
     if prediction_keys:
         schemes = {**_PREDICTION_SCHEMES, **schemes}
     components["securitySchemes"] = schemes
@@ -113,9 +123,10 @@ def service_openapi(app: FastAPI, settings: Settings, *, trained_labels: Sequenc
 
     for path, method, operation, calls in _operations(app, document):
         admin = require_admin_key in calls
-        keyed = admin or (prediction_keys and require_api_key in calls)
+        outcome = require_outcome_key in calls
+        keyed = admin or outcome or (prediction_keys and require_api_key in calls)
         if keyed:
-            names = _ADMIN_SCHEMES if admin else _PREDICTION_SCHEMES
+            names = _ADMIN_SCHEMES if admin else _OUTCOME_SCHEMES if outcome else _PREDICTION_SCHEMES
             operation["security"] = [{name: []} for name in names]
         if path == STOW_PATH and method == "post":
             operation["requestBody"] = copy.deepcopy(_STOW_BODY)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
+from starlette.routing import compile_path
 
 from bayesnet.errors import ImageError
 from service.errors import ServiceError
@@ -39,6 +41,18 @@ def problem_response(
     if request_id:
         response_headers["X-Request-ID"] = request_id
     return JSONResponse(body, status_code=status, headers=response_headers, media_type=PROBLEM_JSON)
+
+
+def _methods_of(request: Request) -> list[str]:
+    """Every method the app's routes take at the request's path."""
+    methods: set[str] = set()
+    for context in iter_route_contexts(request.app.routes):  # included routers' routes too
+        route = context.original_route
+        taken = getattr(route, "methods", None)
+        pattern = compile_path(str(context.path_format or getattr(route, "path_format", "")))[0]
+        if taken and pattern.match(request.url.path):
+            methods |= set(taken)
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -82,8 +96,14 @@ def install_error_handlers(app: FastAPI) -> None:
         title = {404: "Not found", 405: "Method not allowed", 400: "Bad request"}.get(exc.status_code, "HTTP error")
         detail = str(exc.detail)
         if exc.status_code == 400 and request.method == "POST":
-            # The framework's form-parser messages ("Invalid multipart data.") do not say what to send.
-            detail += f" {_FORM_ADVICE.capitalize()}."
+            # The framework's parser messages ("Invalid multipart data.", "There was an error parsing the body") do
+            # not say what to send: a JSON object where the route takes one, else the radiograph as a form.
+            json_body = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+            detail += " Send the request's JSON object (see /docs)." if json_body else f" {_FORM_ADVICE.capitalize()}."
+        if exc.status_code == 405:
+            # Starlette names only the first route of the path; a path served by several (GET and POST
+            # /v1/guarantee) must list every method it takes (RFC 9110 15.5.6).
+            headers["Allow"] = ", ".join(_methods_of(request))
         return problem_response(request, exc.status_code, title, detail, headers)
 
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -89,7 +89,7 @@ class AuditQuery:
     refer: bool | None = None
 
 
-def _utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
     """SQLite hands timestamps back naive (they were stored in UTC); PostgreSQL aware."""
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
@@ -100,7 +100,7 @@ def _event_values(record: AuditRecord) -> dict[str, Any]:
         "event_id": record.event_id,
         "request_id": record.request_id,
         "item_index": record.item_index,
-        "occurred_at": _utc(record.occurred_at),
+        "occurred_at": as_utc(record.occurred_at),
         "route": record.route,
         "client_id": record.client_id,
         "status": record.status,
@@ -150,7 +150,7 @@ def from_row(row: AuditEvent) -> AuditRecord:
             "event_id": row.event_id,
             "request_id": row.request_id,
             "item_index": row.item_index,
-            "occurred_at": _utc(row.occurred_at),
+            "occurred_at": as_utc(row.occurred_at),
             "route": row.route,
             "client_id": row.client_id,
             "status": row.status,
@@ -240,9 +240,9 @@ class AuditStore:
     def _select(self, query: AuditQuery) -> Any:
         statement = select(AuditEvent).options(selectinload(AuditEvent.findings))
         if query.since is not None:
-            statement = statement.where(AuditEvent.occurred_at >= _utc(query.since))
+            statement = statement.where(AuditEvent.occurred_at >= as_utc(query.since))
         if query.until is not None:
-            statement = statement.where(AuditEvent.occurred_at < _utc(query.until))
+            statement = statement.where(AuditEvent.occurred_at < as_utc(query.until))
         if query.model is not None:
             statement = statement.where(AuditEvent.model_name == query.model)
         if query.refer is not None:
@@ -294,7 +294,7 @@ class AuditStore:
         if query is not None:
             statement = self._select(query).with_only_columns(func.count()).order_by(None)
         if before is not None:
-            statement = statement.where(AuditEvent.occurred_at < _utc(before))
+            statement = statement.where(AuditEvent.occurred_at < as_utc(before))
         with Session(self.engine) as session:
             return int(session.scalar(statement) or 0)
 
@@ -307,7 +307,7 @@ class AuditStore:
                 ids = list(
                     session.scalars(
                         select(AuditEvent.id)
-                        .where(AuditEvent.occurred_at < _utc(before))
+                        .where(AuditEvent.occurred_at < as_utc(before))
                         .order_by(AuditEvent.id)
                         .limit(chunk)
                     )

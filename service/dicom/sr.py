@@ -77,6 +77,8 @@ REASON_MEANINGS = {
     "outside_intended_population": "Outside the intended population",
     "population_unverified": "Intended population not verified",
     "no_referral_rule": "No fitted referral rule",
+    "shadow_mode": "Rule in shadow mode: every film read",
+    "guarantee_suspended": "Rule's guarantee suspended",
 }
 
 # Type 2 attributes of the patient and general study modules that highdicom reads from the source; a source

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from bayesnet import model_thread, single_threaded_torch, tune_allocator
 from service.runtime.batcher import BatchStats, MicroBatcher
 from service.runtime.loading import LoadedModel, build_predictor, load_model
+from service.runtime.operating import OperatingSwitch
 from service.runtime.pipeline import Job, JobResult, PredictionPipeline, batch_processor
 from service.runtime.predictor import Predictor, resolve_device
 from service.runtime.signals import LoadSignals
@@ -54,12 +55,15 @@ class InferenceEngine:
         *,
         intraop_threads: int,
         signals: LoadSignals,
+        operating: OperatingSwitch | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> InferenceEngine:
         """Build, start and (``settings.warmup``) warm up the engine for ``loaded``.
 
         ``intraop_threads``: the model thread's torch threads for a lone image (CPU); ``signals``: the load
-        signals the pipeline counts and the batcher reads; ``on_batch``: called with each batch's statistics."""
+        signals the pipeline counts and the batcher reads; ``operating``: the deployment mode and guarantee state
+        every answer's referral is subject to (None: autonomous, never suspended); ``on_batch``: called with each
+        batch's statistics."""
         predictor = build_predictor(
             loaded, settings, device=resolve_device(settings.device), max_batch=settings.max_batch_images
         )
@@ -109,6 +113,7 @@ class InferenceEngine:
             stage=predictor.stage,
             seed=predictor.seed_for,
             signals=signals,
+            operating=operating,
         )
         return cls(loaded, predictor, batcher, pipeline, pools)
 

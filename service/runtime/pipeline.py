@@ -32,6 +32,7 @@ from service.errors import (
 from service.runtime.batcher import BatcherError, MicroBatcher
 from service.runtime.decoding import decode_for_model
 from service.runtime.heatmaps import CamSelection, CamSelectionError, encode_heatmaps, for_population, parse_cams
+from service.runtime.operating import OperatingSwitch
 from service.runtime.predictor import InferenceRequest, InferenceResult, Predictor
 from service.runtime.responses import build_response, ood_result
 from service.runtime.signals import LoadSignals
@@ -126,6 +127,7 @@ class PredictionPipeline:
         seed: Callable[[Tensor], int] | None = None,
         max_decode_bytes: int | None = None,
         signals: LoadSignals | None = None,
+        operating: OperatingSwitch | None = None,
     ) -> None:
         """``stage``: readies each preprocessed image for the model's device in the decode thread
         (:meth:`Predictor.stage`: page-locked memory on CUDA); None leaves the tensors as they are. ``seed``: the
@@ -134,8 +136,11 @@ class PredictionPipeline:
         pool). ``max_decode_bytes``: refuse an upload whose decode may need more memory than this
         (:func:`bayesnet.decode_memory_bytes`, from its header); None: only ``max_pixels`` bounds it. ``signals``:
         where the pipeline counts uploads being decoded and answers being built, for the batcher and the audit
-        writer given the same object (:class:`LoadSignals`); None: counted for nobody."""
+        writer given the same object (:class:`LoadSignals`); None: counted for nobody. ``operating``: the site's
+        deployment mode and guarantee state, applied to each answer's referral (``service.runtime.operating``);
+        None: autonomous, never suspended."""
         self.spec = spec
+        self.operating = operating or OperatingSwitch()
         self.stage = stage
         self.seed = seed
         self.ood_action = ood_action
@@ -257,6 +262,7 @@ class PredictionPipeline:
                     inference_s=done.inference_s,
                     total_s=time.perf_counter() - received_at,
                     population=population,
+                    operating=self.operating.get(),
                 )
 
             # Heatmaps to render: resampling and encoding the maps and building the response in one trip to the

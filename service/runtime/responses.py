@@ -16,6 +16,8 @@ from bayesnet import ImageFacts, ModelSpec
 from bayesnet.decision import Decision, FindingRule, Reason, finding_rules
 from bayesnet.population import Population, assess
 from bayesnet.referral import OUT_OF_DISTRIBUTION, OUTSIDE_POPULATION, describe, referral_reasons
+from service.runtime.operating import Operating
+from service.runtime.operating import apply as apply_operating
 from service.runtime.predictor import InferenceResult
 from service.schemas import (
     FindingEvidence,
@@ -187,18 +189,21 @@ def build_response(
     inference_s: float,
     total_s: float,
     population: Population | None = None,
+    operating: Operating | None = None,
 ) -> PredictionResponse:
     """The API's response for one image: one entry per trained label, the referral flag, image facts.
 
     Only the decoded image's format, size, photometric interpretation and decoding warnings are
     reported: nothing from DICOM headers (or the client's declared age and view) that could identify a patient.
     ``population``: the film's :func:`bayesnet.population.assess` verdict with what the client declared (default:
-    its header alone).
+    its header alone). ``operating``: the site's deployment mode and guarantee state, applied to the referral after
+    the rule (``service.runtime.operating``; default autonomous, not suspended).
     A film the gates flag keeps its numbers, with every decision withheld (uncertain, ``withheld_*`` reason).
     """
     triage = referral(result, spec, population if population is not None else assess(image))
     withheld = withheld_because(triage)
     withheld_reason = _WITHHELD_REASON[withheld[0]] if withheld else None
+    triage = apply_operating(triage, operating or Operating())
     rules = finding_rules(spec)
     predictions = {}
     for label in spec.trained_labels:

@@ -12,7 +12,14 @@ why (measured figures belong in docs/benchmarks.md).
 
 from __future__ import annotations
 
-from service.settings.groups import GROUPS, AuditSettings, DicomwebSettings, DimseSettings, default_state_dir
+from service.settings.groups import (
+    GROUPS,
+    AuditSettings,
+    DicomwebSettings,
+    DimseSettings,
+    GuaranteeSettings,
+    default_state_dir,
+)
 from service.settings.loading import (
     InvalidSettingsError,
     env_name,
@@ -41,6 +48,7 @@ __all__ = [
     "AuditSettings",
     "DicomwebSettings",
     "DimseSettings",
+    "GuaranteeSettings",
     "GunicornSettings",
     "InvalidSettingsError",
     "Settings",

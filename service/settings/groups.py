@@ -176,4 +176,44 @@ class DimseSettings(SettingsGroup):
 
 
 #: The groups of :class:`Settings`: attribute name -> model.
-GROUPS: dict[str, type[SettingsGroup]] = {"audit": AuditSettings, "dicomweb": DicomwebSettings, "dimse": DimseSettings}
+class GuaranteeSettings(SettingsGroup):
+    """The referral rule's guarantee in operation (docs/guarantee.md): ``CXR_GUARANTEE_*``."""
+
+    mode: Literal["shadow", "supervised", "autonomous"] = Field(
+        default="autonomous",
+        description="Deployment mode of the referral rule (docs/guarantee.md): shadow (every film referred; what the "
+        "rule would clear is recorded and checked against verdicts), supervised (cleared films marked cleared but "
+        "still read; verdicts expected for them), autonomous (cleared films not sent for reading). A new site "
+        "starts in shadow. Applied at start-up and recorded in the audit trail; a suspension survives it",
+    )
+    min_coverage: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="In supervised mode, the rule is suspended when fewer than this fraction of the films it "
+        "cleared (and that are older than verdict_delay_h) have a radiologist's verdict",
+    )
+    min_cleared: int = Field(
+        default=50,
+        ge=1,
+        description="The coverage check waits until the rule has cleared this many films older than verdict_delay_h",
+    )
+    verdict_delay_h: float = Field(
+        default=72.0,
+        ge=0.0,
+        description="How long a verdict may take to arrive: younger cleared films do not count against coverage",
+    )
+    refresh_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the service recomputes the guarantee watch from the audit trail (also at once after "
+        "verdicts arrive); GET /v1/model and /metrics show the latest",
+    )
+
+
+GROUPS: dict[str, type[SettingsGroup]] = {
+    "audit": AuditSettings,
+    "dicomweb": DicomwebSettings,
+    "dimse": DimseSettings,
+    "guarantee": GuaranteeSettings,
+}

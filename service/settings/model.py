@@ -20,6 +20,7 @@ from service.settings.groups import (
     AuditSettings,
     DicomwebSettings,
     DimseSettings,
+    GuaranteeSettings,
     SettingsGroup,
     list_from_text,
 )
@@ -242,6 +243,9 @@ class Settings(BaseSettings):
         default_factory=DicomwebSettings, description="Forwarding results to a PACS (CXR_DICOMWEB_*)"
     )
     dimse: DimseSettings = Field(default_factory=DimseSettings, description="The DIMSE listener (CXR_DIMSE_*)")
+    guarantee: GuaranteeSettings = Field(
+        default_factory=GuaranteeSettings, description="The guarantee watched in operation (CXR_GUARANTEE_*)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the service's and uvicorn's loggers (and of Gunicorn's own log)"
     )

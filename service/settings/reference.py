@@ -46,7 +46,17 @@ REFERENCE_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("Model", ("model_path", "allow_untrained", "device", "mc_samples", "autocast")),
     ("Security and keys", ("api_keys", "admin_api_keys", "outcome_api_keys", "cors_origins")),
-    ("Radiologists' verdicts", ("outcome_code_map",)),
+    (
+        "Radiologists' verdicts and the guarantee in operation",
+        (
+            "outcome_code_map",
+            "guarantee.mode",
+            "guarantee.min_coverage",
+            "guarantee.min_cleared",
+            "guarantee.verdict_delay_h",
+            "guarantee.refresh_s",
+        ),
+    ),
     ("Out-of-distribution gate", ("ood_action",)),
     (
         "Audit trail",

@@ -21,7 +21,7 @@ from service.api.routes.outcomes import HL7_V2
 from service.audit import AuditStore
 from service.codes import finding_code
 from service.fhir import FINDING_SYSTEM
-from tests.service.live import LiveServer, live_server, tiny_settings
+from tests.service.live import LiveServer, live_server, tiny_settings, wait_until
 from tests.service.test_api import dicom_with_identifiers, png_bytes
 
 KEY, ADMIN, OUTCOME = "predict-key-0123456789", "admin-key-0123456789", "outcome-key-0123456789"
@@ -199,3 +199,33 @@ def test_verdicts_in_every_form_reach_their_films_and_refused_rows_store_nothing
     finally:
         store.close()
     assert str(header.StudyInstanceUID) not in dump and str(header.SOPInstanceUID) not in dump
+
+
+def test_verdicts_move_the_live_watch_in_the_model_card_and_metrics(tmp_path: Path) -> None:
+    """The shipped demo model has a referral rule: its promise is watched live. Verdicts that arrive show up in
+    GET /v1/model's ``guarantee`` and in /metrics at once (the route pokes the watch)."""
+    demo = Path(__file__).resolve().parents[2] / "models" / "demo"
+    settings = tiny_settings(
+        demo, api_keys=[KEY], admin_api_keys=[ADMIN], outcome_api_keys=[OUTCOME], guarantee={"refresh_s": 3600}
+    )
+    with live_server(settings) as server, server.client() as client:
+        labels = _predict(client, png_bytes(seed=1), "watched-0")
+        _predict(client, png_bytes(seed=2), "watched-1")
+        card = client.get("/v1/model", headers={"X-API-Key": KEY}).json()
+        assert card["guarantee"]["findings"][labels[0]]["judged_films"] == 0  # computed at start-up: no verdicts
+        csv = "request_id,finding,verdict\n" + "".join(f"watched-{i},{labels[0]},present\n" for i in range(2))
+        assert _send(client, csv, "text/csv").status_code == 200
+
+        def judged() -> int:
+            body = client.get("/v1/model", headers={"X-API-Key": KEY}).json()["guarantee"]
+            return int(body["findings"][labels[0]]["judged_films"])
+
+        wait_until(lambda: judged() == 2, timeout_s=30)
+        status = client.get("/v1/model", headers={"X-API-Key": KEY}).json()["guarantee"]
+        promise = status["findings"][labels[0]]
+        assert status["films"] == 2 and status["cleared"] == 0  # the demo's rule can clear nothing (the page says so)
+        assert promise["limit"] == card["referral"]["alpha"] and 0 <= promise["lower"] <= promise["upper"] <= 1
+        assert promise["broken"] is False and status["broken"] == []
+        metrics = client.get("/metrics").text
+        assert f'cxr_guarantee_judged_films{{promise="{labels[0]}"}} 2.0' in metrics
+        assert "cxr_guarantee_outcome_coverage" in metrics

@@ -35,7 +35,12 @@ PREDICTION_OPERATIONS = {
     ("post", "/dicomweb/studies"),
     ("get", "/v1/model"),
 }
-AUDIT_OPERATIONS = {("get", "/v1/audit"), ("get", "/v1/audit/{request_id}")}
+AUDIT_OPERATIONS = {
+    ("get", "/v1/audit"),
+    ("get", "/v1/audit/{request_id}"),
+    ("get", "/v1/guarantee"),
+    ("post", "/v1/guarantee"),
+}
 LABELS = ("Atelectasis", "Pleural Effusion", "No Finding")
 #: Errors sent with another body than a problem, as documented: the readiness report and STOW-RS's DICOM JSON.
 NOT_PROBLEMS = {("get", "/readyz", "503"), ("post", "/dicomweb/studies", "409")}
@@ -81,14 +86,22 @@ def test_keyed_operations_declare_their_keys(keyed: dict[str, Any]) -> None:
     assert secured == {
         **{operation: [{"ApiKey": []}, {"BearerKey": []}] for operation in PREDICTION_OPERATIONS},
         **{operation: [{"AdminApiKey": []}, {"AdminBearerKey": []}] for operation in AUDIT_OPERATIONS},
+        ("post", "/v1/outcomes"): [{"OutcomeApiKey": []}, {"OutcomeBearerKey": []}],
     }
 
 
 def test_without_prediction_keys_the_prediction_routes_are_open(open_document: dict[str, Any]) -> None:
-    assert set(open_document["components"]["securitySchemes"]) == {"AdminApiKey", "AdminBearerKey"}
+    assert set(open_document["components"]["securitySchemes"]) == {
+        "AdminApiKey",
+        "AdminBearerKey",
+        "OutcomeApiKey",
+        "OutcomeBearerKey",
+    }
     for method, path, operation in _operations(open_document):
         if (method, path) in AUDIT_OPERATIONS:  # the audit API refuses everyone until admin keys are configured
             assert operation["security"] == [{"AdminApiKey": []}, {"AdminBearerKey": []}]
+        elif (method, path) == ("post", "/v1/outcomes"):  # so does the verdicts route until its keys are
+            assert operation["security"] == [{"OutcomeApiKey": []}, {"OutcomeBearerKey": []}]
         else:
             assert "security" not in operation and "401" not in operation["responses"], (method, path)
 
@@ -120,6 +133,7 @@ def test_request_bodies_and_their_files_are_required(keyed: dict[str, Any]) -> N
         "/v1/preview",
         "/dicomweb/studies",
         "/v1/outcomes",
+        "/v1/guarantee",
     }
     for path, operation in posts.items():
         assert operation["requestBody"]["required"] is True, path

@@ -11,6 +11,7 @@ from service.api.routes.deps import (
 from service.errors import (
     NotReadyError,
 )
+from service.guarantee.live import guarantee_status
 from service.runtime.responses import can_clear, evidence, ood_gate_info, referral_info
 from service.schemas import (
     ModelCard,
@@ -52,4 +53,5 @@ async def model_card(request: Request) -> ModelCard:
         referral=referral_info(spec),
         can_clear=can_clear(spec),
         evidence=evidence(spec, metrics),
+        guarantee=guarantee_status(getattr(request.app.state, "guarantee", None)),
     )

@@ -147,4 +147,7 @@ async def submit_outcomes(request: Request, sender: str = Depends(require_outcom
         )
     if not rows:
         return problem_response(request, 422, "No verdicts", "The submission holds no verdict.", errors=[])
+    monitor = getattr(request.app.state, "guarantee", None)
+    if monitor is not None:
+        monitor.poke()  # the watch sees the new verdicts now, not at its next period
     return JSONResponse(OutcomeReceiptBody(films=receipt.films, verdicts=receipt.verdicts).model_dump())

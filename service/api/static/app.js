@@ -43,6 +43,8 @@ const REASON_TEXT = {
   out_of_distribution: "the image does not look like the radiographs the model was trained on",
   outside_intended_population: "the image is outside the model's intended use",
   no_referral_rule: "this model has no fitted referral rule",
+  shadow_mode: "the site runs the rule in shadow mode: every film is read",
+  guarantee_suspended: "the rule's guarantee is suspended on this site: every film is read",
 };
 const POPULATION_TEXT = {
   paediatric: "a child",
@@ -117,6 +119,14 @@ const el = {
   modelReferral: $("model-referral"),
   modelReferralSummary: $("model-referral-summary"),
   modelNoReferral: $("model-no-referral"),
+  guaranteeStatus: $("guarantee-status"),
+  guaranteeState: $("guarantee-state"),
+  guaranteeCoverage: $("guarantee-coverage"),
+  guaranteeTable: $("guarantee-table"),
+  guaranteeChecked: $("guarantee-checked"),
+  guaranteeSuspended: $("guarantee-suspended"),
+  guaranteeSuspendedWhy: $("guarantee-suspended-why"),
+  guaranteeShadow: $("guarantee-shadow"),
   ood: $("ood-banner"),
   oodDetail: $("ood-detail"),
   verdict: $("verdict"),
@@ -284,8 +294,72 @@ function renderModelCard(card) {
   state.cardClearsNothing =
     Boolean(referral) && trained.length > 0 && trained.every((label) => negative[label] == null);
   updateNoClearing();
+  renderGuarantee(card.guarantee);
   el.modelLoading.hidden = true;
   el.modelBody.hidden = false;
+}
+
+// Why the rule's state last changed, in words (the API's guarantee.change_reason).
+const CHANGE_TEXT = {
+  first_start: "started",
+  mode_set: "mode set by a person or a setting",
+  miss_rate_exceeded: "the radiologists' verdicts showed the rule missing more than it promised",
+  coverage_below: "too few of the films it cleared got a radiologist's verdict",
+  suspended_by_person: "suspended by a person",
+  resumed: "re-enabled by a person",
+};
+const MODE_TEXT = {
+  shadow: "shadow mode (every film read; the rule's clearances checked against verdicts)",
+  supervised: "supervised (films the rule clears are still read)",
+  autonomous: "autonomous (films the rule clears are not read)",
+};
+const asPercent = (value) => `${(100 * value).toFixed(1)}%`;
+
+// The rule's live status on this site (GET /v1/model's guarantee): mode, state, every promise's bounds against
+// its alpha, coverage and the last change. Hidden when the model has no rule or the watch has not run yet.
+function renderGuarantee(status) {
+  el.guaranteeStatus.hidden = !status;
+  el.guaranteeSuspended.hidden = !status || status.state !== "suspended";
+  el.guaranteeShadow.hidden = !status || status.mode !== "shadow" || status.state === "suspended";
+  if (!status) return;
+  const since = new Date(status.changed_at).toLocaleString();
+  const why = CHANGE_TEXT[status.change_reason] || status.change_reason;
+  el.guaranteeState.textContent =
+    status.state === "suspended"
+      ? `rule suspended since ${since}: ${why}. Every film goes to a radiologist.`
+      : `${MODE_TEXT[status.mode] || status.mode}; last change ${since} (${why}).`;
+  el.guaranteeSuspendedWhy.textContent = `Since ${since}: ${why}.`;
+  el.guaranteeCoverage.textContent =
+    status.cleared === 0
+      ? `${status.films} films scored; the rule has cleared none yet.`
+      : `${status.films} films scored; radiologists' verdicts for ${status.cleared_with_verdict} of the ` +
+        `${status.cleared} films the rule cleared (${asPercent(status.coverage)}).`;
+  const body = el.guaranteeTable.querySelector("tbody");
+  body.replaceChildren();
+  const promises = Object.entries(status.findings || {}).filter(([, p]) => p.judged_films > 0);
+  if (status.study && status.study.judged_films > 0) promises.push(["Abnormal films cleared", status.study]);
+  for (const [name, promise] of promises) {
+    const row = document.createElement("tr");
+    row.dataset.testid = "guarantee-row";
+    if (promise.broken) row.classList.add("guarantee-table__broken");
+    const cells = [
+      name,
+      `${promise.misses} of ${promise.judged_films}`,
+      `${asPercent(promise.lower)} to ${asPercent(promise.upper)}`,
+      `${asPercent(promise.limit)}${promise.broken ? " (broken)" : ""}`,
+    ];
+    for (const text of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  }
+  el.guaranteeTable.hidden = promises.length === 0;
+  el.guaranteeChecked.textContent =
+    (promises.length === 0 ? "No radiologists' verdicts yet. " : "") +
+    `Bounds hold at ${asPercent(status.confidence)} confidence however often they are read; ` +
+    `checked ${new Date(status.checked_at).toLocaleString()}.`;
 }
 
 // One plain sentence at the top when the referral rule can rule out nothing: from the model card (every
