@@ -133,7 +133,7 @@ def _mix(name: str, reference: list[str], current: list[str]) -> MixDrift:
     categories = sorted(set(reference) | set(current))
     ref = [reference.count(c) for c in categories]
     cur = [current.count(c) for c in categories]
-    if len(categories) < 2:
+    if len(categories) < 2 or sum(ref) == 0 or sum(cur) == 0:  # nothing to compare (an empty window): no test
         return MixDrift(name, categories, ref, cur, 1.0, 0.0, False)
     table = np.array([ref, cur])
     chi2, pvalue, _, _ = stats.chi2_contingency(table)
@@ -146,7 +146,9 @@ def _rate(name: str, reference: list[bool], current: list[bool]) -> RateDrift:
     ref_rate = float(np.mean(reference)) if reference else 0.0
     cur_rate = float(np.mean(current)) if current else 0.0
     table = np.array([[sum(reference), len(reference) - sum(reference)], [sum(current), len(current) - sum(current)]])
-    pvalue = 1.0 if (table.sum(axis=0) == 0).any() else float(stats.chi2_contingency(table)[1])
+    # An empty window or a rate of 0 or 1 in both leaves a zero margin: no test (chi-squared is undefined there).
+    degenerate = (table.sum(axis=0) == 0).any() or (table.sum(axis=1) == 0).any()
+    pvalue = 1.0 if degenerate else float(stats.chi2_contingency(table)[1])
     alert = pvalue < RATE_ALPHA and abs(cur_rate - ref_rate) >= RATE_MIN_CHANGE
     return RateDrift(name, ref_rate, cur_rate, pvalue, alert)
 

@@ -450,7 +450,8 @@ class GuaranteeChange(_Schema):
     state: Literal["active", "suspended"]
     previous_state: Literal["active", "suspended"] | None
     reason: str = Field(
-        description="first_start, mode_set, miss_rate_exceeded, coverage_below, suspended_by_person, resumed"
+        description="first_start, mode_set, miss_rate_exceeded, coverage_below, drift_alert, suspended_by_person, "
+        "resumed"
     )
     actor: str = Field(description="settings, service (the automatic stop), or key-<id> of the admin key used")
     detail: str

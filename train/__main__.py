@@ -295,6 +295,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from train.conformal import ReferralInputError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    if args.from_audit is not None:
+        return _run_calibrate_from_audit(args)
     tune_allocator()
     try:
         spec = calibrate_checkpoint(
@@ -321,6 +323,42 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_calibrate_from_audit(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from bayesnet.referral import describe
+    from train.conformal import ReferralInputError
+    from train.from_audit import TrailError, calibrate_from_trail
+
+    since = None
+    if args.since is not None:
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"calibrate: --since {args.since!r} is not an ISO date (2026-11-01 or 2026-11-01T08:00:00Z)")
+            return 2
+        since = since if since.tzinfo is not None else since.replace(tzinfo=timezone.utc)
+    try:
+        spec = calibrate_from_trail(
+            args.checkpoint,
+            args.from_audit,
+            since=since,
+            out=args.out,
+            alpha=args.alpha,
+            delta=args.delta,
+            study_alpha=args.study_alpha,
+            alpha_positive=args.alpha_positive,
+            score=args.referral_score,
+        )
+    except (TrailError, ReferralInputError) as err:
+        print(f"calibrate: {err}", file=sys.stderr)
+        return 2
+    assert spec.referral is not None
+    print(describe(spec.referral))
+    print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
+    return 0
+
+
 def _add_calibrate(subparsers: _Subparsers) -> None:
     parser = subparsers.add_parser(
         "calibrate",
@@ -330,7 +368,15 @@ def _add_calibrate(subparsers: _Subparsers) -> None:
         "few hundred of its own labelled films with --data site.csv --out models/site.",
     )
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="held-out CheXpert-layout CSV with labels")
+    films = parser.add_mutually_exclusive_group(required=True)
+    films.add_argument("--data", type=Path, help="held-out CheXpert-layout CSV with labels")
+    films.add_argument(
+        "--from-audit",
+        metavar="URL",
+        help="refit only the referral rule on the site's scored films with radiologists' verdicts, from the audit "
+        "trail at URL (stored scores, no images; docs/guarantee.md)",
+    )
+    parser.add_argument("--since", default=None, help="with --from-audit: only films scored since this ISO date")
     parser.add_argument("--out", type=Path, default=None, help="write here instead of updating the checkpoint")
     parser.add_argument("--mc-samples", type=int, default=20)
     parser.add_argument(

@@ -421,7 +421,7 @@ def calibrate_checkpoint(
     else:
         new_spec = new_spec.replace(referral=None)
     target = out or checkpoint
-    _write_calibrated(checkpoint, target, new_spec, extra_files)
+    write_calibrated(checkpoint, target, new_spec, extra_files)
     logger.info("calibrated spec %s written to %s", new_spec.version, target / SPEC_FILE)
     return new_spec
 
@@ -451,7 +451,7 @@ def tradeoff_table(rows: list[dict[str, float]], rule: ReferralSpec) -> str:
     return "\n".join(lines)
 
 
-def _write_calibrated(source: Path, target: Path, spec: ModelSpec, extra_files: Mapping[str, bytes]) -> None:
+def write_calibrated(source: Path, target: Path, spec: ModelSpec, extra_files: Mapping[str, bytes]) -> None:
     """Write the calibrated checkpoint: weights and gate copied byte for byte, the new spec, the extra files."""
     if target.resolve() == source.resolve():
         for name, data in extra_files.items():

@@ -24,7 +24,7 @@ it until the rule is refitted on that site's films (``python -m train calibrate 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -182,6 +182,100 @@ def fit_referral(
         raise ReferralInputError("no calibration films")
     neg_t, pos_t = side_scores(probs, score)
     neg, pos = neg_t.double().numpy(), pos_t.double().numpy()
+
+    def served(rule_spec: ModelSpec) -> tuple[NDArray[np.int8], NDArray[np.bool_]]:
+        # What the rule does on its own films, computed by the code the service runs (bayesnet.decide, study_cleared).
+        codes = {Decision.NEGATIVE: 0, Decision.POSITIVE: 1, Decision.UNCERTAIN: 2}
+        decisions = np.array([[codes[d] for d in row] for row in decide(probs, rule_spec)], dtype=np.int8)
+        return decisions, np.array(study_cleared(probs, rule_spec), dtype=bool)
+
+    return _fit_on_scores(
+        neg,
+        pos,
+        targets,
+        spec,
+        alpha=alpha,
+        delta=delta,
+        study_alpha=study_alpha,
+        alpha_positive=alpha_positive,
+        score=score,
+        calibration_notes=calibration_notes,
+        served=served,
+    )
+
+
+def fit_referral_on_scores(
+    negative_side: ArrayLike,
+    positive_side: ArrayLike,
+    y: ArrayLike,
+    spec: ModelSpec,
+    *,
+    alpha: float,
+    delta: float,
+    study_alpha: float,
+    alpha_positive: float | None = None,
+    score: ReferralScore = "mean",
+    calibration_notes: Mapping[str, Any] | None = None,
+) -> ReferralFit:
+    """:func:`fit_referral` from the scores the rule thresholds, ``(N, K)`` each (``bayesnet.decision.side_scores``
+    of the MC samples), instead of the samples: what the audit trail keeps of a scored film (``train.from_audit``).
+    The same thresholds as :func:`fit_referral` on the samples those scores came from."""
+    for name, value in (("alpha", alpha), ("delta", delta), ("study_alpha", study_alpha)):
+        _check_level(name, value)
+    if alpha_positive is not None:
+        _check_level("alpha_positive", alpha_positive)
+    targets = as_targets(y)
+    neg, pos = np.asarray(negative_side, dtype=np.float64), np.asarray(positive_side, dtype=np.float64)
+    if neg.shape != targets.shape or pos.shape != targets.shape or targets.shape[1] != spec.num_classes:
+        raise ReferralInputError(
+            f"scores must be (N, K) = {targets.shape} with K = {spec.num_classes} labels, got {neg.shape}, {pos.shape}"
+        )
+    if targets.shape[0] == 0:
+        raise ReferralInputError("no calibration films")
+
+    def served(rule_spec: ModelSpec) -> tuple[NDArray[np.int8], NDArray[np.bool_]]:
+        # bayesnet.decision.conformal_decisions and bayesnet.referral.study_cleared, on the scores.
+        rule = rule_spec.referral
+        assert rule is not None
+        lower = np.array([-1.0 if t is None else t for t in rule.negative_threshold])
+        upper = np.array([2.0 if t is None else t for t in rule.positive_threshold])
+        cleared_k, positive_k = neg < lower, pos >= upper
+        decisions = np.where(cleared_k & ~positive_k, 0, np.where(positive_k & ~cleared_k, 1, 2)).astype(np.int8)
+        if rule.study_threshold is None:
+            return decisions, np.zeros(len(neg), dtype=bool)
+        study = study_score_array(neg, [rule_spec.label_index(label) for label in rule.study_labels])
+        return decisions, study < rule.study_threshold
+
+    return _fit_on_scores(
+        neg,
+        pos,
+        targets,
+        spec,
+        alpha=alpha,
+        delta=delta,
+        study_alpha=study_alpha,
+        alpha_positive=alpha_positive,
+        score=score,
+        calibration_notes=calibration_notes,
+        served=served,
+    )
+
+
+def _fit_on_scores(
+    neg: NDArray[np.float64],
+    pos: NDArray[np.float64],
+    targets: FloatArray,
+    spec: ModelSpec,
+    *,
+    alpha: float,
+    delta: float,
+    study_alpha: float,
+    alpha_positive: float | None,
+    score: ReferralScore,
+    calibration_notes: Mapping[str, Any] | None,
+    served: Callable[[ModelSpec], tuple[NDArray[np.int8], NDArray[np.bool_]]],
+) -> ReferralFit:
+    """The fit itself, on side scores; ``served`` says what a fitted rule decides on these films."""
     lower: list[float | None] = [None] * spec.num_classes
     upper: list[float | None] = [None] * spec.num_classes
     per_label: dict[str, dict[str, Any]] = {}
@@ -223,11 +317,7 @@ def fit_referral(
         study_labels=study_labels,
         study_threshold=study_threshold,
     )
-    # What the rule does on its own films, computed by the code the service runs (bayesnet.decide, study_cleared).
-    served = spec.replace(referral=rule)
-    codes = {Decision.NEGATIVE: 0, Decision.POSITIVE: 1, Decision.UNCERTAIN: 2}
-    decisions = np.array([[codes[d] for d in row] for row in decide(probs, served)], dtype=np.int8)
-    cleared = np.array(study_cleared(probs, served), dtype=bool)
+    decisions, cleared = served(spec.replace(referral=rule))
     for label, row in per_label.items():
         k = spec.label_index(label)
         valid = ~np.isnan(targets[:, k])

@@ -45,6 +45,7 @@ class GuaranteeMonitor:
         self.report: WatchReport | None = None
         self.checked_at: datetime | None = None
         self.current: state.Transition | None = None
+        self.drift_checked_at: datetime | None = None
         self._lock = threading.Lock()  # one transition at a time (refresh thread, admin requests)
         self._poked = asyncio.Event()
 
@@ -116,7 +117,7 @@ class GuaranteeMonitor:
             due_before=now - timedelta(hours=self.settings.verdict_delay_h),
         )
         self.report, self.checked_at = report, now
-        why = self._stop_reason(report)
+        why = self._stop_reason(report) or self._drift_reason(now)
         if why is not None and self.current is not None and not self.current.suspended:
             self.suspend(reason=why[0], actor="service", detail=why[1])
         return report
@@ -147,6 +148,42 @@ class GuaranteeMonitor:
                 f"({coverage:.1%} < {self.settings.min_coverage:.0%})",
             )
         return None
+
+    def _drift_reason(self, now: datetime) -> tuple[str, str] | None:
+        """The input drift check (``service.monitor.compare``) when it is due: every ``drift_every_s``."""
+        every = self.settings.drift_every_s
+        if every <= 0 or (self.drift_checked_at is not None and (now - self.drift_checked_at).total_seconds() < every):
+            return None
+        self.drift_checked_at = now
+        try:
+            return self._drift_check(now)
+        except Exception as err:  # the check must never stop the watch or the start-up; it is retried next period
+            log.warning("input drift check failed: %s", err)
+            return None
+
+    def _drift_check(self, now: datetime) -> tuple[str, str] | None:
+        from service.audit import AuditQuery
+        from service.monitor import compare
+
+        split = now - timedelta(hours=self.settings.drift_window_h)
+        start = split - timedelta(hours=self.settings.drift_reference_h)
+        reference = list(self.store.iter_records(AuditQuery(since=start, until=split)))
+        current = list(self.store.iter_records(AuditQuery(since=split, until=now)))
+        report = compare(
+            [r for r in reference if r.model.sha256 == self.model_sha256],
+            [r for r in current if r.model.sha256 == self.model_sha256],
+        )
+        if not report.alert:
+            return None
+        drifted = [label.label for label in report.labels if label.alert]
+        drifted += [rate.name for rate in report.rates if rate.alert]
+        drifted += [mix.name for mix in report.mixes if mix.alert]
+        return (
+            "drift_alert",
+            f"the input drift check alerted on {', '.join(drifted) or 'the inputs'} (last "
+            f"{self.settings.drift_window_h:g} h against the {self.settings.drift_reference_h:g} h before; "
+            "python -m service.monitor shows the report)",
+        )
 
     def poke(self) -> None:
         """Verdicts arrived: refresh now rather than at the next period."""

@@ -3,8 +3,9 @@
 The current state of a model (by its weights' sha256) is its latest transition. States are ``active`` and
 ``suspended``; the mode is ``shadow``, ``supervised`` or ``autonomous`` (``service.runtime.operating``). Reasons
 are short codes: ``first_start``, ``mode_set`` (by a setting or a person), ``miss_rate_exceeded``,
-``coverage_below``, ``suspended_by_person``, ``resumed``. The guarantee watch restarts at each ``resumed``: a person
-who re-enables the rule (after recalibrating, or after deciding the evidence was wrong) starts a new watch.
+``coverage_below``, ``drift_alert``, ``suspended_by_person``, ``resumed``. The guarantee watch restarts at each
+``resumed``: a person who re-enables the rule (after recalibrating, or after deciding the evidence was wrong)
+starts a new watch.
 """
 
 from __future__ import annotations

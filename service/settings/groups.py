@@ -203,6 +203,17 @@ class GuaranteeSettings(SettingsGroup):
         ge=0.0,
         description="How long a verdict may take to arrive: younger cleared films do not count against coverage",
     )
+    drift_every_s: float = Field(
+        default=3600.0,
+        ge=0.0,
+        description="How often the service runs the input drift check (python -m service.monitor's, on its own "
+        "trail: the last drift_window_h against the drift_reference_h before) and suspends the rule on an alert; "
+        "0: never (run the monitor from cron instead)",
+    )
+    drift_window_h: float = Field(default=168.0, gt=0, description="The drift check's current window (7 days)")
+    drift_reference_h: float = Field(
+        default=720.0, gt=0, description="The drift check's reference window, just before the current one (30 days)"
+    )
     refresh_s: float = Field(
         default=60.0,
         gt=0,

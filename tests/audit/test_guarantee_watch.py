@@ -112,3 +112,37 @@ def test_the_monitor_command_prints_the_watch_plots_it_and_exits_3_when_a_promis
     out = capsys.readouterr().out
     assert "Atelectasis reported negative" in out and "40 / 60" in out and "BROKEN: Atelectasis" in out
     assert plot.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_the_input_drift_check_suspends_the_rule_on_an_alert_only(tmp_path: Path, shifted: bool) -> None:
+    """The monitor's drift comparison, run by the guarantee monitor on its own trail: a shifted week (scores pushed
+    up, more OOD images) against the month before suspends the rule (``drift_alert``); an unshifted one does not."""
+    from service.guarantee.live import GuaranteeMonitor
+    from service.runtime.operating import OperatingSwitch
+    from service.settings import GuaranteeSettings
+    from tests.audit.records import population
+
+    day = 86400.0
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    store = AuditStore.open(url)
+    try:
+        store.insert(population(NOW - timedelta(days=30), 22 * day, 400, seed=1))
+        if shifted:
+            store.insert(population(NOW - timedelta(days=6), 5 * day, 300, seed=2, a=3.5, b=4.0, ood_share=0.15))
+        else:
+            store.insert(population(NOW - timedelta(days=6), 5 * day, 300, seed=2))
+        switch = OperatingSwitch()
+        monitor = GuaranteeMonitor(
+            store, RULE, LABELS, model_sha256=MODEL["sha256"], switch=switch, settings=GuaranteeSettings()
+        )
+        monitor.load_state()
+        monitor.refresh()
+        assert switch.get().suspended is shifted
+        assert monitor.current is not None
+        if shifted:
+            assert monitor.current.reason == "drift_alert" and "Effusion" in monitor.current.detail
+        monitor.refresh()  # the next refresh within the hour does not run the check again
+        assert monitor.drift_checked_at is not None
+    finally:
+        store.close()

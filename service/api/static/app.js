@@ -305,6 +305,7 @@ const CHANGE_TEXT = {
   mode_set: "mode set by a person or a setting",
   miss_rate_exceeded: "the radiologists' verdicts showed the rule missing more than it promised",
   coverage_below: "too few of the films it cleared got a radiologist's verdict",
+  drift_alert: "the films coming in no longer look like those the model has been seeing (input drift)",
   suspended_by_person: "suspended by a person",
   resumed: "re-enabled by a person",
 };
