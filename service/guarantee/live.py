@@ -1,5 +1,7 @@
-"""The guarantee's live status inside the running service: the watch (``service.guarantee.watch``) recomputed from
-the trail every ``refresh_s`` and as soon as verdicts arrive, kept for ``GET /v1/model`` and ``/metrics``."""
+"""The guarantee in the running service: the rule's operating state (mode, suspension) loaded from the audit trail
+and pushed to the pipeline, the watch (``service.guarantee.watch``) recomputed every ``refresh_s`` and as soon as
+verdicts arrive, the automatic stop (a broken promise, missing verdicts in supervised mode, an input drift alert),
+and what ``GET /v1/model``, ``/v1/guarantee`` and ``/metrics`` show of it."""
 
 from __future__ import annotations
 

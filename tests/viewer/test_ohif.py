@@ -105,18 +105,28 @@ class Viewer:
     def __init__(self, page, shots: Path | None) -> None:  # type: ignore[no-untyped-def]
         self.page, self.shots, self.errors = page, shots, []
         page.on("pageerror", lambda err: self.errors.append(str(err)[:500]))
+        self.console: list[str] = []  # what the app logged, for a failure's message
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text[:300]}"))
 
     def pixels(self) -> np.ndarray:
         """The active viewport as RGB."""
         canvas = self.page.locator("canvas.cornerstone-canvas").first
         return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=int)
 
-    def until(self, name: str, check: Callable[[np.ndarray, str], bool], seconds: float = 60.0) -> bool:
+    def until(
+        self, name: str, check: Callable[[np.ndarray, str], bool], seconds: float = 60.0, answer: str | None = None
+    ) -> bool:
         """Whether ``check(viewport pixels, page text)`` comes to hold within ``seconds`` (no DOM event marks the end
         of a WebGL draw or of OHIF hydrating an SR, and a busy machine takes longer); with ``OHIF_SCREENSHOTS``,
-        the window is saved as ``name``.png once it does (or at the deadline)."""
+        the window is saved as ``name``.png once it does (or at the deadline). ``answer``: a button to click
+        whenever it is shown meanwhile (a question OHIF asks at a moment that depends on the machine's load)."""
         deadline = time.monotonic() + seconds
         while True:
+            if answer is not None:
+                button = self.page.get_by_text(answer, exact=True)
+                if button.count() and button.first.is_visible():
+                    with contextlib.suppress(Exception):  # gone between the look and the click: looked for again
+                        button.first.click(timeout=2_000)
             held = check(self.pixels(), self.page.locator("body").inner_text())
             if held or time.monotonic() > deadline:
                 if self.shots is not None:
@@ -145,6 +155,7 @@ def test_ohif_shows_the_study_the_film_the_result_page_the_sr_s_regions_and_the_
     root, study = pacs_with_results
     series = _series(root, study)
     (sr,) = series[SR_SERIES_DESCRIPTION]
+    (film_series,) = set(series) - {SR_SERIES_DESCRIPTION, SUMMARY_SERIES_DESCRIPTION, HEATMAP_SERIES_DESCRIPTION}
     regions = _region_labels(sr)
     assert regions, "the demo model drew no heatmap for this film, so the SR has no region to show"
     assert len(series[SUMMARY_SERIES_DESCRIPTION]) == 1 and len(series[HEATMAP_SERIES_DESCRIPTION]) == len(regions)
@@ -184,14 +195,20 @@ def test_ohif_shows_the_study_the_film_the_result_page_the_sr_s_regions_and_the_
             ), "the result page shows no text or no colour"
 
             # The SR: opens without a page error and labels each region (an arrow on the film) with its finding's
-            # probability. OHIF first asks whether to track the SR's measurements; the arrows come once answered.
-            viewer.open_series(SR_SERIES_DESCRIPTION)
-            with contextlib.suppress(playwright.Error):  # no question asked: nothing to answer
-                page.get_by_text("Yes", exact=True).first.click(timeout=20_000)
+            # probability. OHIF may first ask whether to track the SR's measurements (answered when asked), and
+            # 3.13 sometimes opens the SR's film without the arrows, which come when the SR is opened again (seen on
+            # this machine on some runs and not others; the same in a person's hands): up to three openings.
             labels = [f"{label} probability (MC dropout mean)" for label in regions]
-            shown = viewer.until("ohif-sr", lambda rgb, text: rgb.std() > 20 and all(x in text for x in labels))
+            labelled = lambda rgb, text: rgb.std() > 20 and all(x in text for x in labels)  # noqa: E731
+            for _ in range(3):
+                viewer.open_series(SR_SERIES_DESCRIPTION)
+                if shown := viewer.until("ohif-sr", labelled, seconds=30, answer="Yes"):
+                    break
+                page.get_by_text(film_series, exact=True).first.dblclick(timeout=30_000)
             text = page.locator("body").inner_text()
-            assert shown, f"OHIF does not label the regions of {[x for x in labels if x not in text]}"
+            missing = [x for x in labels if x not in text]
+            console = viewer.console[-15:]
+            assert shown, f"no label for {missing}; page errors {viewer.errors}; console {console}"
             assert viewer.errors == [], viewer.errors
 
             # The heatmaps: the film with the map's colour on it.
