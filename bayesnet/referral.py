@@ -9,6 +9,8 @@ archive scorer and evaluation.
   independent, ``1 - prod_k (1 - s_k)`` over the negative-side scores. The film is cleared as normal when that is
   below ``study_threshold``.
 * **Reasons** (:func:`referral_reasons`): why a film goes to a radiologist, as stable codes a client can match.
+  A film is cleared only when the study rule clears it and none of its findings (:func:`finding_labels`) is
+  decided positive or uncertain; calibration's expected referral rate counts the same way (:func:`referred`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
 import torch
+from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
 
 from bayesnet.decision import Decision, side_scores
-from bayesnet.spec import ModelSpec, ReferralSpec
+from bayesnet.spec import NO_FINDING, ModelSpec, ReferralSpec
 
 __all__ = [
     "NOT_CLEARED",
@@ -34,7 +38,9 @@ __all__ = [
     "UNCERTAIN_FINDING",
     "Referral",
     "describe",
+    "finding_labels",
     "referral_reasons",
+    "referred",
     "study_cleared",
     "study_scores",
 ]
@@ -69,6 +75,24 @@ class Referral:
     reasons: tuple[str, ...]
 
 
+def finding_labels(spec: ModelSpec) -> tuple[str, ...]:
+    """The trained labels that are findings: those whose positive or uncertain decision refers a film, and the
+    study rule's labels. Not "No Finding": it is positive on a normal film, and whether a film is normal is the
+    study rule's to say."""
+    return tuple(label for label in spec.trained_labels if label != NO_FINDING)
+
+
+def referred(negative: ArrayLike, cleared: ArrayLike, spec: ModelSpec) -> NDArray[np.bool_]:
+    """Per film, whether the rule refers it: not cleared by the study rule, or a finding (:func:`finding_labels`)
+    not decided negative (the finding-based reasons of :func:`referral_reasons`). ``negative`` ``(N, K)``: each
+    label decided negative, over ``spec.labels``; ``cleared`` ``(N,)``: the study rule's clearance. The service's
+    referral before the gates, for calibration's expected rates."""
+    index = [spec.label_index(label) for label in finding_labels(spec)]
+    decided_negative = np.asarray(negative, dtype=bool)[:, index]
+    result: NDArray[np.bool_] = ~np.asarray(cleared, dtype=bool) | ~decided_negative.all(axis=1)
+    return result
+
+
 def study_scores(samples: Tensor, spec: ModelSpec) -> Tensor:
     """``(B,)`` study score: ``1 - prod_k (1 - s_k)`` over the referral's ``study_labels`` (negative-side scores)."""
     if spec.referral is None:
@@ -97,7 +121,7 @@ def referral_reasons(
     outside_population: bool,
     population_verified: bool = True,
 ) -> Referral:
-    """The referral of one film from its trained findings' decisions and what the gates said.
+    """The referral of one film from its findings' decisions (:func:`finding_labels`) and what the gates said.
 
     ``refer`` is False only when the study rule cleared the film, its population is verified (adult frontal chest)
     and nothing else asks for a radiologist. A film the gates flag (out of distribution, outside the intended

@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _guarantee(model_dir: Path, url: str, *, since: datetime, plot_path: Path, parser: argparse.ArgumentParser) -> int:
     from bayesnet.checkpoint import load_spec, read_checkpoint_document
     from bayesnet.errors import CheckpointError
-    from service.guarantee.watch import format_watch, plot_watch, watch
+    from service.guarantee.watch import format_watch, plot_watch, watch, watch_paths
 
     try:
         spec = load_spec(model_dir)
@@ -324,10 +324,11 @@ def _guarantee(model_dir: Path, url: str, *, since: datetime, plot_path: Path, p
     store = AuditStore.open(url)
     try:
         report = watch(store, spec.referral, spec.trained_labels, model_sha256=sha256, since=since)
+        paths = watch_paths(store, spec.referral, spec.trained_labels, model_sha256=sha256, since=since)
     finally:
         store.close()
     print(format_watch(report))
-    plot_watch(report, plot_path)
+    plot_watch(report, plot_path, paths)
     print(f"plot: {plot_path}")
     return EXIT_DRIFT if report.exceeded else 0
 

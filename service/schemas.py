@@ -479,8 +479,13 @@ class GuaranteeAction(_Schema):
 class OutcomeReceiptBody(_Schema):
     """A submission of radiologists' verdicts, stored whole (``POST /v1/outcomes``)."""
 
-    films: int = Field(description="Films that received at least one verdict")
-    verdicts: int = Field(description="Verdicts stored (one per film and finding)")
+    films: int = Field(description="Films that received at least one verdict or correction")
+    verdicts: int = Field(description="Verdicts stored (one per film and finding), corrections included")
+    corrected: int = Field(
+        default=0,
+        description="Of those, corrections that replaced a stored verdict (an amended or corrected report, HL7 "
+        "result status C, CSV/NDJSON status corrected); the replaced verdict stays in the trail's correction history",
+    )
 
 
 class AuditPage(_Schema):

@@ -34,8 +34,8 @@ from mapie.risk_control import BinaryClassificationController
 from numpy.typing import ArrayLike, NDArray
 
 from bayesnet.decision import Decision, decide, side_scores
-from bayesnet.referral import study_cleared
-from bayesnet.spec import NO_FINDING, ModelSpec, ReferralScore, ReferralSpec
+from bayesnet.referral import finding_labels, referred, study_cleared
+from bayesnet.spec import ModelSpec, ReferralScore, ReferralSpec
 from train.metrics import FloatArray, as_targets
 
 __all__ = [
@@ -81,8 +81,10 @@ def _valid_thresholds(
 ) -> FloatArray:
     """The thresholds whose risk null the fixed-sequence test rejected (empty: none controls the risk)."""
     with warnings.catch_warnings():
-        # MAPIE warns when no threshold controls the risk; that outcome is returned as None and recorded.
+        # MAPIE warns when no threshold controls the risk (returned as None and recorded) and when every one does
+        # (a well-separated finding: the most permissive is chosen); both are outcomes, not faults.
         warnings.filterwarnings("ignore", message="No predict parameters were found to control the risk")
+        warnings.filterwarnings("ignore", message="All provided predict_params control the risk")
         controller.calibrate(scores, y)
     valid: FloatArray = np.asarray(controller.valid_predict_params, dtype=np.float64).reshape(-1)
     return valid[~np.isnan(valid)]
@@ -296,7 +298,7 @@ def _fit_on_scores(
         except ReferralInputError as err:
             raise ReferralInputError(f"label {label!r}: {err}") from err
         per_label[label] = {"n": int(valid.sum()), "positives": n_pos, "prevalence": n_pos / max(1, int(valid.sum()))}
-    study_labels = tuple(lb for lb in spec.trained_labels if lb != NO_FINDING)
+    study_labels = finding_labels(spec)
     study_index = [spec.label_index(lb) for lb in study_labels]
     abnormal, normal = _abnormal_and_normal(targets, study_index)
     if not abnormal.any():
@@ -332,8 +334,9 @@ def _fit_on_scores(
             false_positive_rate=float((decisions[negatives, k] == 1).mean()) if negatives.any() else None,
         )
     n = targets.shape[0]
-    referral_rate = float(1.0 - cleared.mean())
-    normal_clearance = float(cleared[normal].mean()) if normal.any() else 0.0
+    sent = referred(decisions == 0, cleared, spec)  # as the service refers: the study rule and the findings' reasons
+    referral_rate = float(sent.mean())
+    normal_clearance = float((~sent)[normal].mean()) if normal.any() else 0.0
     calibration = {
         "n_films": n,
         "n_abnormal": int(abnormal.sum()),
@@ -426,6 +429,7 @@ def check_referral(samples: ArrayLike, y: ArrayLike, spec: ModelSpec) -> dict[st
     decisions = np.array([[d is Decision.NEGATIVE for d in row] for row in decided])
     positives_called = np.array([[d is Decision.POSITIVE for d in row] for row in decided])
     cleared = np.array(study_cleared(probs, spec), dtype=bool)
+    sent = referred(decisions, cleared, spec)
     per_label = {}
     for label in spec.trained_labels:
         k = spec.label_index(label)
@@ -445,9 +449,9 @@ def check_referral(samples: ArrayLike, y: ArrayLike, spec: ModelSpec) -> dict[st
         },
         "n_films": int(targets.shape[0]),
         "per_label": per_label,
-        "abnormal_cleared": _rate(int((cleared & abnormal).sum()), int(abnormal.sum())),
-        "referred": _rate(int((~cleared).sum()), int(cleared.size)),
-        "normal_cleared": _rate(int((cleared & normal).sum()), int(normal.sum())),
+        "abnormal_cleared": _rate(int((~sent & abnormal).sum()), int(abnormal.sum())),
+        "referred": _rate(int(sent.sum()), int(sent.size)),
+        "normal_cleared": _rate(int((~sent & normal).sum()), int(normal.sum())),
         "expected": {
             "study_referral_rate": rule.expected_study_referral_rate,
             "normal_clearance_rate": rule.expected_normal_clearance_rate,

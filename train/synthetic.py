@@ -223,7 +223,7 @@ def _opacity(label: str, value: float) -> float:
 
 
 def render_sample(
-    rng: np.random.Generator, findings: Mapping[str, float], size: int = 256
+    rng: np.random.Generator, findings: Mapping[str, float], size: int = 256, *, contrast: float = 1.0
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
     """Render one synthetic frontal film with ``findings`` planted, and its per-pixel label map.
 
@@ -233,6 +233,8 @@ def render_sample(
             :data:`UNCERTAIN_CONTRAST`; anything else (0.0, NaN, a missing key) is not drawn, and
             "No Finding" is never drawn. Keys must be CheXpert labels.
         size: side of the square image in pixels (at least 32).
+        contrast: multiplies every planted finding's opacity (0 to 1): below 1, subtler disease than the
+            generator's training sets show (a shifted site, ``bench/guarantee_site.py``).
 
     Returns:
         ``(image, label_map)``, both uint8 of shape (size, size). ``label_map`` holds, per pixel, the
@@ -244,7 +246,9 @@ def render_sample(
     """
     if size < _MIN_IMAGE_SIZE:
         raise ValueError(f"size must be at least {_MIN_IMAGE_SIZE} pixels, got {size}")
-    opacities = {label: _opacity(label, value) for label, value in findings.items()}
+    if not 0.0 <= contrast <= 1.0:
+        raise ValueError(f"contrast must be in [0, 1], got {contrast}")
+    opacities = {label: contrast * _opacity(label, value) for label, value in findings.items()}
     img = _film(rng, size)
     label_map = np.zeros((size, size), dtype=np.uint8)
     edges = [round(i * size / GRID_CELLS) for i in range(GRID_CELLS + 1)]

@@ -106,6 +106,24 @@ class AuditOutcome(Base):
     message_id: Mapped[str | None] = mapped_column(String(128))
 
 
+class AuditOutcomeCorrection(Base):
+    """A verdict the radiologist changed after signing it: what it was before the correction replaced it in
+    ``audit_outcomes`` (which holds the verdict that stands), when, and who sent the correction."""
+
+    __tablename__ = "audit_outcome_corrections"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    outcome_pk: Mapped[int] = mapped_column(_ID, ForeignKey("audit_outcomes.id", ondelete="CASCADE"), index=True)
+    previous_present: Mapped[bool] = mapped_column(Boolean)
+    previous_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    present: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    submitted_by: Mapped[str | None] = mapped_column(String(64))
+    message_id: Mapped[str | None] = mapped_column(String(128))
+
+
 class GuaranteeTransition(Base):
     """One change of the referral rule's operating state: who, when, why (docs/guarantee.md)."""
 

@@ -17,11 +17,13 @@ a new watch.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import and_, select
 
@@ -108,6 +110,31 @@ def rule_cleared(refer: bool | None, reasons: Iterable[str]) -> bool:
     return refer is False or (refer is True and set(reasons) <= STATE_REASONS and bool(set(reasons)))
 
 
+def _trail(store: AuditStore, model_sha256: str, since: datetime | None) -> tuple[Sequence[Any], Sequence[Any]]:
+    """The answered films of the model since ``since`` (id, refer, reasons, when) and their verdicts (verdict id,
+    film id, label, present, the rule's decision), verdicts in the order they arrived."""
+    where = and_(AuditEvent.status == 200, AuditEvent.model_sha256 == model_sha256)
+    if since is not None:
+        where = and_(where, AuditEvent.occurred_at >= since)
+    with store.engine.connect() as connection:
+        events = connection.execute(
+            select(AuditEvent.id, AuditEvent.refer, AuditEvent.referral_reasons, AuditEvent.occurred_at).where(where)
+        ).all()
+        verdicts = connection.execute(
+            select(
+                AuditOutcome.id, AuditOutcome.event_pk, AuditOutcome.label, AuditOutcome.present, AuditFinding.decision
+            )
+            .join(
+                AuditFinding,
+                and_(AuditFinding.event_pk == AuditOutcome.event_pk, AuditFinding.label == AuditOutcome.label),
+            )
+            .join(AuditEvent, AuditEvent.id == AuditOutcome.event_pk)
+            .where(where)
+            .order_by(AuditOutcome.id)
+        ).all()
+    return events, verdicts
+
+
 def watch(
     store: AuditStore,
     rule: ReferralSpec,
@@ -124,32 +151,17 @@ def watch(
     ``due_before``: cleared films scored before this have their verdicts due (default: all of them).
     """
     budget = rule.delta if delta is None else delta
-    where = and_(AuditEvent.status == 200, AuditEvent.model_sha256 == model_sha256)
-    if since is not None:
-        where = and_(where, AuditEvent.occurred_at >= since)
-    with store.engine.connect() as connection:
-        events = connection.execute(
-            select(AuditEvent.id, AuditEvent.refer, AuditEvent.referral_reasons, AuditEvent.occurred_at).where(where)
-        ).all()
-        verdicts = connection.execute(
-            select(AuditOutcome.event_pk, AuditOutcome.label, AuditOutcome.present, AuditFinding.decision)
-            .join(
-                AuditFinding,
-                and_(AuditFinding.event_pk == AuditOutcome.event_pk, AuditFinding.label == AuditOutcome.label),
-            )
-            .join(AuditEvent, AuditEvent.id == AuditOutcome.event_pk)
-            .where(where)
-        ).all()
+    events, verdicts = _trail(store, model_sha256, since)
     cleared_films = {pk for pk, refer, reasons, _ in events if rule_cleared(refer, reasons or [])}
     due = {pk for pk, _, _, at in events if due_before is None or as_utc(at) < due_before} & cleared_films
-    judged = {pk for pk, _, _, _ in verdicts}
+    judged = {pk for _, pk, _, _, _ in verdicts}
     positives: dict[str, int] = defaultdict(int)
     misses: dict[str, int] = defaultdict(int)
     cleared_judged: dict[str, int] = defaultdict(int)
     cleared_present: dict[str, int] = defaultdict(int)
     abnormal: set[int] = set()
     study_labels = set(rule.study_labels)
-    for pk, label, present, decision in verdicts:
+    for _, pk, label, present, decision in verdicts:
         if present:
             positives[label] += 1
             misses[label] += decision == "negative"
@@ -184,6 +196,71 @@ def watch(
         findings=findings,
         study=study,
     )
+
+
+@dataclass(frozen=True)
+class WatchPath:
+    """One promise's confidence sequence as the verdicts arrived: after ``trials[i]`` films it counts (films with
+    the finding; for the study promise, abnormal films), ``misses[i]`` missed and the bounds then."""
+
+    name: str
+    limit: float
+    trials: list[int]
+    misses: list[int]
+    lower: list[float]
+    upper: list[float]
+
+
+def watch_paths(
+    store: AuditStore,
+    rule: ReferralSpec,
+    labels: Sequence[str],
+    *,
+    model_sha256: str,
+    since: datetime | None = None,
+    delta: float | None = None,
+    points: int = 200,
+) -> dict[str, WatchPath]:
+    """Each promise's sequence over the verdicts in the order they arrived (the plot's history; reads the trail).
+
+    The same counts as :func:`watch` at the end of each path. A film counts for a finding when its "present"
+    verdict arrives, and for the study promise when its first "present" verdict for a study label does. At most
+    ``points`` points per promise (every film while fewer, then evenly spaced, always the last)."""
+    budget = rule.delta if delta is None else delta
+    events, verdicts = _trail(store, model_sha256, since)
+    cleared_films = {pk for pk, refer, reasons, _ in events if rule_cleared(refer, reasons or [])}
+    outcomes: dict[str, list[bool]] = {label: [] for label in labels}
+    study: list[bool] = []
+    counted: set[int] = set()
+    study_labels = set(rule.study_labels)
+    for _, pk, label, present, decision in verdicts:
+        if not present:
+            continue
+        if label in outcomes:
+            outcomes[label].append(decision == "negative")
+        if label in study_labels and pk not in counted:
+            counted.add(pk)
+            study.append(pk in cleared_films)
+    limits = dict.fromkeys(labels, rule.alpha)
+    if rule.study_threshold is not None:
+        outcomes["study"], limits["study"] = study, rule.study_alpha
+    paths = {}
+    for name, missed in outcomes.items():
+        n = len(missed)
+        spaced = {round(1 + i * (n - 1) / (points - 1)) for i in range(points)}
+        steps = list(range(1, n + 1)) if n <= points else sorted(spaced)
+        running = [0, *itertools.accumulate(missed)]
+        prior = MixturePrior(mean=min(max(limits[name], 1e-3), 0.999), strength=PRIOR_STRENGTH)
+        bounds = [confidence_sequence(running[t], t, budget, prior) for t in steps]
+        paths[name] = WatchPath(
+            name=name,
+            limit=limits[name],
+            trials=steps,
+            misses=[running[t] for t in steps],
+            lower=[b.lower for b in bounds],
+            upper=[b.upper for b in bounds],
+        )
+    return paths
 
 
 def _line(name: str, rate: RateWatch) -> str:
@@ -223,8 +300,9 @@ def format_watch(report: WatchReport) -> str:
     return "\n".join(lines)
 
 
-def plot_watch(report: WatchReport, path: Path) -> None:
-    """Each promise's confidence sequence now (a bar from lower to upper bound) against its alpha, as a PNG."""
+def plot_watch(report: WatchReport, path: Path, paths: dict[str, WatchPath] | None = None) -> None:
+    """Each promise's confidence sequence now (a bar from lower to upper bound) against its alpha, and with
+    ``paths`` (:func:`watch_paths`) beside it each promise's upper bound as the verdicts arrived, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +311,12 @@ def plot_watch(report: WatchReport, path: Path) -> None:
     rows = [(f"{label}", f.miss_rate) for label, f in report.findings.items()]
     if report.study is not None:
         rows.append(("abnormal cleared (study)", report.study))
-    figure, axis = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    shown = {name: p for name, p in (paths or {}).items() if p.trials}
+    height = 0.45 * len(rows) + 1.5
+    if shown:
+        figure, (axis, history) = plt.subplots(1, 2, figsize=(16, max(height, 5.0)), width_ratios=(1, 1.2))
+    else:
+        figure, axis = plt.subplots(figsize=(8, height))
     for y, (_, rate) in enumerate(rows):
         colour = "tab:red" if rate.exceeded else ("lightgray" if rate.bounds.trials == 0 else "tab:blue")
         axis.plot([rate.bounds.lower, rate.bounds.upper], [y, y], color=colour, linewidth=6, solid_capstyle="butt")
@@ -245,6 +328,20 @@ def plot_watch(report: WatchReport, path: Path) -> None:
     axis.invert_yaxis()
     axis.set_xlabel(f"miss rate: {1 - report.delta:.0%} confidence sequence (bar), observed (|), alpha (v)")
     axis.set_title(f"Guarantee watch, {report.films} films, coverage of cleared films {report.coverage or 0:.0%}")
+    if shown:
+        broken = set(report.exceeded)
+        for name, p in shown.items():
+            style = {"linewidth": 2.2, "color": "tab:red"} if name in broken else {"linewidth": 0.9, "alpha": 0.7}
+            history.plot(p.trials, p.upper, label=name, **style)
+            history.plot(p.trials, p.lower, linestyle=":", **style)
+        for limit in sorted({p.limit for p in shown.values()}):
+            history.axhline(limit, color="black", linestyle="--", linewidth=1)
+        history.set_xscale("log")
+        history.set_ylim(0, 1)
+        history.set_xlabel("films with the finding (study: abnormal films) with verdicts, in order of arrival")
+        history.set_ylabel("miss rate: upper (line) and lower (dotted) bounds")
+        history.set_title("The sequences as verdicts arrived; alpha dashed; a broken promise in red")
+        history.legend(fontsize=7, ncols=2, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -20,6 +20,12 @@ Error codes (``RowError.code``); row 0 means the submission as a whole:
 - ``unknown_code``: a finding whose code (or label text) the code map does not know.
 - ``missing_value``, ``bad_value``: a required value absent, or one that cannot be read (verdict, date, UID).
 - ``not_final``: a report or observation that is not final (or amended / corrected).
+
+A verdict the radiologist changed after signing (an addendum) arrives as a **correction**: a FHIR report or
+Observation with status ``amended`` or ``corrected``, an HL7 result status ``C`` (OBX-11, else OBR-25), or a CSV /
+NDJSON line with ``status`` ``corrected`` (or ``amended``). ``OutcomeRow.corrected`` names those findings; the
+store replaces the earlier verdict with it and keeps the earlier one in the correction history. A verdict that is
+not a correction and differs from a stored one is refused (``contradicts``).
 - ``conflict_in_row``: the same film and finding given both present and absent; neither verdict is kept.
 - ``unresolved_reference``: a FHIR reference that does not point at a contained resource.
 - ``no_verdicts``: a final report or message without any finding in it.
@@ -75,6 +81,8 @@ PRESENCE_BY_SNOMED = {"52101004": True, "2667000": False}  # Present, Absent
 PRESENCE_BY_INTERPRETATION = {"POS": True, "NEG": False}
 #: DiagnosticReport / Observation statuses that mean the radiologist has signed the result off.
 FINAL_STATUSES = frozenset({"final", "amended", "corrected"})
+#: Of those, the statuses of a result changed after it was first signed: its verdicts replace the stored ones.
+CORRECTION_STATUSES = frozenset({"amended", "corrected"})
 #: The R4 status value sets; fhir.resources checks the type but not the code, so a typo is caught here.
 REPORT_STATUSES = frozenset(
     {
@@ -95,8 +103,9 @@ OBSERVATION_STATUSES = frozenset(
 )
 FHIR_BUNDLE_TYPES = frozenset({"collection", "transaction", "batch"})
 DICOM_UID_SYSTEM = "urn:dicom:uid"
-#: HL7 v2 result statuses (OBR-25, OBX-11) that mean final: F (final) and C (corrected).
+#: HL7 v2 result statuses (OBR-25, OBX-11) that mean final: F (final) and C (corrected: a correction).
 HL7_FINAL_STATUSES = frozenset({"F", "C"})
+HL7_CORRECTION = "C"
 HL7_CODED_TYPES = frozenset({"CE", "CWE", "CNE"})
 HL7_TEXT_TYPES = frozenset({"ST", "TX", "FT", ""})
 
@@ -113,12 +122,14 @@ TABULAR_VERDICTS = {
     "false": False,
     "no": False,
 }
+#: CSV/NDJSON ``status`` values (case-insensitive; blank: final): whether the line corrects a stored verdict.
+TABULAR_STATUSES = {"final": False, "corrected": True, "amended": True}
 #: Verdict words accepted in a free-text result (HL7 OBX-5 of type ST, TX or FT; case-insensitive).
 TEXT_VERDICTS = {"present": True, "positive": True, "absent": False, "negative": False}
 
 KEY_COLUMNS: tuple[FilmKeyKind, ...] = ("request_id", "sop_instance_uid", "study_instance_uid")
 TABULAR_COLUMNS = frozenset(
-    {*KEY_COLUMNS, "item_index", "finding", "code_system", "code", "verdict", "reported_at", "message_id"}
+    {*KEY_COLUMNS, "item_index", "finding", "code_system", "code", "verdict", "status", "reported_at", "message_id"}
 )
 #: How much of a sender's input an error message quotes.
 QUOTE_LIMIT = 80
@@ -154,13 +165,15 @@ class FilmKey:
 
 @dataclass(frozen=True)
 class OutcomeRow:
-    """One film's final verdicts: each named finding present (True) or absent (False)."""
+    """One film's final verdicts: each named finding present (True) or absent (False); ``corrected``: the findings
+    whose verdict is a correction of an earlier one (it replaces what is stored)."""
 
     row: int
     key: FilmKey
     verdicts: dict[FindingLabel, bool]
     reported_at: datetime | None
     message_id: str | None
+    corrected: frozenset[FindingLabel] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -305,11 +318,17 @@ class _Film:
         self.verdicts: dict[FindingLabel, bool] = {}
         self.seen_in: dict[FindingLabel, str] = {}
         self.conflicted: set[FindingLabel] = set()
+        self.corrected: set[FindingLabel] = set()
         self.reported_at: datetime | None = None
         self.message_id: str | None = None
 
-    def add(self, label: FindingLabel, present: bool, row: int, where: str) -> RowError | None:
-        """Record a verdict; a contradiction is a ``conflict_in_row`` error at ``row`` (``where`` names it)."""
+    def add(
+        self, label: FindingLabel, present: bool, row: int, where: str, *, correction: bool = False
+    ) -> RowError | None:
+        """Record a verdict (``correction``: it corrects a stored one); a contradiction within the submission is a
+        ``conflict_in_row`` error at ``row`` (``where`` names it)."""
+        if correction:
+            self.corrected.add(label)
         if label in self.conflicted:
             return RowError(
                 row,
@@ -343,7 +362,8 @@ class _Film:
     def outcome(self) -> OutcomeRow | None:
         if not self.verdicts:
             return None
-        return OutcomeRow(self.row, self.key, dict(self.verdicts), self.reported_at, self.message_id)
+        corrected = frozenset(self.corrected & set(self.verdicts))
+        return OutcomeRow(self.row, self.key, dict(self.verdicts), self.reported_at, self.message_id, corrected)
 
 
 # --- CSV / NDJSON --------------------------------------------------------------------------------------------------
@@ -358,6 +378,7 @@ class _Line:
     present: bool
     reported_at: datetime | None
     message_id: str | None
+    correction: bool = False
 
 
 def parse_tabular(
@@ -365,12 +386,13 @@ def parse_tabular(
 ) -> tuple[list[OutcomeRow], list[RowError]]:
     """Outcomes from a CSV file (with a header) or NDJSON (one JSON object a line): one line per film and finding.
 
-    A line names the film by exactly one of ``request_id`` (with an optional 0-based ``item_index``),
-    ``sop_instance_uid`` or ``study_instance_uid``; the finding by ``finding`` (a CheXpert label, any case) or by
-    ``code_system`` + ``code`` (through ``codes``); the verdict by ``verdict`` (present/absent, positive/negative,
-    1/0, true/false, yes/no); optionally ``reported_at`` (ISO 8601, UTC when no zone) and ``message_id``. Lines of
-    one film are merged into one row, in the order films first appear (``row``: the film's first line after the
-    header). Empty lines are skipped but counted, so rows match the sender's line numbers.
+        A line names the film by exactly one of ``request_id`` (with an optional 0-based ``item_index``),
+        ``sop_instance_uid`` or ``study_instance_uid``; the finding by ``finding`` (a CheXpert label, any case) or by
+        ``code_system`` + ``code`` (through ``codes``); the verdict by ``verdict`` (present/absent, positive/negative,
+        1/0, true/false, yes/no); optionally ``status`` (``final``, the default, or ``corrected`` / ``amended``: the
+    verdict corrects a stored one), ``reported_at`` (ISO 8601, UTC when no zone) and ``message_id``. Lines of
+        one film are merged into one row, in the order films first appear (``row``: the film's first line after the
+        header). Empty lines are skipped but counted, so rows match the sender's line numbers.
     """
     if media_type == "text/csv":
         records = _csv_records(text)
@@ -393,7 +415,7 @@ def parse_tabular(
         film = films.get(read.key)
         if film is None:
             film = films[read.key] = _Film(row, read.key)
-        conflict = film.add(read.label, read.present, row, f"Row {row}")
+        conflict = film.add(read.label, read.present, row, f"Row {row}", correction=read.correction)
         if conflict is not None:
             errors.append(conflict)
         film.note_time(read.reported_at)
@@ -520,7 +542,7 @@ def _text_value(record: Mapping[str, object], name: str, row: int) -> str | RowE
 def _read_line(row: int, record: Mapping[str, object], codes: CodeMap) -> _Line | RowError:
     """One line's film, finding and verdict, or the first thing wrong with it."""
     texts: dict[str, str | None] = {}
-    for name in (*KEY_COLUMNS, "finding", "code_system", "code", "reported_at", "message_id"):
+    for name in (*KEY_COLUMNS, "finding", "code_system", "code", "status", "reported_at", "message_id"):
         value = _text_value(record, name, row)
         if isinstance(value, RowError):
             return value
@@ -534,6 +556,13 @@ def _read_line(row: int, record: Mapping[str, object], codes: CodeMap) -> _Line 
     present = _line_verdict(row, record.get("verdict"))
     if isinstance(present, RowError):
         return present
+    status = (texts["status"] or "final").lower()
+    if status not in TABULAR_STATUSES:
+        return RowError(
+            row,
+            "bad_value",
+            f"Row {row}: status {_quote(texts['status'])} is not final, corrected or amended.",
+        )
     reported_at = None
     if texts["reported_at"] is not None:
         reported_at = _parse_iso(texts["reported_at"])
@@ -544,7 +573,7 @@ def _read_line(row: int, record: Mapping[str, object], codes: CodeMap) -> _Line 
                 f"Row {row}: reported_at {_quote(texts['reported_at'])} is not an ISO 8601 date-time "
                 "(e.g. 2026-12-07T10:30:00Z).",
             )
-    return _Line(key, label, present, reported_at, texts["message_id"])
+    return _Line(key, label, present, reported_at, texts["message_id"], TABULAR_STATUSES[status])
 
 
 def _line_key(row: int, record: Mapping[str, object], texts: Mapping[str, str | None]) -> FilmKey | RowError:
@@ -774,7 +803,8 @@ def _fhir_report(row: int, report: object, codes: CodeMap, errors: list[RowError
         if isinstance(verdict, RowError):
             errors.append(verdict)
             continue
-        conflict = film.add(*verdict, row, at)
+        correction = status in CORRECTION_STATUSES or observation.get("status") in CORRECTION_STATUSES
+        conflict = film.add(*verdict, row, at, correction=correction)
         if conflict is not None:
             errors.append(conflict)
     if not results and len(errors) == before:
@@ -1027,7 +1057,7 @@ def _hl7_order(
         if isinstance(verdict, RowError):
             errors.append(verdict)
             continue
-        conflict = film.add(*verdict, row, where)
+        conflict = film.add(*verdict, row, where, correction=status == HL7_CORRECTION)
         if conflict is not None:
             errors.append(conflict)
     if not order.obx and len(errors) == before:

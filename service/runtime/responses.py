@@ -15,7 +15,7 @@ from typing import Any, Literal
 from bayesnet import ImageFacts, ModelSpec
 from bayesnet.decision import Decision, FindingRule, Reason, finding_rules
 from bayesnet.population import Population, assess
-from bayesnet.referral import OUT_OF_DISTRIBUTION, OUTSIDE_POPULATION, describe, referral_reasons
+from bayesnet.referral import OUT_OF_DISTRIBUTION, OUTSIDE_POPULATION, describe, finding_labels, referral_reasons
 from service.runtime.operating import Operating
 from service.runtime.operating import apply as apply_operating
 from service.runtime.predictor import InferenceResult
@@ -88,7 +88,7 @@ def referral(result: InferenceResult, spec: ModelSpec, population: Population) -
     """The film's triage outcome: the study rule, the findings' decisions, the gates and the population check."""
     verdict = ood_result(result, spec)
     outcome = referral_reasons(
-        [result.decisions[spec.label_index(label)] for label in spec.trained_labels],
+        [result.decisions[spec.label_index(label)] for label in finding_labels(spec)],
         cleared=result.cleared,
         has_rule=spec.referral is not None,
         out_of_distribution=verdict is not None and not verdict.in_distribution,

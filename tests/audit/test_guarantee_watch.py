@@ -4,6 +4,8 @@ the promise called broken only when the verdicts show it."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from bayesnet.spec import ReferralSpec
 from service.audit import AuditStore
 from service.audit.outcomes import store_outcomes
-from service.guarantee.watch import rule_cleared, watch
+from service.guarantee.watch import rule_cleared, watch, watch_paths
 from service.outcomes.parsing import FilmKey, OutcomeRow
 from tests.audit.records import LABELS, MODEL, record
 
@@ -112,6 +114,21 @@ def test_the_monitor_command_prints_the_watch_plots_it_and_exits_3_when_a_promis
     out = capsys.readouterr().out
     assert "Atelectasis reported negative" in out and "40 / 60" in out and "BROKEN: Atelectasis" in out
     assert plot.stat().st_size > 1000
+
+    # The plot's history: each promise's sequence as the verdicts arrived, ending where the watch is now.
+    store = AuditStore.open(url)
+    try:
+        now = watch(store, spec.referral, spec.trained_labels, model_sha256=sha256)
+        paths = watch_paths(store, spec.referral, spec.trained_labels, model_sha256=sha256, points=25)
+    finally:
+        store.close()
+    path, bounds = paths["Atelectasis"], now.findings["Atelectasis"].miss_rate.bounds
+    assert (path.trials[-1], path.misses[-1]) == (60, 40) and len(path.trials) == 25
+    assert (path.lower[-1], path.upper[-1]) == (bounds.lower, bounds.upper)
+    assert all(m == t for t, m in zip(path.trials, path.misses, strict=True) if t <= 40)  # the first 40: misses
+    assert all(not p.trials for name, p in paths.items() if name not in ("Atelectasis", "study"))
+    if os.environ.get("WATCH_PLOT"):
+        shutil.copy(plot, os.environ["WATCH_PLOT"])
 
 
 @pytest.mark.parametrize("shifted", [True, False])

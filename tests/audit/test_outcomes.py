@@ -69,9 +69,9 @@ def _stored(live: LiveServer) -> list[tuple[str, str, bool, str]]:
         store.close()
 
 
-def _report(study_uid: str, sop_uid: str, verdicts: dict[str, bool]) -> dict[str, Any]:
-    """A radiologist's final report as FHIR R4: the study (and its one instance) as a contained ImagingStudy, one
-    coded Observation per finding, present or absent in SNOMED CT."""
+def _report(study_uid: str, sop_uid: str, verdicts: dict[str, bool], status: str = "final") -> dict[str, Any]:
+    """A radiologist's report (``status``: final, amended, ...) as FHIR R4: the study (and its one instance) as a
+    contained ImagingStudy, one coded Observation per finding, present or absent in SNOMED CT."""
     present = {"system": "http://snomed.info/sct", "code": "52101004", "display": "Present"}
     absent = {"system": "http://snomed.info/sct", "code": "2667000", "display": "Absent"}
     observations = [
@@ -86,8 +86,8 @@ def _report(study_uid: str, sop_uid: str, verdicts: dict[str, bool]) -> dict[str
     ]
     report = {
         "resourceType": "DiagnosticReport",
-        "id": "final-report-1",
-        "status": "final",
+        "id": f"{status}-report-1",
+        "status": status,
         "code": {"coding": [{"system": "http://loinc.org", "code": "36554-4"}]},
         "issued": "2026-12-07T10:30:00Z",
         "contained": [
@@ -116,8 +116,9 @@ def _report(study_uid: str, sop_uid: str, verdicts: dict[str, bool]) -> dict[str
     return report
 
 
-def _oru(study_uid: str, verdicts: dict[str, bool]) -> str:
-    """An ORU^R01 built with hl7apy: the study in ZDS-1 (IHE Radiology), one OBX per finding, final."""
+def _oru(study_uid: str, verdicts: dict[str, bool], status: str = "F") -> str:
+    """An ORU^R01 built with hl7apy: the study in ZDS-1 (IHE Radiology), one OBX per finding, result status
+    ``status`` (F final, C corrected)."""
     from hl7apy.core import Message, Segment
 
     message = Message("ORU_R01", version="2.5")
@@ -130,14 +131,14 @@ def _oru(study_uid: str, verdicts: dict[str, bool]) -> str:
     message.pid.pid_3 = "anonymous"
     message.add_segment("OBR")
     message.obr.obr_4 = "36554-4^XR Chest Single view^LN"
-    message.obr.obr_25 = "F"
+    message.obr.obr_25 = status
     for i, (label, present) in enumerate(verdicts.items(), start=1):
         obx = message.add_segment("OBX")
         obx.obx_1 = str(i)
         obx.obx_2 = "CE"
         obx.obx_3 = f"{finding_code(label)}^{label}^{FINDING_SYSTEM}"
         obx.obx_5 = "52101004^Present^SCT" if present else "2667000^Absent^SCT"
-        obx.obx_11 = "F"
+        obx.obx_11 = status
     zds = Segment("ZDS", version="2.5")
     zds.zds_1 = f"{study_uid}^^Application^DICOM"
     message.add(zds)
@@ -156,7 +157,7 @@ def test_verdicts_in_every_form_reach_their_films_and_refused_rows_store_nothing
         csv = f"request_id,finding,verdict\nfilm-png,{first},present\nfilm-png,{second},absent\n"
         answer = _send(client, csv, "text/csv")
         assert answer.status_code == 200, answer.text
-        assert answer.json() == {"films": 1, "verdicts": 2}
+        assert answer.json() == {"films": 1, "verdicts": 2, "corrected": 0}
 
         # The same again, and a contradiction, and an unknown film beside a good row: all refused, nothing stored.
         again = _send(client, csv, "text/csv")
@@ -176,7 +177,7 @@ def test_verdicts_in_every_form_reach_their_films_and_refused_rows_store_nothing
         assert answer.status_code == 200, answer.text
         answer = _send(client, _oru(str(header.StudyInstanceUID), {second: False, third: True}), HL7_V2)
         assert answer.status_code == 200, answer.text
-        assert answer.json() == {"films": 1, "verdicts": 2}
+        assert answer.json() == {"films": 1, "verdicts": 2, "corrected": 0}
 
         # Keys: verdicts need an outcome key; the prediction and admin keys are refused.
         assert _send(client, csv, "text/csv", key="").status_code == 401
@@ -199,6 +200,72 @@ def test_verdicts_in_every_form_reach_their_films_and_refused_rows_store_nothing
     finally:
         store.close()
     assert str(header.StudyInstanceUID) not in dump and str(header.SOPInstanceUID) not in dump
+
+
+def _corrections(live: LiveServer) -> list[tuple[str, str, bool, bool, str]]:
+    """(request id, label, previous verdict, corrected verdict, source) of every correction in the trail."""
+    store = AuditStore.open(live.state.settings.audit.url, migrate_schema=False)
+    try:
+        with store.engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT e.request_id, o.label, c.previous_present, c.present, c.source "
+                    "FROM audit_outcome_corrections c JOIN audit_outcomes o ON o.id = c.outcome_pk "
+                    "JOIN audit_events e ON e.id = o.event_pk ORDER BY c.id"
+                )
+            ).all()
+        return [(r[0], r[1], bool(r[2]), bool(r[3]), r[4]) for r in rows]
+    finally:
+        store.close()
+
+
+def test_a_corrected_verdict_replaces_the_stored_one_in_every_form_and_the_trail_keeps_the_old(
+    live: LiveServer,
+) -> None:
+    dicom = dicom_with_identifiers()
+    header = pydicom.dcmread(io.BytesIO(dicom), stop_before_pixels=True)
+    study, sop = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+    with live.client() as client:
+        labels = _predict(client, png_bytes(seed=1), "film-png")
+        _predict(client, dicom, "film-dicom")
+        first, second, third = labels[:3]
+        csv = f"request_id,finding,verdict\nfilm-png,{first},present\nfilm-png,{second},absent\n"
+        assert _send(client, csv, "text/csv").status_code == 200
+        report = _report(study, sop, {first: False, second: True})
+        assert _send(client, report, "application/fhir+json").status_code == 200
+
+        # A different verdict that is not marked as a correction is refused, and says how to send a correction.
+        refused = _send(client, f"request_id,finding,verdict\nfilm-png,{first},absent\n", "text/csv")
+        (error,) = refused.json()["errors"]
+        assert error["code"] == "contradicts" and "status corrected" in error["detail"]
+
+        # CSV: status corrected replaces one verdict; the other line agrees with what is stored and changes nothing;
+        # a line for a finding without a verdict is stored as its first.
+        lines = f"film-png,{first},absent,corrected\nfilm-png,{second},absent,corrected\nfilm-png,{third},present,"
+        answer = _send(client, "request_id,finding,verdict,status\n" + lines + "\n", "text/csv")
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"films": 1, "verdicts": 2, "corrected": 1}
+        bad = _send(client, f"request_id,finding,verdict,status\nfilm-png,{first},absent,preliminary\n", "text/csv")
+        assert [e["code"] for e in bad.json()["errors"]] == ["bad_value"]
+
+        # FHIR: an amended report; HL7 v2: result status C.
+        amended = _report(study, sop, {first: True}, status="amended")
+        assert _send(client, amended, "application/fhir+json").json() == {"films": 1, "verdicts": 1, "corrected": 1}
+        corrected = _send(client, _oru(study, {second: False}, status="C"), HL7_V2)
+        assert corrected.json() == {"films": 1, "verdicts": 1, "corrected": 1}
+
+    assert _stored(live) == [
+        ("film-dicom", first, True, "fhir"),
+        ("film-dicom", second, False, "hl7"),
+        ("film-png", first, False, "csv"),
+        ("film-png", second, False, "csv"),
+        ("film-png", third, True, "csv"),
+    ]
+    assert _corrections(live) == [
+        ("film-png", first, True, False, "csv"),
+        ("film-dicom", first, False, True, "fhir"),
+        ("film-dicom", second, True, False, "hl7"),
+    ]
 
 
 def test_verdicts_move_the_live_watch_in_the_model_card_and_metrics(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ def test_migrations_build_the_schema_once_and_are_idempotent(audit_url: str) -> 
         tables = set(inspect(store.engine).get_table_names())
         assert {"audit_events", "audit_findings", "alembic_version"} <= tables
         with store.engine.connect() as connection:
-            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
     finally:
         store.close()
 

@@ -22,7 +22,9 @@ from bayesnet.referral import (
     POSSIBLE_FINDING,
     UNCERTAIN_FINDING,
     describe,
+    finding_labels,
     referral_reasons,
+    referred,
     study_cleared,
     study_scores,
 )
@@ -100,6 +102,37 @@ def test_reasons_and_the_refer_flag() -> None:
     flagged = referral_reasons([n, n], cleared=True, has_rule=True, out_of_distribution=True, outside_population=True)
     assert flagged.refer and flagged.reasons == (OUT_OF_DISTRIBUTION, OUTSIDE_POPULATION)
     assert referral_reasons([n], cleared=False, has_rule=False, **gates).reasons == (NO_RULE,)
+
+
+def test_no_finding_gives_no_reason_and_calibration_counts_referrals_as_the_service_makes_them() -> None:
+    """ "No Finding" is positive on a normal film and uncertain on a doubtful one: neither refers a film the study
+    rule clears. ``referred`` (calibration's expected rates) agrees with ``referral_reasons`` (the service)."""
+    spec = spec_with(rule(negative_threshold=(0.5, 0.2, 0.2), positive_threshold=(0.8, 0.7, 0.6)))
+    assert finding_labels(spec) == ("Cardiomegaly", "Edema")
+    films = [
+        (0.95, 0.05, 0.05),  # normal: "No Finding" positive, the findings negative
+        (0.9, 0.8, 0.05),  # Cardiomegaly positive
+        (0.6, 0.1, 0.3),  # Edema uncertain
+        (0.05, 0.05, 0.15),  # everything negative
+        (0.6, 0.1, 0.1),  # only "No Finding" uncertain
+    ]
+    probs = samples_of(*films)
+    decided, cleared = decide(probs, spec), study_cleared(probs, spec)
+    assert decided[0][0] is Decision.POSITIVE and decided[4][0] is Decision.UNCERTAIN
+    served = [
+        referral_reasons(
+            [row[spec.label_index(label)] for label in finding_labels(spec)],
+            cleared=film_cleared,
+            has_rule=True,
+            out_of_distribution=False,
+            outside_population=False,
+        )
+        for row, film_cleared in zip(decided, cleared, strict=True)
+    ]
+    assert [r.refer for r in served] == [False, True, True, False, False]
+    assert served[1].reasons == (POSSIBLE_FINDING,) and served[2].reasons == (UNCERTAIN_FINDING,)
+    negative = [[d is Decision.NEGATIVE for d in row] for row in decided]
+    assert referred(negative, cleared, spec).tolist() == [r.refer for r in served]
 
 
 def test_spec_round_trips_and_checks_the_rule() -> None:

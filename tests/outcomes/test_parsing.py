@@ -504,6 +504,7 @@ def test_hl7_messages_built_with_hl7apy_are_read_back(site_codes: CodeMap) -> No
             {"Cardiomegaly": True, "Pneumothorax": False},
             datetime(2026, 12, 7, 10, 30, tzinfo=timezone.utc),
             "MSG-1",
+            frozenset({"Pneumothorax"}),  # OBX-11 C: a correction of a stored verdict
         ),
         OutcomeRow(
             2,

@@ -253,6 +253,10 @@ def test_check_reports_the_rule_on_held_out_films_with_exact_intervals() -> None
         fitted.spec.expected_study_referral_rate
     )
     assert check["abnormal_cleared"]["ci95"][0] <= ALPHA, "held-out abnormal clearance is consistent with the level"
+    # On its own films, the check (the service's code) refers exactly the fraction the card states.
+    own = check_referral(samples[:, cal], y[cal], spec)
+    assert own["referred"]["rate"] == pytest.approx(fitted.spec.expected_study_referral_rate)
+    assert own["normal_cleared"]["rate"] == pytest.approx(fitted.spec.expected_normal_clearance_rate)
     text = check_markdown(check)
     assert "| Cardiomegaly |" in text and "the card expects" in text
     with pytest.raises(ReferralInputError, match="no referral rule"):

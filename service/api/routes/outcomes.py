@@ -150,4 +150,5 @@ async def submit_outcomes(request: Request, sender: str = Depends(require_outcom
     monitor = getattr(request.app.state, "guarantee", None)
     if monitor is not None:
         monitor.poke()  # the watch sees the new verdicts now, not at its next period
-    return JSONResponse(OutcomeReceiptBody(films=receipt.films, verdicts=receipt.verdicts).model_dump())
+    stored = OutcomeReceiptBody(films=receipt.films, verdicts=receipt.verdicts, corrected=receipt.corrected)
+    return JSONResponse(stored.model_dump())
