@@ -1,10 +1,12 @@
-"""``python -m service.archive --input DIR_OR_CSV_OR_LIST --out results.jsonl``: score an archive without HTTP.
+"""``python -m service.archive --input DIR_OR_CSV_OR_LIST | --dicomweb URL --out results.jsonl``: score an archive
+without HTTP.
 
 An offline tool beside the server: the same model loading, decoding, batched inference and response shape
 (``service.runtime``), one JSON line per film, resumable, sharded across ranks under ``torchrun``. Each
 concern has its module, and each module's docstring gives its rules:
 
   * ``inputs``: which files ``--input`` names (a folder, a CSV with a Path column, a list) and their keys;
+  * ``dicomweb``: ``--dicomweb URL``: a PACS's inventory by QIDO-RS, its films by WADO-RS within set limits;
   * ``results``: the JSON-lines output, torn-line repair and resume;
   * ``progress``: a tqdm bar or periodic log lines;
   * ``scorer``: ``ArchiveScorer``, decode / infer / write overlapping in three stages;

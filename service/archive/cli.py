@@ -12,10 +12,22 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import requests
 import torch
 from pydantic import ValidationError
 
 from bayesnet import CheckpointError, tune_allocator
+from service.archive.dicomweb import (
+    ArchiveQuery,
+    PacsUnavailableError,
+    WadoInstance,
+    build_inventory,
+    open_client,
+    open_fetcher,
+    read_inventory,
+    skipped_by_reason,
+    write_inventory,
+)
 from service.archive.inputs import BatchInputError, ScoreItem, list_inputs
 from service.archive.progress import make_progress
 from service.archive.results import ResultsFileError
@@ -25,7 +37,10 @@ from service.runtime.heatmaps import CamSelectionError, parse_cams
 from service.runtime.loading import LoadedModel, build_predictor, load_model
 from service.settings import InvalidSettingsError, Settings, load_settings
 
-__all__ = ["build_parser", "default_batch_size", "main", "run"]
+__all__ = ["EXIT_PACS_UNAVAILABLE", "build_parser", "default_batch_size", "main", "run"]
+
+#: Exit status when the PACS stops answering mid-run (``--dicomweb``): the films written stay; rerun to resume.
+EXIT_PACS_UNAVAILABLE = 4
 
 log = logging.getLogger("service.archive")  # the command's one logger name, whichever module writes the line
 
@@ -43,12 +58,32 @@ def default_batch_size(device: torch.device, max_batch_images: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service.archive",
-        description="Score a folder, CSV or list of radiographs with the service's model, no HTTP.",
+        description="Score a folder, CSV or list of radiographs, or a PACS over DICOMweb, with the service's model, "
+        "no HTTP.",
         epilog="Defaults not given here come from the service's CXR_* settings. Inputs, output and resuming: "
         "python -m pydoc service.archive.",
     )
-    parser.add_argument("--input", type=Path, required=True, help="directory, CSV with a Path column, or list file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="directory, CSV with a Path column, or list file")
+    source.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="a PACS's DICOMweb root: inventory by QIDO-RS, films by WADO-RS (credentials and limits: CXR_PACS_*)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON-lines output (appended to; resumable)")
+    pacs = parser.add_argument_group("with --dicomweb: which instances (QIDO-RS matching, ANDed)")
+    pacs.add_argument("--modality", default="CR,DX", help="modalities, comma-separated (default CR,DX)")
+    pacs.add_argument("--body-part", help="Body Part Examined to match (e.g. CHEST; * wildcards); default any")
+    pacs.add_argument("--study-date", help="Study Date or DICOM range: 20260101-20261231, 20260101-, -20261231")
+    pacs.add_argument("--accessions", type=Path, help="file of accession numbers, one per line")
+    pacs.add_argument(
+        "--inventory",
+        type=Path,
+        help="the inventory CSV: built first and reused by reruns and shards (default OUT.inventory.csv)",
+    )
+    pacs.add_argument(
+        "--inventory-only", action="store_true", help="build the inventory and stop (before a sharded run)"
+    )
     parser.add_argument("--model", type=Path, help="checkpoint directory (default models/demo, CXR_MODEL_PATH)")
     parser.add_argument("--device", help="auto (cuda:LOCAL_RANK under torchrun), cpu, cuda, cuda:N")
     parser.add_argument(
@@ -134,12 +169,68 @@ def _score_into(scorer: ArchiveScorer, todo: list[ScoreItem], target: Path) -> S
         progress.close()
 
 
+def _query(args: argparse.Namespace) -> ArchiveQuery:
+    modalities = tuple(m.strip().upper() for m in args.modality.split(",") if m.strip())
+    if not modalities:
+        raise BatchInputError("--modality names no modality")
+    accessions: tuple[str, ...] = ()
+    if args.accessions is not None:
+        try:
+            lines = args.accessions.read_text().splitlines()
+        except OSError as err:
+            raise BatchInputError(f"--accessions {args.accessions}: {err}") from err
+        accessions = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+        if not accessions:
+            raise BatchInputError(f"--accessions {args.accessions} names no accession number")
+    return ArchiveQuery(modalities, args.body_part, args.study_date, accessions)
+
+
+def _pacs_items(args: argparse.Namespace, settings: Settings, dist: DistInfo) -> list[ScoreItem]:
+    """This rank's films of the PACS: the inventory (reused, or built and written first), skips left out."""
+    path: Path = args.inventory or args.out.with_name(args.out.name + ".inventory.csv")
+    client = open_client(args.dicomweb, settings.pacs)
+    if path.exists():
+        try:
+            rows = read_inventory(path)
+        except ValueError as err:
+            raise BatchInputError(str(err)) from err
+        log.info("inventory %s: %d instances (reused: delete it to query the PACS again)", path, len(rows))
+    elif dist.world_size > 1:
+        raise BatchInputError(
+            f"a sharded run needs its inventory first, so every shard slices the same list: run once with "
+            f"--inventory-only (it writes {path})"
+        )
+    else:
+        try:
+            rows = build_inventory(client, _query(args))
+        except requests.RequestException as err:
+            raise PacsUnavailableError(f"the inventory query failed ({type(err).__name__}: {err})") from err
+        write_inventory(rows, path)
+        log.info("inventory %s: %d instances found by QIDO-RS", path, len(rows))
+    skipped = skipped_by_reason(rows)
+    if skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+        log.info("skipped %d instances: %s", sum(skipped.values()), reasons)
+    fetcher = open_fetcher(client, settings.pacs)
+    films = [ScoreItem(row.key, WadoInstance(fetcher, row)) for row in rows if row.skip is None]
+    return films[dist.rank :: dist.world_size]
+
+
 def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
-    """Score this rank's shard of ``args.input`` into its output file; rank 0 merges at the end."""
+    """Score this rank's shard of ``args.input`` (or of the PACS's inventory) into its output file; rank 0 merges
+    at the end."""
     if args.batch_size is not None and args.batch_size < 1:
         raise BatchInputError("--batch-size must be >= 1")
-    items = list_inputs(args.input)[dist.rank :: dist.world_size]  # fail on a bad input before loading
-    settings = _settings(args)
+    if args.dicomweb is None:
+        if args.inventory_only:
+            raise BatchInputError("--inventory-only goes with --dicomweb")
+        items = list_inputs(args.input)[dist.rank :: dist.world_size]  # fail on a bad input before loading
+        settings = _settings(args)
+    else:
+        settings = _settings(args)
+        items = _pacs_items(args, settings, dist)
+        if args.inventory_only:
+            return ScoreSummary(0, 0, 0.0)
     loaded = _load(settings, allow_untrained=args.allow_untrained)
     try:
         cams = parse_cams(args.cams, loaded.spec)
@@ -184,4 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BatchInputError, ResultsFileError, CheckpointError, ValidationError, InvalidSettingsError) as err:
         log.error("%s", err)
         return 2
+    except PacsUnavailableError as err:
+        log.error("%s", err)
+        return EXIT_PACS_UNAVAILABLE
     return 0

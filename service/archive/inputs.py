@@ -22,6 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from bayesnet import sniff_format
 
@@ -44,12 +45,18 @@ class BatchInputError(ValueError):
     """
 
 
+class Readable(Protocol):
+    """Where a film's bytes come from: a ``Path``, or a PACS instance (``service.archive.dicomweb.WadoInstance``)."""
+
+    def read_bytes(self) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class ScoreItem:
-    """One file to score: ``key`` is what the output's ``path`` says, ``file`` where the bytes are."""
+    """One film to score: ``key`` is what the output's ``path`` says, ``file`` where the bytes are."""
 
     key: str
-    file: Path
+    file: Readable
 
 
 def _is_candidate(file: Path) -> bool:

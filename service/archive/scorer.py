@@ -27,6 +27,7 @@ from typing import IO
 from torch import Tensor
 
 from bayesnet import ImageFacts, ModelSpec, single_threaded_torch
+from service.archive.dicomweb import PacsUnavailableError
 from service.archive.inputs import ScoreItem, request_id_for
 from service.archive.progress import Progress
 from service.archive.results import error_line, result_line
@@ -216,6 +217,8 @@ class _ScoreRun:
     def _collect(self, item: ScoreItem, submitted_at: float, future: Future[tuple[ImageFacts, Tensor]]) -> None:
         try:
             image, tensor = future.result()
+        except PacsUnavailableError:
+            raise  # not this film's fault: the run stops, and a rerun resumes after what was written
         except Exception as err:  # one bad file is recorded and the run goes on
             if not isinstance(err, OSError | ValueError):
                 log.exception("unexpected error decoding %s", item.key)

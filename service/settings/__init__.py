@@ -18,6 +18,7 @@ from service.settings.groups import (
     DicomwebSettings,
     DimseSettings,
     GuaranteeSettings,
+    PacsSettings,
     default_state_dir,
 )
 from service.settings.loading import (
@@ -51,6 +52,7 @@ __all__ = [
     "GuaranteeSettings",
     "GunicornSettings",
     "InvalidSettingsError",
+    "PacsSettings",
     "Settings",
     "default_state_dir",
     "env_name",

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 
@@ -175,6 +175,39 @@ class DimseSettings(SettingsGroup):
         return [_valid_ae_title(title) for title in value]
 
 
+class PacsSettings(SettingsGroup):
+    """Reading a PACS archive over DICOMweb (``python -m service.archive --dicomweb URL``, docs/operations.md):
+    ``CXR_PACS_*``. What the PACS administrator allows, and the credentials, never on the command line."""
+
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token sent with every QIDO-RS and WADO-RS request; unset: none"
+    )
+    username: str | None = Field(default=None, description="HTTP basic authentication user (with password)")
+    password: SecretStr | None = Field(default=None, description="HTTP basic authentication password")
+    concurrency: int = Field(default=4, ge=1, le=64, description="Most WADO-RS requests in flight at once")
+    rate_per_s: float = Field(
+        default=0.0, ge=0.0, description="Most WADO-RS requests started per second, spread evenly; 0: no limit"
+    )
+    retries: int = Field(
+        default=5,
+        ge=0,
+        le=20,
+        description="Further attempts at an instance after a connection error, a timeout, 408, 429 or a 5xx; when "
+        "they are spent the PACS is taken as down and the run stops (exit 4; a rerun resumes)",
+    )
+    retry_initial_s: float = Field(default=1.0, gt=0, description="First wait before a retry; it doubles each time")
+    retry_max_s: float = Field(default=30.0, gt=0, description="Longest wait between two attempts")
+    timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one DICOMweb request")
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> PacsSettings:
+        if self.token is not None and (self.username or self.password):
+            raise ValueError("give a bearer token or a user and password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("a user needs a password, and a password a user")
+        return self
+
+
 #: The groups of :class:`Settings`: attribute name -> model.
 class GuaranteeSettings(SettingsGroup):
     """The referral rule's guarantee in operation (docs/guarantee.md): ``CXR_GUARANTEE_*``."""
@@ -227,4 +260,5 @@ GROUPS: dict[str, type[SettingsGroup]] = {
     "dicomweb": DicomwebSettings,
     "dimse": DimseSettings,
     "guarantee": GuaranteeSettings,
+    "pacs": PacsSettings,
 }

@@ -21,6 +21,7 @@ from service.settings.groups import (
     DicomwebSettings,
     DimseSettings,
     GuaranteeSettings,
+    PacsSettings,
     SettingsGroup,
     list_from_text,
 )
@@ -245,6 +246,9 @@ class Settings(BaseSettings):
     dimse: DimseSettings = Field(default_factory=DimseSettings, description="The DIMSE listener (CXR_DIMSE_*)")
     guarantee: GuaranteeSettings = Field(
         default_factory=GuaranteeSettings, description="The guarantee watched in operation (CXR_GUARANTEE_*)"
+    )
+    pacs: PacsSettings = Field(
+        default_factory=PacsSettings, description="Reading a PACS archive over DICOMweb (CXR_PACS_*)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the service's and uvicorn's loggers (and of Gunicorn's own log)"

@@ -62,6 +62,20 @@ REFERENCE_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("Out-of-distribution gate", ("ood_action",)),
     (
+        "Reading a PACS archive (python -m service.archive --dicomweb)",
+        (
+            "pacs.token",
+            "pacs.username",
+            "pacs.password",
+            "pacs.concurrency",
+            "pacs.rate_per_s",
+            "pacs.retries",
+            "pacs.retry_initial_s",
+            "pacs.retry_max_s",
+            "pacs.timeout_s",
+        ),
+    ),
+    (
         "Audit trail",
         (
             "audit.url",

@@ -20,9 +20,9 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 @contextmanager
-def orthanc(directory: Path) -> Iterator[str]:
+def orthanc(directory: Path, *, keep_storage: bool = False) -> Iterator[str]:
     """Start Orthanc with a generated configuration (free ports, storage under ``directory``); yield its DICOMweb
-    root URL; stop it afterwards."""
+    root URL; stop it afterwards and delete its storage (``keep_storage``: leave it for the next Orthanc there)."""
     if not ORTHANC.is_file() or not DICOMWEB_PLUGIN.is_file():
         pytest.skip("Orthanc and its DICOMweb plugin are not installed (Debian orthanc orthanc-dicomweb; .ci/run)")
     http_port = free_port()
@@ -62,4 +62,5 @@ def orthanc(directory: Path) -> Iterator[str]:
             process.kill()
             process.wait()
         log.close()
-        shutil.rmtree(directory / "storage", ignore_errors=True)
+        if not keep_storage:
+            shutil.rmtree(directory / "storage", ignore_errors=True)
