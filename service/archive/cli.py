@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from bayesnet import CheckpointError, tune_allocator
 from service.archive.dicomweb import (
     ArchiveQuery,
+    InventoryRow,
     PacsUnavailableError,
     WadoInstance,
     build_inventory,
@@ -30,14 +32,23 @@ from service.archive.dicomweb import (
 )
 from service.archive.inputs import BatchInputError, ScoreItem, list_inputs
 from service.archive.progress import make_progress
-from service.archive.results import ResultsFileError
+from service.archive.results import ResultsFileError, repair_torn_tail
 from service.archive.scorer import ArchiveScorer, ScoreSummary
-from service.archive.sharding import DistInfo, merge_when_all_done, pick_device, prepare_output, process_group
+from service.archive.sharding import (
+    DistInfo,
+    merge_shards,
+    merge_when_all_done,
+    pick_device,
+    prepare_output,
+    process_group,
+    shard_files,
+)
+from service.archive.table import write_parquet
 from service.runtime.heatmaps import CamSelectionError, parse_cams
 from service.runtime.loading import LoadedModel, build_predictor, load_model
 from service.settings import InvalidSettingsError, Settings, load_settings
 
-__all__ = ["EXIT_PACS_UNAVAILABLE", "build_parser", "default_batch_size", "main", "run"]
+__all__ = ["EXIT_PACS_UNAVAILABLE", "build_parser", "default_batch_size", "main", "merge", "run"]
 
 #: Exit status when the PACS stops answering mid-run (``--dicomweb``): the films written stay; rerun to resume.
 EXIT_PACS_UNAVAILABLE = 4
@@ -63,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults not given here come from the service's CXR_* settings. Inputs, output and resuming: "
         "python -m pydoc service.archive.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", type=Path, help="directory, CSV with a Path column, or list file")
     source.add_argument(
         "--dicomweb",
@@ -104,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--allow-untrained", action="store_true", help="score with the random placeholder model")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    shards = parser.add_argument_group("independent shards (a Kubernetes Indexed Job; torchrun needs none of these)")
+    shards.add_argument(
+        "--shards", type=int, help="score shard JOB_COMPLETION_INDEX (or --shard-index) of this many, on its own"
+    )
+    shards.add_argument("--shard-index", type=int, help="which shard, instead of JOB_COMPLETION_INDEX")
+    shards.add_argument(
+        "--inventory-wait-s",
+        type=float,
+        default=1800.0,
+        help="with --dicomweb, how long shards other than 0 wait for shard 0 to write the inventory (1800)",
+    )
+    shards.add_argument(
+        "--merge", action="store_true", help="join the shard files beside --out into it (once every shard is done)"
+    )
     return parser
 
 
@@ -195,12 +220,14 @@ def _pacs_items(args: argparse.Namespace, settings: Settings, dist: DistInfo) ->
         except ValueError as err:
             raise BatchInputError(str(err)) from err
         log.info("inventory %s: %d instances (reused: delete it to query the PACS again)", path, len(rows))
-    elif dist.world_size > 1:
+    elif dist.independent and dist.rank > 0:
+        rows = _wait_for_inventory(path, args.inventory_wait_s)
+    elif dist.world_size > 1 and not dist.independent:
         raise BatchInputError(
             f"a sharded run needs its inventory first, so every shard slices the same list: run once with "
             f"--inventory-only (it writes {path})"
         )
-    else:
+    else:  # one process, or shard 0 of independent shards: the others wait for it
         try:
             rows = build_inventory(client, _query(args))
         except requests.RequestException as err:
@@ -216,11 +243,44 @@ def _pacs_items(args: argparse.Namespace, settings: Settings, dist: DistInfo) ->
     return films[dist.rank :: dist.world_size]
 
 
+def _wait_for_inventory(path: Path, seconds: float) -> list[InventoryRow]:
+    """Shard 0 builds the inventory; every other shard waits for it (written at once: complete when it appears)."""
+    log.info("waiting up to %.0f s for shard 0 to write the inventory %s", seconds, path)
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise BatchInputError(f"shard 0 did not write the inventory {path} within {seconds:.0f} s")
+        time.sleep(min(2.0, seconds / 10))
+    return read_inventory(path)
+
+
+def merge(out: Path) -> int:
+    """``--merge``: join the shard files beside ``out`` into it (first line per path wins); lines in ``out``."""
+    shards = shard_files(out)
+    for path in [out, *shards]:
+        if path.exists():
+            repair_torn_tail(path)
+    total = merge_shards(out, shards)
+    log.info("merged %d shard files into %s (%d lines)", len(shards), out, total)
+    _table(out)
+    return total
+
+
+def _table(out: Path) -> None:
+    table, rows = write_parquet(out)
+    log.info("results as a table: %s (%d rows)", table, rows)
+
+
 def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
     """Score this rank's shard of ``args.input`` (or of the PACS's inventory) into its output file; rank 0 merges
     at the end."""
     if args.batch_size is not None and args.batch_size < 1:
         raise BatchInputError("--batch-size must be >= 1")
+    if args.merge:
+        merge(args.out)
+        return ScoreSummary(0, 0, 0.0)
+    if (args.input is None) == (args.dicomweb is None):
+        raise BatchInputError("give --input or --dicomweb (one of them)")
     if args.dicomweb is None:
         if args.inventory_only:
             raise BatchInputError("--inventory-only goes with --dicomweb")
@@ -261,6 +321,8 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
             (summary.scored + summary.failed) / max(summary.seconds, 1e-9),
         )
         merge_when_all_done(out, dist)
+        if dist.rank == 0 and not dist.independent:  # the whole output is in --out now
+            _table(out)
     return summary
 
 
@@ -271,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(args.log_level, json_lines=False)
     try:
-        run(args, DistInfo.from_env())
+        dist = DistInfo.indexed(args.shards, index=args.shard_index) if args.shards else DistInfo.from_env()
+        run(args, dist)
     except (BatchInputError, ResultsFileError, CheckpointError, ValidationError, InvalidSettingsError) as err:
         log.error("%s", err)
         return 2

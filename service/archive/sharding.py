@@ -1,4 +1,5 @@
-"""Several GPUs or nodes: ``torchrun --nproc_per_node N -m service.archive ...``, one shard per rank.
+"""Several GPUs or nodes: ``torchrun --nproc_per_node N -m service.archive ...``, one shard per rank; or shards that
+never meet: ``--shards N`` with ``JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job, k8s/components/archive-job).
 
 Each rank takes the shard ``sorted(paths)[RANK::WORLD_SIZE]``, runs on ``cuda:LOCAL_RANK`` when CUDA is
 present (``--device auto``) and writes ``<out stem>.rank<R><suffix>`` beside ``--out``; after a gloo barrier
@@ -49,6 +50,26 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
+    #: Shards that never meet (a Kubernetes Indexed Job's pods, ``--shards``): no process group, no barrier; each
+    #: writes its own file, and ``--merge`` joins them once all are done.
+    independent: bool = False
+
+    @classmethod
+    def indexed(cls, shards: int, env: Mapping[str, str] | None = None, index: int | None = None) -> DistInfo:
+        """Shard ``index`` (default: ``JOB_COMPLETION_INDEX``, as Kubernetes sets it in an Indexed Job's pods) of
+        ``shards`` independent shards."""
+        values = os.environ if env is None else env
+        if index is None:
+            text = values.get("JOB_COMPLETION_INDEX")
+            if text is None:
+                raise BatchInputError("--shards needs --shard-index or JOB_COMPLETION_INDEX (an Indexed Job's pods)")
+            try:
+                index = int(text)
+            except ValueError as err:
+                raise BatchInputError(f"JOB_COMPLETION_INDEX must be an integer, got {text!r}") from err
+        if shards < 1 or not 0 <= index < shards:
+            raise BatchInputError(f"shard index {index} is not in [0, --shards={shards})")
+        return cls(index, shards, 0, independent=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DistInfo:
@@ -121,8 +142,12 @@ def prepare_output(out: Path, dist: DistInfo) -> tuple[Path, set[str]]:
 
 
 def merge_when_all_done(out: Path, dist: DistInfo) -> None:
-    """Under torchrun: wait for every rank, let rank 0 merge the shards into ``out``, wait for the merge."""
+    """Under torchrun: wait for every rank, let rank 0 merge the shards into ``out``, wait for the merge. Independent
+    shards do not wait: ``--merge`` joins their files once all are done."""
     if dist.world_size == 1:
+        return
+    if dist.independent:
+        log.info("shard %d of %d done; once all are, join them with --merge --out %s", dist.rank, dist.world_size, out)
         return
     import torch.distributed as tdist
 
@@ -135,8 +160,9 @@ def merge_when_all_done(out: Path, dist: DistInfo) -> None:
 
 @contextlib.contextmanager
 def process_group(dist: DistInfo) -> Iterator[None]:
-    """The gloo process group of a torchrun job for the ``with`` block (nothing for a single process)."""
-    if dist.world_size == 1:
+    """The gloo process group of a torchrun job for the ``with`` block (nothing for a single process or for
+    independent shards)."""
+    if dist.world_size == 1 or dist.independent:
         yield
         return
     import torch.distributed as tdist

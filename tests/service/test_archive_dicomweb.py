@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import requests
 
@@ -84,6 +87,17 @@ def test_the_inventory_comes_first_skips_by_reason_and_every_listed_film_is_scor
     scored = {line["path"] for line in lines}
     assert scored == {row.key for row in inventory if row.skip is None}
     assert "ARCHIVE-TEST" not in out.read_text() and "Synthetic" not in out.read_text()
+
+    # The same results as a table: one row per film, the inventory's UIDs, a struct column per finding.
+    table = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert [row["path"] for row in table] == [line["path"] for line in lines]
+    assert {row["sop_instance_uid"] for row in table} == {r.sop for r in inventory if r.skip is None}
+    first, line = table[0], lines[0]
+    for label, finding in line["result"]["predictions"].items():
+        assert first[label]["conf"] == finding["conf"] and first[label]["decision"] == finding["decision"]
+    assert first["Fracture"] is None  # the tiny model does not report it
+    assert first["model_sha256"] == line["result"]["model"]["sha256"] and first["refer"] is True
+    assert first["referral_reasons"] == line["result"]["referral"]["reasons"]
 
     # A rerun reuses the inventory and scores nothing again.
     _score(pacs, out, tiny_service_checkpoint)
@@ -238,3 +252,57 @@ def test_credentials_come_from_settings_one_way_and_reach_the_pacs() -> None:
         server.shutdown()
         server.server_close()
     assert seen == ["Bearer secret-token", "Basic YXJjaGl2ZTpwYXNzLXdvcmQ="]
+
+
+def _shard(url: str, out: Path, checkpoint: Path, index: int, **env: str) -> subprocess.Popen[str]:
+    """``python -m service.archive`` as one pod of a 3-completion Indexed Job (JOB_COMPLETION_INDEX, --shards 3)."""
+    argv = ["--dicomweb", url, "--out", str(out), "--model", str(checkpoint), "--shards", "3", "--batch-size", "1"]
+    environment = {**os.environ, "JOB_COMPLETION_INDEX": str(index), **env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.archive", *argv],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_indexed_job_shards_with_one_killed_and_rerun_merge_to_what_one_run_scores(
+    pacs: str, tiny_service_checkpoint: Path, tmp_path: Path
+) -> None:
+    single = tmp_path / "single" / "results.jsonl"
+    _score(pacs, single, tiny_service_checkpoint)
+    out = tmp_path / "job" / "results.jsonl"
+    out.parent.mkdir()
+    # Shards 1 and 2 start first and wait for shard 0's inventory, as pods of one Job may start in any order.
+    pods = {index: _shard(pacs, out, tiny_service_checkpoint, index) for index in (2, 1)}
+    slow = _shard(pacs, out, tiny_service_checkpoint, 0, CXR_PACS_RATE_PER_S="1")
+    shard0 = out.with_name("results.rank0.jsonl")
+    deadline = time.monotonic() + 240
+    while not (shard0.exists() and shard0.read_text().count("\n") >= 1):
+        assert slow.poll() is None, slow.communicate()[0][-2000:]  # still running
+        assert time.monotonic() < deadline, "shard 0 wrote nothing"
+        time.sleep(0.05)
+    slow.kill()  # the pod dies mid-shard: one film written, the rest not
+    slow.communicate()
+    written = shard0.read_text().count("\n")
+    for index, pod in pods.items():
+        said = pod.communicate(timeout=300)[0]
+        assert pod.returncode == 0, (index, said[-2000:])
+    rerun = _shard(pacs, out, tiny_service_checkpoint, 0)  # Kubernetes starts the index again: it resumes
+    said = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, said[-2000:]
+    resumed = re.search(r"(\d+) files in this shard, (\d+) already in the output, (\d+) to score", said)
+    assert resumed is not None and int(resumed[2]) == written and int(resumed[3]) > 0, said[-2000:]  # mid-way
+    run(build_parser().parse_args(["--out", str(out), "--merge"]), DistInfo(0, 1, 0))
+    assert not list(out.parent.glob("results.rank*.jsonl"))
+
+    def results(path: Path) -> dict[str, dict[str, float]]:
+        return {line["path"]: {k: v["conf"] for k, v in line["result"]["predictions"].items()} for line in _lines(path)}
+
+    assert pq.read_table(out.with_suffix(".parquet")).num_rows == len(_lines(out))  # written by the merge
+    merged, alone = results(out), results(single)
+    assert len(_lines(out)) == len(merged) and merged.keys() == alone.keys()  # every film, once
+    for path, confs in merged.items():  # batches of 1 against 3: the same numbers but for float summation order
+        assert confs == pytest.approx(alone[path], abs=1e-5), path
