@@ -6,10 +6,13 @@ Prints images/s of
   (b) the service over HTTP on loopback (a separate server process started as ``bench/serve.py`` does,
       with the service's default settings), 16 concurrent clients posting the same files;
 for ``cams=none`` and ``cams=auto`` at T=20, and the ratio a/b; first the scorer alone at several batch sizes
-(``--sweep``), which is how its default batch size was chosen. Each measurement is repeated (``--repeats``)
-alternating a and b, and the best of each is compared, because the machine may be shared.
+(``--sweep``), which is how its default batch size was chosen. With ``--dicomweb``, also (c) the same films
+wrapped as DICOM (explicit VR little endian) read from files, and (d) the same DICOM instances fetched from a local
+Orthanc by WADO-RS (``--dicomweb``'s path: inventory by QIDO-RS, default ``CXR_PACS_*`` limits), cams=none: (c)
+against (a) is what DICOM decoding costs, (d) against (c) what fetching from a PACS costs. Each measurement is
+repeated (``--repeats``) alternating a and b, and the best of each is compared, because the machine may be shared.
 
-    python bench/archive_scorer.py [--model DIR] [--device cpu|cuda] [--images 64] [--batch-size N]
+    python bench/archive_scorer.py [--model DIR] [--device cpu|cuda] [--images 64] [--batch-size N] [--dicomweb]
 
 The films are the real NIH sample in ../shared (512x512 PNG) when present, else synthetic films of the
 same size. Absolute numbers depend on the machine; read the ratio.
@@ -19,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -57,6 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: the scorer's default for the device")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sweep", default="8,16,32", help="batch sizes to time the scorer at (cams=none); '' skips")
+    parser.add_argument("--dicomweb", action="store_true", help="also DICOM files and WADO-RS from a local Orthanc")
     args = parser.parse_args()
     tune_allocator()  # as the service, the archive scorer and train fit do at start-up (bayesnet/runtime.py)
 
@@ -70,9 +77,49 @@ def main() -> None:
     films = radiographs(args.images)
     work = Path(tempfile.mkdtemp(prefix="bench-archive-"))
     try:
-        measure(args, predictor, loaded, settings, model_ref, films, work)
+        with pacs_items(films, work, enabled=args.dicomweb) as extra:
+            measure(args, predictor, loaded, settings, model_ref, films, work, extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pacs_items(films: list[bytes], work: Path, *, enabled: bool) -> Iterator[dict[str, list[ScoreItem]]]:
+    """With ``enabled``: the films as DICOM files, and the same instances in a local Orthanc read by WADO-RS (the
+    inventory built by QIDO-RS, as ``--dicomweb`` does); else nothing."""
+    if not enabled:
+        yield {}
+        return
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.uid import generate_uid
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ and tests/ as packages
+
+    from bench.pacs_archive import Film, dicom_from_image, load_into_orthanc
+    from service.archive.dicomweb import ArchiveQuery, WadoInstance, build_inventory, open_client, open_fetcher
+    from service.settings import PacsSettings
+    from tests.dicom.orthanc import orthanc
+
+    study = generate_uid()
+    dicoms = []
+    for data in films:
+        with Image.open(io.BytesIO(data)) as image:
+            dicoms.append(dicom_from_image(np.asarray(image.convert("L")), study_uid=study))
+    files = []
+    for i, data in enumerate(dicoms):
+        (work / f"film{i:04d}.dcm").write_bytes(data)
+        files.append(ScoreItem(f"film{i:04d}.dcm", work / f"film{i:04d}.dcm"))
+    pacs_dir = work / "orthanc"
+    pacs_dir.mkdir()
+    with orthanc(pacs_dir) as url:
+        load_into_orthanc(url, [Film(data, None, str(i)) for i, data in enumerate(dicoms)])
+        client = open_client(url, PacsSettings())
+        rows = build_inventory(client, ArchiveQuery())
+        fetcher = open_fetcher(client, PacsSettings())
+        yield {"dicom files": files, "dicomweb": [ScoreItem(row.key, WadoInstance(fetcher, row)) for row in rows]}
 
 
 def sweep_sizes(args: argparse.Namespace) -> list[int]:
@@ -87,6 +134,7 @@ def measure(
     model_ref: ModelRef,
     films: list[bytes],
     work: Path,
+    extra: dict[str, list[ScoreItem]],
 ) -> None:
     """Write the films to ``work``, time the scorer and the server alternately, print the comparison."""
     batch_size = args.batch_size
@@ -129,6 +177,10 @@ def measure(
             runs.setdefault(("sweep", str(size)), []).append(batch_rate(scorer, items[: CLIENTS * per_client], work))
         for cams, scorer in scorers.items():
             runs.setdefault(("batch", cams), []).append(batch_rate(scorer, items[: CLIENTS * per_client], work))
+        for source, source_items in extra.items():
+            runs.setdefault(("source", source), []).append(
+                batch_rate(scorers["none"], source_items[: CLIENTS * per_client], work)
+            )
         # The server runs only while it is measured, so it never competes with the archive scorer for the CPU.
         server = start_server(port, args.model, args.device, log_path)
         try:
@@ -163,6 +215,10 @@ def measure(
             f"cams={cams}: archive scorer {runs_text(('batch', cams))} images/s; HTTP, 16 clients "
             f"{runs_text(('http', cams))} images/s; batch/HTTP = {a / b:.2f}"
         )
+    png = max(runs[("batch", "none")])
+    for source in extra:
+        rate = max(runs[("source", source)])
+        print(f"cams=none, {source}: archive scorer {runs_text(('source', source))} images/s; /PNG = {rate / png:.2f}")
     print(
         f"(archive scorer: batch size {batch_size}, {settings.decode_workers} decode threads; "
         f"server: max batch {settings.max_batch_images})"

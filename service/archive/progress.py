@@ -1,4 +1,5 @@
-"""Progress of an archive run: a tqdm bar on an interactive terminal, else periodic log lines with the rate.
+"""Progress of an archive run: a tqdm bar on an interactive terminal, else periodic log lines with the rate and the
+time left (a hospital archive takes hours; a log collector shows when it will end).
 
 The scorer reports each written batch through the small ``Progress`` interface, so it neither knows nor
 cares whether a person or a log collector is watching.
@@ -11,7 +12,7 @@ import sys
 import time
 from typing import Protocol
 
-__all__ = ["LOG_EVERY_S", "LogProgress", "Progress", "TqdmProgress", "make_progress"]
+__all__ = ["LOG_EVERY_S", "LogProgress", "Progress", "TqdmProgress", "format_eta", "make_progress"]
 
 log = logging.getLogger("service.archive")  # the command's one logger name, whichever module writes the line
 
@@ -43,10 +44,23 @@ class LogProgress:
     def _log(self, now: float) -> None:
         done = self.scored + self.failed
         rate = done / max(now - self.started, 1e-9)
-        log.info("%d/%d files (%d failed), %.1f images/s", done, self.total, self.failed, rate)
+        left = format_eta((self.total - done) / rate) if rate > 0 and done < self.total else "-"
+        log.info("%d/%d files (%d failed), %.1f images/s, %s left", done, self.total, self.failed, rate, left)
 
     def close(self) -> None:
         self._log(time.perf_counter())
+
+
+def format_eta(seconds: float) -> str:
+    """``1 h 05 min``, ``4 min 10 s``, ``12 s``: the time left, as precise as it is useful."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
 
 
 class TqdmProgress:

@@ -4,6 +4,7 @@ rank files, on real files and without a model."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,18 @@ def test_rank_variables_must_be_integers() -> None:
         DistInfo.from_env({"RANK": "one"})
     with pytest.raises(BatchInputError, match="not in"):
         DistInfo.from_env({"WORLD_SIZE": "0"})
+
+
+def test_log_progress_says_the_rate_and_the_time_left(caplog: pytest.LogCaptureFixture) -> None:
+    from service.archive.progress import LogProgress, format_eta
+
+    assert [format_eta(s) for s in (12.4, 250, 3900)] == ["12 s", "4 min 10 s", "1 h 05 min"]
+    progress = LogProgress(total=100, every_s=0.0)
+    progress.started -= 10.0  # 10 s ago
+    with caplog.at_level("INFO", logger="service.archive"):
+        progress.update(18, 2)
+        progress.update(80, 0)
+    first, last = (r.getMessage() for r in caplog.records)
+    found = re.fullmatch(r"20/100 files \(2 failed\), ([\d.]+) images/s, (\d+) s left", first)
+    assert found is not None and 35 <= int(found[2]) <= 40, first  # 80 films at about 2 a second
+    assert last.startswith("100/100 files (2 failed)") and last.endswith(", - left")
