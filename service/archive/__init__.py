@@ -9,6 +9,7 @@ concern has its module, and each module's docstring gives its rules:
   * ``dicomweb``: ``--dicomweb URL``: a PACS's inventory by QIDO-RS, its films by WADO-RS within set limits;
   * ``results``: the JSON-lines output, torn-line repair and resume;
   * ``table``: the same results as Parquet, one row per film, written when the output is whole;
+  * ``report``: ``python -m service.archive.report``: the run in Markdown and plots for a clinical lead;
   * ``progress``: a tqdm bar or periodic log lines;
   * ``scorer``: ``ArchiveScorer``, decode / infer / write overlapping in three stages;
   * ``sharding``: rank and world size, per-rank output files and their merge;

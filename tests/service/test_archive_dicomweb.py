@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from service.archive.dicomweb import (
     WadoFetcher,
     read_inventory,
 )
+from service.archive.report import summarise, write_report
 from tests.dicom.orthanc import orthanc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,6 +101,21 @@ def test_the_inventory_comes_first_skips_by_reason_and_every_listed_film_is_scor
     assert first["model_sha256"] == line["result"]["model"]["sha256"] and first["refer"] is True
     assert first["referral_reasons"] == line["result"]["referral"]["reasons"]
 
+    # The report a clinical lead reads: its numbers are the table's.
+    report = write_report(tmp_path / "results.parquet", tmp_path / "report", tmp_path / "results.jsonl.inventory.csv")
+    summary = summarise(table, {r.skip: 1 for r in inventory if r.skip})
+    text = report.read_text()
+    assert f"- in the results: {len(lines)}; scored: {len(lines)}; failed: 0" in text
+    assert "- skipped before fetching (inventory): 4" in text and "| multi_frame | 1 |" in text
+    cleared = sum(1 for line in lines if not line["result"]["referral"]["refer"])
+    assert summary.cleared == cleared and f"- cleared (not referred): {cleared} of {len(lines)}" in text
+    reasons = Counter(r for line in lines for r in line["result"]["referral"]["reasons"])
+    assert summary.reasons == dict(reasons) and all(f"| {r} | {n} |" in text for r, n in reasons.items())
+    assert (
+        all(sum(c.values()) == len(lines) for c in summary.decisions.values()) and "Fracture" not in summary.decisions
+    )
+    assert (tmp_path / "report" / "scores.png").stat().st_size > 1000 and "![scores.png](scores.png)" in text
+
     # A rerun reuses the inventory and scores nothing again.
     _score(pacs, out, tiny_service_checkpoint)
     assert len(_lines(out)) == len(lines)
@@ -130,6 +147,8 @@ def test_a_missing_instance_is_an_error_line_and_the_run_goes_on(
     assert len(by_path) == 4 and "result" not in by_path[ghost.key]
     assert "404" in by_path[ghost.key]["error"]["detail"]
     assert all("result" in by_path[row.key] for row in rows)
+    failed = summarise(pq.read_table(tmp_path / "results.parquet").to_pylist()).failed_by_type
+    assert failed == {"InstanceUnavailableError": 1}
 
 
 def test_a_pacs_that_goes_away_stops_the_run_and_a_rerun_resumes(
