@@ -51,8 +51,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bayesnet.checkpoint import load_spec
-from bayesnet.sequential import MixturePrior, exceeds
-from service.guarantee.watch import PRIOR_STRENGTH, rule_cleared
+from bayesnet.sequential import exceeds
+from service.guarantee.watch import promise_prior, rule_cleared
 from train.config import FitConfig
 from train.synthetic import PLANTED_FINDINGS, generate, render_sample
 
@@ -276,7 +276,7 @@ def expected_films_to_detection(
         limit = limits[name]
         if trials_per_film == 0 or misses_per_film / trials_per_film <= limit:
             continue
-        prior = MixturePrior(mean=limit, strength=PRIOR_STRENGTH)
+        prior = promise_prior(limit)  # as the service watches it
         n0, k0 = before.get(name, [0, 0])
         films = 1
         while films < 100_000 and not exceeds(

@@ -204,9 +204,8 @@ def skipped_by_reason(rows: Sequence[InventoryRow]) -> dict[str, int]:
 class _RateLimit:
     """At most ``per_second`` starts a second, spread evenly (0: no limit); thread-safe."""
 
-    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, per_second: float) -> None:
         self.interval = 1.0 / per_second if per_second > 0 else 0.0
-        self.clock = clock
         self.next_start = 0.0
         self.lock = threading.Lock()
 
@@ -214,7 +213,7 @@ class _RateLimit:
         if not self.interval:
             return
         with self.lock:
-            now = self.clock()
+            now = time.monotonic()
             start = max(now, self.next_start)
             self.next_start = start + self.interval
         if start > now:
@@ -241,7 +240,6 @@ class WadoFetcher:
         self.retries, self.retry_initial_s, self.retry_max_s = retries, retry_initial_s, retry_max_s
         self.sleep = sleep
         self.down: PacsUnavailableError | None = None  # once set, every fetch fails at once
-        self.retried = 0  # attempts repeated, for the log
 
     def fetch(self, row: InventoryRow) -> bytes:
         problem: Exception | None = None
@@ -249,7 +247,6 @@ class WadoFetcher:
             if self.down is not None:
                 raise self.down
             if attempt:
-                self.retried += 1
                 self.sleep(min(self.retry_max_s, self.retry_initial_s * 2 ** (attempt - 1)))
             with self.slots:
                 self.rate.wait()

@@ -96,8 +96,13 @@ class WatchReport:
         return [*broken, "study"] if self.study is not None and self.study.exceeded else broken
 
 
+def promise_prior(limit: float) -> MixturePrior:
+    """The mixture prior of a promise's sequence: centred on its limit (kept inside (0, 1))."""
+    return MixturePrior(mean=min(max(limit, 1e-3), 0.999), strength=PRIOR_STRENGTH)
+
+
 def _rate(events: int, trials: int, limit: float, delta: float) -> RateWatch:
-    prior = MixturePrior(mean=min(max(limit, 1e-3), 0.999), strength=PRIOR_STRENGTH)
+    prior = promise_prior(limit)
     return RateWatch(
         limit=limit,
         bounds=confidence_sequence(events, trials, delta, prior),
@@ -250,8 +255,7 @@ def watch_paths(
         spaced = {round(1 + i * (n - 1) / (points - 1)) for i in range(points)}
         steps = list(range(1, n + 1)) if n <= points else sorted(spaced)
         running = [0, *itertools.accumulate(missed)]
-        prior = MixturePrior(mean=min(max(limits[name], 1e-3), 0.999), strength=PRIOR_STRENGTH)
-        bounds = [confidence_sequence(running[t], t, budget, prior) for t in steps]
+        bounds = [confidence_sequence(running[t], t, budget, promise_prior(limits[name])) for t in steps]
         paths[name] = WatchPath(
             name=name,
             limit=limits[name],
