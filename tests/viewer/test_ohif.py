@@ -109,9 +109,18 @@ class Viewer:
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text[:300]}"))
 
     def pixels(self) -> np.ndarray:
-        """The active viewport as RGB."""
-        canvas = self.page.locator("canvas.cornerstone-canvas").first
-        return np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=int)
+        """The active viewport as RGB; black while OHIF is replacing it (a viewport is rebuilt when a series is
+        opened or a question answered, so the canvas found can leave the page before its screenshot is taken)."""
+        from playwright.sync_api import Error as PlaywrightError
+
+        for _ in range(5):
+            canvas = self.page.locator("canvas.cornerstone-canvas").first
+            try:
+                return np.asarray(Image.open(io.BytesIO(canvas.screenshot(timeout=10_000))).convert("RGB"), dtype=int)
+            except PlaywrightError as err:  # detached or not yet there: looked for again
+                self.console.append(f"viewport screenshot: {str(err).splitlines()[0][:200]}")
+                time.sleep(0.5)
+        return np.zeros((1, 1, 3), dtype=int)
 
     def until(
         self, name: str, check: Callable[[np.ndarray, str], bool], seconds: float = 60.0, answer: str | None = None
