@@ -33,6 +33,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def synthetic_site_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site's model (``bench.guarantee_site.build_site_model``): the small test network trained on synthetic films
+    (128 px, 13 findings at 10% each) and its rule calibrated on 600 others (alpha = study_alpha = delta = 0.1).
+    Built once a session (about 30 s) for the tests that operate or audit a site."""
+    from bench.guarantee_site import build_site_model
+
+    return build_site_model(tmp_path_factory.mktemp("site-model"), image_size=128, prevalence=0.1)
+
+
 @pytest.fixture
 def tiny_spec() -> ModelSpec:
     return ModelSpec(arch="test_efficientnet", image_size=64, name="tiny-test")

@@ -297,6 +297,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     if args.from_audit is not None:
         return _run_calibrate_from_audit(args)
+    if args.from_archive is not None:
+        return _run_calibrate_from_archive(args)
+    if args.labels is not None:
+        print("calibrate: --labels goes with --from-archive", file=sys.stderr)
+        return 2
     tune_allocator()
     try:
         spec = calibrate_checkpoint(
@@ -359,6 +364,35 @@ def _run_calibrate_from_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_calibrate_from_archive(args: argparse.Namespace) -> int:
+    from bayesnet.referral import describe
+    from train.conformal import ReferralInputError
+    from train.from_archive import AuditInputError, calibrate_from_archive, read_site_labels
+
+    if args.labels is None:
+        print("calibrate: --from-archive needs --labels (the radiologists' verdicts on the run's films)")
+        return 2
+    try:
+        spec = calibrate_from_archive(
+            args.checkpoint,
+            args.from_archive,
+            read_site_labels(args.labels, args.codes),
+            out=args.out,
+            alpha=args.alpha,
+            delta=args.delta,
+            study_alpha=args.study_alpha,
+            alpha_positive=args.alpha_positive,
+            score=args.referral_score,
+        )
+    except (AuditInputError, ReferralInputError) as err:
+        print(f"calibrate: {err}", file=sys.stderr)
+        return 2
+    assert spec.referral is not None
+    print(describe(spec.referral))
+    print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
+    return 0
+
+
 def _add_calibrate(subparsers: _Subparsers) -> None:
     parser = subparsers.add_parser(
         "calibrate",
@@ -376,7 +410,15 @@ def _add_calibrate(subparsers: _Subparsers) -> None:
         help="refit only the referral rule on the site's scored films with radiologists' verdicts, from the audit "
         "trail at URL (stored scores, no images; docs/guarantee.md)",
     )
+    films.add_argument(
+        "--from-archive",
+        metavar="PARQUET",
+        type=Path,
+        help="refit only the referral rule on an archive run's films (its results.parquet, stored scores) with the "
+        "radiologists' verdicts in --labels (train/from_archive.py)",
+    )
     parser.add_argument("--since", default=None, help="with --from-audit: only films scored since this ISO date")
+    _add_labels_options(parser)
     parser.add_argument("--out", type=Path, default=None, help="write here instead of updating the checkpoint")
     parser.add_argument("--mc-samples", type=int, default=20)
     parser.add_argument(
@@ -403,6 +445,93 @@ def _add_calibrate(subparsers: _Subparsers) -> None:
         help="mean: threshold the MC mean; interval: clear only when the 95th MC percentile is below the threshold",
     )
     parser.set_defaults(handler=_run_calibrate)
+
+
+def _add_labels_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="the radiologists' verdicts: a CheXpert-layout CSV (matched on the run's paths) or an outcomes file "
+        "(CSV/NDJSON, FHIR Bundle, HL7 v2; matched on request id, SOP or study instance UID)",
+    )
+    parser.add_argument("--codes", type=Path, default=None, help="the site's code map for an outcomes file's codes")
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from bayesnet.checkpoint import load_spec, read_checkpoint_document
+    from service.archive.report import write_report
+    from train.from_archive import (
+        AuditInputError,
+        audit,
+        audit_markdown,
+        auroc_plot,
+        films_from_archive,
+        read_site_labels,
+    )
+
+    try:
+        labels = read_site_labels(args.labels, args.codes)
+        films = films_from_archive(args.results, labels)
+        spec = None
+        if args.checkpoint is not None:
+            spec = load_spec(args.checkpoint)
+            sha256 = str(read_checkpoint_document(args.checkpoint)["weights_sha256"])
+            if sha256 != films.model_sha256:
+                raise AuditInputError(
+                    f"{args.results} was scored by weights {films.model_sha256[:16]}..., not {args.checkpoint}'s "
+                    f"{sha256[:16]}...: give the model that scored the run"
+                )
+    except AuditInputError as err:
+        print(f"audit: {err}", file=sys.stderr)
+        return 2
+    result = audit(
+        films,
+        spec=spec,
+        alpha=args.alpha,
+        delta=args.delta,
+        study_alpha=args.study_alpha,
+        alpha_positive=args.alpha_positive,
+        score=args.referral_score,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot = auroc_plot(result, args.out)
+    section = audit_markdown(result, labels.source, [plot] if plot else [])
+    report = write_report(args.results, args.out, args.inventory, sections=[section])
+    (args.out / "audit.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    for problem in labels.problems[:10]:
+        print(f"audit: labels {problem}", file=sys.stderr)
+    films_part = result["films"]["abnormal_among_cleared"]
+    print(
+        f"audit: {result['films']['n']} films with verdicts; cleared {result['films']['cleared']}, of which "
+        f"{films_part['count']} with a finding; report {report}"
+    )
+    return 0
+
+
+def _add_audit(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="the retrospective audit: an archive run against the radiologists' labels (report.md, audit.json)",
+        description="Per-finding AUROC with bootstrap intervals, the miss rate among films the run would have "
+        "cleared with an exact upper bound, and what calibrate would fit on these films, appended to the archive "
+        "run's report (python -m service.archive.report).",
+    )
+    parser.add_argument("--results", type=Path, required=True, help="the run's results.parquet")
+    parser.add_argument("--inventory", type=Path, default=None, help="a PACS run's inventory CSV")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="the run's model: adds what calibrate would fit")
+    parser.add_argument("--out", type=Path, required=True, help="directory for report.md, audit.json and plots")
+    _add_labels_options(parser)
+    parser.add_argument("--alpha", type=float, default=0.1, help="for the fit: max fraction of positives cleared")
+    parser.add_argument("--study-alpha", type=float, default=0.1, help="for the fit: max abnormal films cleared")
+    parser.add_argument("--delta", type=float, default=0.1, help="for the fit: the bounds hold w.p. 1 - delta")
+    parser.add_argument("--alpha-positive", type=float, default=0.1)
+    parser.add_argument(
+        "--referral-score", choices=("mean", "interval"), default=None, help="for the fit (default: the model's)"
+    )
+    parser.set_defaults(handler=_run_audit)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -506,6 +635,7 @@ _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_fit,
     _add_evaluate,
     _add_calibrate,
+    _add_audit,
     _add_crossfit,
     _add_study,
     _add_export,

@@ -23,6 +23,7 @@ it until the rule is refitted on that site's films (``python -m train calibrate 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,11 +43,13 @@ __all__ = [
     "GRID",
     "ReferralFit",
     "ReferralInputError",
+    "check_enough_positives",
     "check_markdown",
     "check_referral",
     "fit_negative_threshold",
     "fit_positive_threshold",
     "fit_referral",
+    "positives_needed",
     "study_score_array",
     "tradeoff",
 ]
@@ -137,6 +140,26 @@ class ReferralFit:
     decisions: NDArray[np.int8]  # (N, K): 0 negative, 1 positive, 2 uncertain
     cleared: NDArray[np.bool_]  # (N,) cleared as normal by the study rule
     report: dict[str, Any]
+
+
+def positives_needed(alpha: float, delta: float) -> int:
+    """Films with a finding below which no clearing threshold can carry "miss rate <= alpha with confidence
+    1 - delta": even a threshold that misses none of n positives is only certified when (1 - alpha)^n <= delta."""
+    return math.ceil(math.log(delta) / math.log(1.0 - alpha))
+
+
+def check_enough_positives(targets: FloatArray, spec: ModelSpec, *, alpha: float, delta: float, source: str) -> None:
+    """Refuse, naming each short finding, when a trained finding has fewer positives than :func:`positives_needed`
+    (the rule fitted would clear nothing of it, and say so only in its thresholds)."""
+    need = positives_needed(alpha, delta)
+    counts = {label: int(np.nansum(targets[:, spec.label_index(label)] == 1.0)) for label in spec.trained_labels}
+    short = {label: count for label, count in counts.items() if count < need}
+    if short:
+        listing = ", ".join(f"{label} ({count})" for label, count in short.items())
+        raise ReferralInputError(
+            f"too few films with a finding for alpha {alpha} and delta {delta}: at least {need} are needed per "
+            f"finding, and among {source} there are {listing}. Collect more verdicts, or ask for looser levels"
+        )
 
 
 def _abnormal_and_normal(

@@ -10,7 +10,6 @@ computes them). A finding without a verdict is unknown (NaN), as an unlabelled f
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +25,7 @@ from bayesnet.spec import ReferralScore
 from service.audit.models import AuditEvent, AuditFinding, AuditOutcome
 from service.audit.store import AuditStore
 from train.calibrate import bump_version, write_calibrated
-from train.conformal import ReferralInputError, fit_referral_on_scores
+from train.conformal import check_enough_positives, fit_referral_on_scores
 
 FloatArray = NDArray[np.float64]
 
@@ -110,12 +109,6 @@ def films_from_trail(
     return TrailFilms(labels=tuple(labels), mean=mean, low=low, high=high, targets=targets)
 
 
-def positives_needed(alpha: float, delta: float) -> int:
-    """Films with a finding below which no clearing threshold can carry "miss rate <= alpha with confidence
-    1 - delta": even a threshold that misses none of n positives is only certified when (1 - alpha)^n <= delta."""
-    return math.ceil(math.log(delta) / math.log(1.0 - alpha))
-
-
 def calibrate_from_trail(
     checkpoint: Path,
     url: str,
@@ -146,19 +139,9 @@ def calibrate_from_trail(
         films = films_from_trail(store, spec.labels, model_sha256=sha256, since=since)
     finally:
         store.close()
-    need = positives_needed(alpha, delta)
-    short = {
-        label: int(np.nansum(films.targets[:, spec.label_index(label)] == 1.0))
-        for label in spec.trained_labels
-        if np.nansum(films.targets[:, spec.label_index(label)] == 1.0) < need
-    }
-    if short:
-        listing = ", ".join(f"{label} ({count})" for label, count in short.items())
-        raise ReferralInputError(
-            f"too few films with a finding for alpha {alpha} and delta {delta}: at least {need} are needed per "
-            f"finding, and the trail's {len(films.targets)} judged films have {listing}. Collect more verdicts, or "
-            "ask for looser levels"
-        )
+    check_enough_positives(
+        films.targets, spec, alpha=alpha, delta=delta, source=f"the trail's {len(films.targets)} judged films"
+    )
     negative_side, positive_side = films.side_scores(score)
     notes = {
         "data": "audit trail" + (f" since {since:%Y-%m-%d}" if since else ""),

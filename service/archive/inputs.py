@@ -7,7 +7,11 @@
     ``.png`` holding text becomes an error line. Other files (``README.txt``, ``labels.csv``) are skipped
     and counted. The key is the file's path relative to the directory.
   * a ``.csv`` with a ``Path`` column (CheXpert layout): paths relative to the parent of the CSV's folder,
-    as ``train.data.load_chexpert`` reads them; the key is the value as written.
+    as ``train.data.load_chexpert`` reads them; the key is the value as written. Its ``Age`` (years) and
+    ``Frontal/Lateral`` + ``AP/PA`` columns, where present, are the film's declared patient age and view, as a
+    client declares them with ``patient_age`` and ``view`` over HTTP: a PNG carries no header, so without them a
+    film's population cannot be verified and the film is referred. A cell that is not an age or a view declares
+    nothing (counted in one warning).
   * any other file: a list of paths, one per line (blank lines and ``#`` comments ignored), relative to
     the list's folder unless absolute; the key is the line as written.
 
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bayesnet import sniff_format
+from bayesnet.population import DECLARED_VIEWS, Declared
 
 __all__ = ["IMAGE_SUFFIXES", "BatchInputError", "ScoreItem", "list_inputs", "request_id_for"]
 
@@ -35,6 +40,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 #: Enough leading bytes for every signature ``sniff_format`` knows (DICOM's ``DICM`` sits at byte 128).
 SNIFF_BYTES = 132
 PATH_COLUMN = "Path"
+#: CheXpert's columns for what a client would declare about a film.
+AGE_COLUMN, FRONTAL_COLUMN, VIEW_COLUMN = "Age", "Frontal/Lateral", "AP/PA"
 
 
 class BatchInputError(ValueError):
@@ -57,6 +64,8 @@ class ScoreItem:
 
     key: str
     file: Readable
+    #: The patient age and view the input declares for the film (a CSV's columns), None when it declares nothing.
+    declared: Declared | None = None
 
 
 def _is_candidate(file: Path) -> bool:
@@ -92,8 +101,40 @@ def _read_csv(csv_path: Path) -> list[ScoreItem]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or PATH_COLUMN not in reader.fieldnames:
             raise BatchInputError(f"{csv_path} has no {PATH_COLUMN!r} column (columns: {reader.fieldnames})")
-        keys = [row[PATH_COLUMN].strip() for row in reader if (row.get(PATH_COLUMN) or "").strip()]
-    return [ScoreItem(key, root / key) for key in keys]
+        rows = [row for row in reader if (row.get(PATH_COLUMN) or "").strip()]
+    items, unreadable = [], 0
+    for row in rows:
+        key = row[PATH_COLUMN].strip()
+        declared, bad = _declared(row)
+        unreadable += bad
+        items.append(ScoreItem(key, root / key, declared))
+    if unreadable:
+        log.warning("%d rows of %s give an age or view that is not one; they declare none", unreadable, csv_path)
+    return items
+
+
+def _declared(row: dict[str, str | None]) -> tuple[Declared | None, bool]:
+    """What a CSV row declares (age in years; view: AP/PA for a frontal film, LATERAL for a lateral one) and
+    whether a cell was unreadable."""
+    age_text = (row.get(AGE_COLUMN) or "").strip()
+    frontal = (row.get(FRONTAL_COLUMN) or "").strip().lower()
+    view_text = (row.get(VIEW_COLUMN) or "").strip().upper()
+    bad = False
+    age: float | None = None
+    if age_text:
+        try:
+            age = float(age_text)
+        except ValueError:
+            bad = True
+        else:
+            if not 0.0 <= age <= 150.0:
+                age, bad = None, True
+    view: str | None = None
+    if frontal == "lateral":
+        view = "LATERAL"
+    elif view_text:
+        view, bad = (view_text, bad) if view_text in DECLARED_VIEWS else (None, True)
+    return (None if age is None and view is None else Declared(age_years=age, view=view)), bad
 
 
 def _read_list(list_path: Path) -> list[ScoreItem]:

@@ -8,8 +8,9 @@ finding's score distribution with its decisions. Markdown with PNG plots, writte
 
     python -m service.archive.report --results results.parquet [--inventory results.jsonl.inventory.csv] --out report
 
-Not yet (issue #31): the retrospective-audit statistics against the radiologists' labels (per-finding AUROC with
-confidence intervals, the miss rate among films the rule would have cleared, what ``train calibrate`` would fit).
+With the radiologists' labels, ``python -m train audit`` writes the same report with the retrospective audit
+appended (``train.from_archive``: per-finding AUROC with intervals, the miss rate among cleared films with an exact
+bound, what ``train calibrate`` would fit); the service never imports ``train``, so that part lives there.
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def _table(counts: dict[str, int], total: int, what: str) -> list[str]:
     return [*lines, ""]
 
 
-def write_report(results: Path, out: Path, inventory: Path | None = None) -> Path:
-    """Write ``out/report.md`` and its plots from the table ``results``; the report's path."""
+def write_report(results: Path, out: Path, inventory: Path | None = None, *, sections: Sequence[str] = ()) -> Path:
+    """Write ``out/report.md`` and its plots from the table ``results``, then ``sections`` (Markdown, e.g. the
+    retrospective audit, whose plots the caller writes into ``out``); the report's path."""
     rows = pq.read_table(results).to_pylist()
     skipped = skipped_by_reason(read_inventory(inventory)) if inventory is not None else {}
     summary = summarise(rows, skipped)
@@ -131,7 +133,8 @@ def write_report(results: Path, out: Path, inventory: Path | None = None) -> Pat
         "# Archive run: what the model would have done",
         "",
         f"Source: `{results.name}`. Research software, not a medical device: these are the model's outputs, not "
-        "diagnoses; without the radiologists' labels they say what the rule would do, not whether it is right.",
+        "diagnoses; without the radiologists' labels they say what the rule would do, not whether it is right"
+        + (" (the audit against the labels is the last section)." if sections else "."),
         "",
         "## Films",
         "",
@@ -165,6 +168,7 @@ def write_report(results: Path, out: Path, inventory: Path | None = None) -> Pat
         "",
         *(f"![{name}]({name})" for name in plots),
         "",
+        *sections,
     ]
     report = out / "report.md"
     report.write_text("\n".join(lines))

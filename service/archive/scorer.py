@@ -27,13 +27,14 @@ from typing import IO
 from torch import Tensor
 
 from bayesnet import ImageFacts, ModelSpec, single_threaded_torch
+from bayesnet.population import Population, assess
 from service.archive.dicomweb import PacsUnavailableError
 from service.archive.inputs import ScoreItem, request_id_for
 from service.archive.progress import Progress
 from service.archive.results import error_line, result_line
 from service.errors import OutOfDistributionError
 from service.runtime.decoding import decode_for_model
-from service.runtime.heatmaps import encode_heatmaps
+from service.runtime.heatmaps import encode_heatmaps, for_population
 from service.runtime.predictor import InferenceRequest, InferenceResult, Predictor
 from service.runtime.responses import build_response, ood_result
 from service.schemas import ModelRef
@@ -61,6 +62,8 @@ class _Decoded:
     tensor: Tensor
     submitted_at: float
     ready_at: float
+    #: The population verdict from the film's header and what the input declares (``bayesnet.population``).
+    population: Population
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,10 @@ class ArchiveScorer:
 
     def _infer(self, batch: list[_Decoded]) -> _Inferred:
         """Stage 2 (calling thread): one batch through the model; a failure fails only this batch's files."""
-        requests = [InferenceRequest(d.tensor, self.n_samples, self.cams) for d in batch]
+        requests = [
+            InferenceRequest(d.tensor, self.n_samples, for_population(self.cams, outside=bool(d.population.flags)))
+            for d in batch
+        ]
         started = time.perf_counter()
         try:
             results = self.predictor.run(requests)
@@ -149,6 +155,7 @@ class ArchiveScorer:
                 n_samples=self.n_samples,
                 image=decoded.image,
                 result=result,
+                population=decoded.population,
                 heatmaps=encode_heatmaps(result.cams, self.spec) if result.cams else {},
                 queue_s=inferred.started - decoded.ready_at,
                 inference_s=inferred.inference_s,
@@ -224,7 +231,8 @@ class _ScoreRun:
                 log.exception("unexpected error decoding %s", item.key)
             self.errors.append(error_line(item.key, err))
         else:
-            self.batch.append(_Decoded(item, image, tensor, submitted_at, time.perf_counter()))
+            population = assess(image, item.declared)
+            self.batch.append(_Decoded(item, image, tensor, submitted_at, time.perf_counter(), population))
 
     def _hand_over(self, run_model: bool) -> None:
         """Run the model on the batch if asked, then queue its lines and the decode errors for the writer."""

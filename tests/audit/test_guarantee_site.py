@@ -12,7 +12,6 @@ import pytest
 
 from bayesnet.checkpoint import load_spec
 from bench.guarantee_site import (
-    build_site_model,
     expected_films_to_detection,
     site_films,
     site_service,
@@ -24,9 +23,9 @@ pytestmark = pytest.mark.slow
 SIZE, PREVALENCE, BATCH = 128, 0.1, 10
 
 
-@pytest.fixture(scope="module")
-def site_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_site_model(tmp_path_factory.mktemp("site-model"), image_size=SIZE, prevalence=PREVALENCE)
+@pytest.fixture
+def site_model(synthetic_site_model: Path) -> Path:
+    return synthetic_site_model
 
 
 def test_a_site_whose_disease_turns_subtler_is_stopped_within_the_films_theory_expects(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -235,6 +236,32 @@ def deterministic_server(deterministic_checkpoint: Path) -> Iterator[LiveServer]
 
 def heatmap_pixels(png_base64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))), dtype=np.int16)
+
+
+def test_a_csvs_age_and_view_declare_the_films_population_as_a_client_does_over_http(
+    shared_data: Path, tiny_service_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = tmp_path / "site"
+    (dataset / "films").mkdir(parents=True)
+    films = sorted(path.name for path in (shared_data / "nih-cxr14-sample" / "images").glob("*.png"))[:4]
+    for film in films:
+        shutil.copy(shared_data / "nih-cxr14-sample" / "images" / film, dataset / "films" / film)
+    declared = [("54", "Frontal", "PA"), ("8", "Frontal", "AP"), ("61", "Lateral", ""), ("unknown", "", "PA")]
+    rows = [f"site/films/{film},{age},{side},{view}" for film, (age, side, view) in zip(films, declared, strict=True)]
+    csv_path = dataset / "films.csv"
+    csv_path.write_text("Path,Age,Frontal/Lateral,AP/PA\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.WARNING, logger="service.archive"):
+        score(csv_path, out, tiny_service_checkpoint, "--cams", "auto")
+    referral = {line["path"].split("/")[-1]: line["result"]["referral"] for line in read_lines(out)}  # type: ignore[index]
+    adult, child, lateral, unreadable = (referral[film] for film in films)
+    assert adult["population_verified"] and adult["population"] == []
+    assert "population_unverified" not in adult["reasons"]
+    assert child["population"] == ["paediatric"] and child["refer"]
+    assert lateral["population"] == ["lateral_or_oblique_view"] and lateral["refer"]
+    # "unknown" declares no age: the view alone does not verify the film, which is referred for that.
+    assert not unreadable["population_verified"] and "population_unverified" in unreadable["reasons"]
+    assert "1 rows of" in caplog.text
 
 
 def test_results_equal_the_http_service(
