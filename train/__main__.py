@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeAlias, get_args
 
@@ -328,12 +329,37 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refit(args: argparse.Namespace, refit: Callable[..., Any], source: Callable[[], Any]) -> int:
+    """``refit(checkpoint, source(), out=..., levels...)``, the refitted rule in words, 2 on an input it refuses."""
+    from bayesnet.referral import describe
+    from train.conformal import ReferralInputError
+    from train.from_archive import AuditInputError
+    from train.from_audit import TrailError
+
+    try:
+        spec = refit(
+            args.checkpoint,
+            *source(),
+            out=args.out,
+            alpha=args.alpha,
+            delta=args.delta,
+            study_alpha=args.study_alpha,
+            alpha_positive=args.alpha_positive,
+            score=args.referral_score,
+        )
+    except (TrailError, AuditInputError, ReferralInputError) as err:
+        print(f"calibrate: {err}", file=sys.stderr)
+        return 2
+    assert spec.referral is not None
+    print(describe(spec.referral))
+    print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
+    return 0
+
+
 def _run_calibrate_from_audit(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from bayesnet.referral import describe
-    from train.conformal import ReferralInputError
-    from train.from_audit import TrailError, calibrate_from_trail
+    from train.from_audit import calibrate_from_trail
 
     since = None
     if args.since is not None:
@@ -343,54 +369,16 @@ def _run_calibrate_from_audit(args: argparse.Namespace) -> int:
             print(f"calibrate: --since {args.since!r} is not an ISO date (2026-11-01 or 2026-11-01T08:00:00Z)")
             return 2
         since = since if since.tzinfo is not None else since.replace(tzinfo=timezone.utc)
-    try:
-        spec = calibrate_from_trail(
-            args.checkpoint,
-            args.from_audit,
-            since=since,
-            out=args.out,
-            alpha=args.alpha,
-            delta=args.delta,
-            study_alpha=args.study_alpha,
-            alpha_positive=args.alpha_positive,
-            score=args.referral_score,
-        )
-    except (TrailError, ReferralInputError) as err:
-        print(f"calibrate: {err}", file=sys.stderr)
-        return 2
-    assert spec.referral is not None
-    print(describe(spec.referral))
-    print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
-    return 0
+    return _refit(args, partial(calibrate_from_trail, since=since), lambda: (args.from_audit,))
 
 
 def _run_calibrate_from_archive(args: argparse.Namespace) -> int:
-    from bayesnet.referral import describe
-    from train.conformal import ReferralInputError
-    from train.from_archive import AuditInputError, calibrate_from_archive, read_site_labels
+    from train.from_archive import calibrate_from_archive, read_site_labels
 
     if args.labels is None:
         print("calibrate: --from-archive needs --labels (the radiologists' verdicts on the run's films)")
         return 2
-    try:
-        spec = calibrate_from_archive(
-            args.checkpoint,
-            args.from_archive,
-            read_site_labels(args.labels, args.codes),
-            out=args.out,
-            alpha=args.alpha,
-            delta=args.delta,
-            study_alpha=args.study_alpha,
-            alpha_positive=args.alpha_positive,
-            score=args.referral_score,
-        )
-    except (AuditInputError, ReferralInputError) as err:
-        print(f"calibrate: {err}", file=sys.stderr)
-        return 2
-    assert spec.referral is not None
-    print(describe(spec.referral))
-    print(f"calibrate: spec {spec.name} {spec.version} written to {args.out or args.checkpoint}")
-    return 0
+    return _refit(args, calibrate_from_archive, lambda: (args.from_archive, read_site_labels(args.labels, args.codes)))
 
 
 def _add_calibrate(subparsers: _Subparsers) -> None:
@@ -461,7 +449,6 @@ def _add_labels_options(parser: argparse.ArgumentParser) -> None:
 def _run_audit(args: argparse.Namespace) -> int:
     import json
 
-    from bayesnet.checkpoint import load_spec, read_checkpoint_document
     from service.archive.report import write_report
     from train.from_archive import (
         AuditInputError,
@@ -470,20 +457,13 @@ def _run_audit(args: argparse.Namespace) -> int:
         auroc_plot,
         films_from_archive,
         read_site_labels,
+        run_model_spec,
     )
 
     try:
         labels = read_site_labels(args.labels, args.codes)
         films = films_from_archive(args.results, labels)
-        spec = None
-        if args.checkpoint is not None:
-            spec = load_spec(args.checkpoint)
-            sha256 = str(read_checkpoint_document(args.checkpoint)["weights_sha256"])
-            if sha256 != films.model_sha256:
-                raise AuditInputError(
-                    f"{args.results} was scored by weights {films.model_sha256[:16]}..., not {args.checkpoint}'s "
-                    f"{sha256[:16]}...: give the model that scored the run"
-                )
+        spec = None if args.checkpoint is None else run_model_spec(films, args.checkpoint, args.results)
     except AuditInputError as err:
         print(f"audit: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from bayesnet.decision import disagreement
 from bayesnet.spec import ModelSpec, ReferralSpec, per_label
 from train.metrics import NLL_EPS, FloatArray, as_targets, ece, json_floats
 from train.predict import collect_checkpoint, sigmoid
+
+if TYPE_CHECKING:
+    from train.conformal import ReferralFit
 
 logger = logging.getLogger(__name__)
 
@@ -449,6 +452,19 @@ def tradeoff_table(rows: list[dict[str, float]], rule: ReferralSpec) -> str:
             "More labelled films, or a looser study_alpha, are the only honest ways to clear any."
         )
     return "\n".join(lines)
+
+
+def write_site_rule(
+    checkpoint: Path, out: Path | None, spec: ModelSpec, fitted: ReferralFit, notes: Mapping[str, Any]
+) -> ModelSpec:
+    """``spec`` with the refitted rule as a new version (``+site``), weights untouched, written to ``out`` (default:
+    the checkpoint itself) with ``referral_report.json``: what ``calibrate --from-audit`` and ``--from-archive``
+    write."""
+    new_spec = spec.replace(referral=fitted.spec, version=bump_version(spec.version, "site"))
+    report = {"rule": fitted.spec.to_dict(), "fit": fitted.report, "source": dict(notes)}
+    extra = {"referral_report.json": (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()}
+    write_calibrated(checkpoint, out or checkpoint, new_spec, extra)
+    return new_spec
 
 
 def write_calibrated(source: Path, target: Path, spec: ModelSpec, extra_files: Mapping[str, bytes]) -> None:

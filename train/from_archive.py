@@ -42,7 +42,7 @@ from bayesnet import ModelSpec
 from bayesnet.checkpoint import load_spec, read_checkpoint_document
 from bayesnet.labels import CHEXPERT_LABELS
 from bayesnet.spec import ReferralScore
-from train.calibrate import bump_version, write_calibrated
+from train.calibrate import write_site_rule
 from train.chexpert_csv import annotated_labels, code_labels, read_csv_columns
 from train.conformal import ReferralFit, ReferralInputError, check_enough_positives, fit_referral_on_scores
 from train.metrics import FloatArray, bootstrap_auc
@@ -57,6 +57,7 @@ __all__ = [
     "exact_upper",
     "films_from_archive",
     "read_site_labels",
+    "run_model_spec",
 ]
 
 #: The table's per-finding decision names (``bayesnet.decision.Decision`` values).
@@ -332,7 +333,7 @@ def audit(
     """
     # The findings the labels cover: a finding no verdict names (a column the site's CSV does not have) cannot make
     # a film "not known to be normal".
-    covered = ~np.isnan(films.targets).all(axis=0)
+    covered = np.asarray(~np.isnan(films.targets).all(axis=0), dtype=bool)
     study_index = [k for k, label in enumerate(films.labels) if label != "No Finding" and covered[k]]
     scored = ~np.isnan(films.mean)
     judged = np.where(scored, films.targets, np.nan)  # a finding's AUROC over the films the model scored it on
@@ -544,6 +545,21 @@ def auroc_plot(result: Mapping[str, Any], out: Path) -> str | None:
 # --- calibrate --from-archive -----------------------------------------------------------------------------------
 
 
+def run_model_spec(films: ArchiveFilms, checkpoint: Path, results: Path) -> ModelSpec:
+    """The spec of ``checkpoint``, once its weights are checked to be those that scored the run.
+
+    Raises:
+        AuditInputError: other weights (a rule refitted for them would not be the run's).
+    """
+    sha256 = str(read_checkpoint_document(checkpoint)["weights_sha256"])
+    if films.model_sha256 != sha256:
+        raise AuditInputError(
+            f"{results} was scored by weights {films.model_sha256[:16]}..., not {checkpoint}'s {sha256[:16]}...: "
+            "give the model that scored the run"
+        )
+    return load_spec(checkpoint)
+
+
 def calibrate_from_archive(
     checkpoint: Path,
     results: Path,
@@ -563,14 +579,8 @@ def calibrate_from_archive(
         AuditInputError: unreadable inputs, no film in common, or a run of other weights than ``checkpoint``'s.
         ReferralInputError: too few films with a finding for the levels, named.
     """
-    spec = load_spec(checkpoint)
-    sha256 = str(read_checkpoint_document(checkpoint)["weights_sha256"])
     films = films_from_archive(results, labels)
-    if films.model_sha256 != sha256:
-        raise AuditInputError(
-            f"{results} was scored by weights {films.model_sha256[:16]}..., not {checkpoint}'s {sha256[:16]}...: "
-            "refit the model that scored the run"
-        )
+    spec = run_model_spec(films, checkpoint, results)
     notes = {"data": f"archive run {results.name}, labels {labels.source}", "fitted_with": "stored scores"}
     fitted = _fit(
         films,
@@ -582,8 +592,4 @@ def calibrate_from_archive(
         score=score,
         notes=notes,
     )
-    new_spec = spec.replace(referral=fitted.spec, version=bump_version(spec.version, "site"))
-    report = {"rule": fitted.spec.to_dict(), "fit": fitted.report, "source": notes}
-    extra = {"referral_report.json": (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()}
-    write_calibrated(checkpoint, out or checkpoint, new_spec, extra)
-    return new_spec
+    return write_site_rule(checkpoint, out, spec, fitted, notes)

@@ -9,7 +9,6 @@ computes them). A finding without a verdict is unknown (NaN), as an unlabelled f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +23,7 @@ from bayesnet.checkpoint import load_spec, read_checkpoint_document
 from bayesnet.spec import ReferralScore
 from service.audit.models import AuditEvent, AuditFinding, AuditOutcome
 from service.audit.store import AuditStore
-from train.calibrate import bump_version, write_calibrated
+from train.calibrate import write_site_rule
 from train.conformal import check_enough_positives, fit_referral_on_scores
 
 FloatArray = NDArray[np.float64]
@@ -159,8 +158,4 @@ def calibrate_from_trail(
         score=score,
         calibration_notes=notes,
     )
-    new_spec = spec.replace(referral=fitted.spec, version=bump_version(spec.version, "site"))
-    report = {"rule": fitted.spec.to_dict(), "fit": fitted.report, "source": notes}
-    extra = {"referral_report.json": (json.dumps(report, indent=2, allow_nan=False) + "\n").encode()}
-    write_calibrated(checkpoint, out or checkpoint, new_spec, extra)
-    return new_spec
+    return write_site_rule(checkpoint, out, spec, fitted, notes)

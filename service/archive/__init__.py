@@ -5,11 +5,14 @@ An offline tool beside the server: the same model loading, decoding, batched inf
 (``service.runtime``), one JSON line per film, resumable, sharded across ranks under ``torchrun``. Each
 concern has its module, and each module's docstring gives its rules:
 
-  * ``inputs``: which files ``--input`` names (a folder, a CSV with a Path column, a list) and their keys;
+  * ``inputs``: which files ``--input`` names (a folder, a CSV with a Path column, a list), their keys and what a
+    CSV declares about each film (patient age, view);
   * ``dicomweb``: ``--dicomweb URL``: a PACS's inventory by QIDO-RS, its films by WADO-RS within set limits;
   * ``results``: the JSON-lines output, torn-line repair and resume;
   * ``table``: the same results as Parquet, one row per film, written when the output is whole;
-  * ``report``: ``python -m service.archive.report``: the run in Markdown and plots for a clinical lead;
+  * ``forward``: ``--forward-results``: each scored film's SR and images to a PACS through the outbox;
+  * ``report``: ``python -m service.archive.report``: the run in Markdown and plots for a clinical lead (with
+    the radiologists' labels, ``python -m train audit`` adds the retrospective audit);
   * ``progress``: a tqdm bar or periodic log lines;
   * ``scorer``: ``ArchiveScorer``, decode / infer / write overlapping in three stages;
   * ``sharding``: rank and world size, per-rank output files and their merge;

@@ -30,6 +30,7 @@ from service.archive.dicomweb import (
     skipped_by_reason,
     write_inventory,
 )
+from service.archive.forward import ResultForwarder, outbox_dir
 from service.archive.inputs import BatchInputError, ScoreItem, list_inputs
 from service.archive.progress import make_progress
 from service.archive.results import ResultsFileError, repair_torn_tail
@@ -115,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--allow-untrained", action="store_true", help="score with the random placeholder model")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    forward = parser.add_argument_group("result objects to a PACS (off by default; service/archive/forward.py)")
+    forward.add_argument(
+        "--forward-results",
+        action="store_true",
+        help="each scored DICOM film's SR, result page and heatmap images to CXR_DICOMWEB_FORWARD_URL by STOW-RS, "
+        "through a persistent outbox beside --out (heatmaps as --cams selects)",
+    )
+    forward.add_argument(
+        "--forward-wait-s",
+        type=float,
+        default=600.0,
+        help="at the end, how long to wait for the outbox to empty; what is left is sent by the next run (600)",
+    )
     shards = parser.add_argument_group("independent shards (a Kubernetes Indexed Job; torchrun needs none of these)")
     shards.add_argument(
         "--shards", type=int, help="score shard JOB_COMPLETION_INDEX (or --shard-index) of this many, on its own"
@@ -167,6 +181,7 @@ def _build_scorer(
     cams: str | tuple[int, ...],
     device: torch.device,
     batch_size: int | None,
+    forwarder: ResultForwarder | None = None,
 ) -> ArchiveScorer:
     """The predictor on ``device`` (warmed up on CUDA) wrapped in a scorer; ``batch_size`` None: the default."""
     batch_size = batch_size or default_batch_size(device, settings.max_batch_images)
@@ -182,6 +197,7 @@ def _build_scorer(
         decode_workers=settings.decode_workers,
         max_pixels=settings.max_pixels,
         reject_ood=settings.ood_action == "reject",
+        forwarder=forwarder,
     )
 
 
@@ -291,6 +307,8 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
         items = _pacs_items(args, settings, dist)
         if args.inventory_only:
             return ScoreSummary(0, 0, 0.0)
+    if args.forward_results and settings.dicomweb.forward_url is None:
+        raise BatchInputError("--forward-results needs CXR_DICOMWEB_FORWARD_URL, the PACS's STOW-RS root")
     loaded = _load(settings, allow_untrained=args.allow_untrained)
     try:
         cams = parse_cams(args.cams, loaded.spec)
@@ -309,9 +327,21 @@ def run(args: argparse.Namespace, dist: DistInfo) -> ScoreSummary:
         len(todo),
         target,
     )
+    forwarder = None
+    if args.forward_results:
+        forwarder = ResultForwarder(
+            settings.dicomweb, outbox_dir(target), spec=loaded.spec, max_pixels=settings.max_pixels
+        ).start()
     with process_group(dist):
-        scorer = _build_scorer(loaded, settings, cams, pick_device(settings.device, dist), args.batch_size)
-        summary = _score_into(scorer, todo, target)
+        scorer = _build_scorer(loaded, settings, cams, pick_device(settings.device, dist), args.batch_size, forwarder)
+        try:
+            summary = _score_into(scorer, todo, target)
+        except BaseException:
+            if forwarder is not None:  # stopped (the PACS gone, a signal): what waits stays for the rerun
+                forwarder.close(0.0)
+            raise
+        if forwarder is not None:
+            forwarder.close(args.forward_wait_s)
         log.info(
             "rank %d: %d scored, %d failed in %.1f s (%.2f images/s)",
             dist.rank,

@@ -29,6 +29,7 @@ from torch import Tensor
 from bayesnet import ImageFacts, ModelSpec, single_threaded_torch
 from bayesnet.population import Population, assess
 from service.archive.dicomweb import PacsUnavailableError
+from service.archive.forward import ResultForwarder
 from service.archive.inputs import ScoreItem, request_id_for
 from service.archive.progress import Progress
 from service.archive.results import error_line, result_line
@@ -37,7 +38,7 @@ from service.runtime.decoding import decode_for_model
 from service.runtime.heatmaps import encode_heatmaps, for_population
 from service.runtime.predictor import InferenceRequest, InferenceResult, Predictor
 from service.runtime.responses import build_response, ood_result
-from service.schemas import ModelRef
+from service.schemas import ModelRef, PredictionResponse
 
 __all__ = ["ArchiveScorer", "ScoreSummary"]
 
@@ -64,6 +65,8 @@ class _Decoded:
     ready_at: float
     #: The population verdict from the film's header and what the input declares (``bayesnet.population``).
     population: Population
+    #: The file's bytes, kept only when its result objects are forwarded to a PACS (``--forward-results``).
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,10 @@ class ArchiveScorer:
         decode_workers: int,
         max_pixels: int,
         reject_ood: bool = False,
+        forwarder: ResultForwarder | None = None,
     ) -> None:
         self.predictor = predictor
+        self.forwarder = forwarder
         self.reject_ood = reject_ood
         self.spec: ModelSpec = predictor.spec
         self.model_ref = model_ref
@@ -116,10 +121,13 @@ class ArchiveScorer:
             run.run()
         return ScoreSummary(run.scored, run.failed, time.perf_counter() - started)
 
-    def _decode(self, item: ScoreItem) -> tuple[ImageFacts, Tensor]:
-        """Stage 1 (decode pool): the file's image facts and its preprocessed tensor, staged for the device."""
-        image, tensor = decode_for_model(item.file.read_bytes(), self.spec, max_pixels=self.max_pixels)
-        return image, self.predictor.stage(tensor)  # page-locked on CUDA: the batch's copies become DMAs
+    def _decode(self, item: ScoreItem) -> tuple[ImageFacts, Tensor, bytes | None]:
+        """Stage 1 (decode pool): the file's image facts and its preprocessed tensor, staged for the device (and
+        its bytes when they are forwarded)."""
+        data = item.file.read_bytes()
+        image, tensor = decode_for_model(data, self.spec, max_pixels=self.max_pixels)
+        kept = data if self.forwarder is not None else None
+        return image, self.predictor.stage(tensor), kept  # page-locked on CUDA: the batch's copies become DMAs
 
     def _infer(self, batch: list[_Decoded]) -> _Inferred:
         """Stage 2 (calling thread): one batch through the model; a failure fails only this batch's files."""
@@ -161,8 +169,19 @@ class ArchiveScorer:
                 inference_s=inferred.inference_s,
                 total_s=time.perf_counter() - decoded.submitted_at,
             )
+            if self.forwarder is not None and decoded.data is not None:
+                self._forward(decoded, response)
             lines.append((result_line(decoded.item.key, response), True))
         return lines
+
+    def _forward(self, decoded: _Decoded, response: PredictionResponse) -> None:
+        """The film's result objects into the outbox before its line is written (at least once on a resume)."""
+        assert self.forwarder is not None and decoded.data is not None
+        try:
+            self.forwarder.forward(decoded.data, response)
+        except Exception:  # the film is scored; only its objects could not be built: said, counted, run goes on
+            self.forwarder.failed += 1
+            log.exception("the result objects of %s could not be built; not forwarded", decoded.item.key)
 
     def _rejection(self, decoded: _Decoded, result: InferenceResult) -> OutOfDistributionError | None:
         """With ``reject_ood``, the error recorded instead of a film's result when its OOD gate flags it."""
@@ -194,7 +213,7 @@ class _ScoreRun:
         self.decode_pool, self.write_pool = decode_pool, write_pool
         # Enough decoded images in flight to fill the next batch while the model runs the current one.
         self.window = 2 * scorer.batch_size + scorer.decode_workers
-        self.pending: deque[tuple[ScoreItem, float, Future[tuple[ImageFacts, Tensor]]]] = deque()
+        self.pending: deque[tuple[ScoreItem, float, Future[tuple[ImageFacts, Tensor, bytes | None]]]] = deque()
         self.batch: list[_Decoded] = []
         self.errors: list[str] = []  # lines of files that failed to decode, written with the next batch
         self.writing: Future[None] | None = None
@@ -221,9 +240,11 @@ class _ScoreRun:
                 return
             self.pending.append((item, time.perf_counter(), self.decode_pool.submit(self.scorer._decode, item)))
 
-    def _collect(self, item: ScoreItem, submitted_at: float, future: Future[tuple[ImageFacts, Tensor]]) -> None:
+    def _collect(
+        self, item: ScoreItem, submitted_at: float, future: Future[tuple[ImageFacts, Tensor, bytes | None]]
+    ) -> None:
         try:
-            image, tensor = future.result()
+            image, tensor, data = future.result()
         except PacsUnavailableError:
             raise  # not this film's fault: the run stops, and a rerun resumes after what was written
         except Exception as err:  # one bad file is recorded and the run goes on
@@ -232,7 +253,7 @@ class _ScoreRun:
             self.errors.append(error_line(item.key, err))
         else:
             population = assess(image, item.declared)
-            self.batch.append(_Decoded(item, image, tensor, submitted_at, time.perf_counter(), population))
+            self.batch.append(_Decoded(item, image, tensor, submitted_at, time.perf_counter(), population, data))
 
     def _hand_over(self, run_model: bool) -> None:
         """Run the model on the batch if asked, then queue its lines and the decode errors for the writer."""

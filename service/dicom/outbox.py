@@ -78,7 +78,9 @@ class Outbox:
     def snapshot(self) -> OutboxSnapshot:
         return OutboxSnapshot(len(self.pending()), self.forwarded, self.failures, self.rejected)
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Make ``data`` (a Part 10 file) durable in the outbox (blocking; :meth:`put` from the event loop, or this
+        and then :meth:`notify` in the loop's thread). Raises ``OutboxFullError`` when ``max_instances`` wait."""
         if len(self.pending()) >= self.max_instances:
             raise OutboxFullError(
                 f"{self.max_instances} results are already waiting for the PACS, which may be down; send this "
@@ -99,7 +101,11 @@ class Outbox:
 
     async def put(self, data: bytes) -> None:
         """Make ``data`` (a Part 10 file) durable in the outbox; the sender forwards it later."""
-        await asyncio.to_thread(self._write, data)
+        await asyncio.to_thread(self.write, data)
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake the sender: something was written (call in the event loop's thread)."""
         self._wake.set()
 
     def start(self) -> None:
@@ -148,8 +154,9 @@ class Outbox:
                 self.forwarded += 1
                 delay_s = self.retry_initial_s
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
+            # The whole wait, whatever arrives meanwhile: new results must not turn the backoff into a retry per
+            # result against a PACS that is down (they are on disk; the next attempt sends the oldest first).
+            await asyncio.sleep(delay_s)
             self._wake.clear()
             delay_s = min(delay_s * 2, self.retry_max_s)
 

@@ -21,11 +21,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from bayesnet.imaging import POPULATION_LATERAL, POPULATION_NON_CHEST, population_flags
-from bayesnet.referral import describe
-from service.dicom.heatmaps import heatmaps_for_upload, hot_spots
 from service.dicom.multipart import MultipartError, Part, TooManyPartsError, media_type_params, split_related
-from service.dicom.sr import DicomSourceError, checked_source, sr_answer, sr_bytes, with_header_warnings
-from service.dicom.summary import build_summary
+from service.dicom.objects import pacs_objects
+from service.dicom.sr import DicomSourceError, checked_source, with_header_warnings
 from service.errors import ServiceError, UploadTooLargeError
 from service.problems import problem_for
 from service.runtime.heatmaps import AUTO
@@ -138,25 +136,19 @@ Audited = Callable[[int, bytes, Awaitable[PredictionResponse]], Awaitable[Predic
 async def results_for_pacs(
     data: bytes, header: Dataset, result: PredictionResponse, pipeline: PredictionPipeline
 ) -> list[bytes]:
-    """The objects a PACS receives for one scored instance, as Part 10 files: the SR (which lists the other
-    objects in its evidence), the result page (``service.dicom.summary``), then the heatmap images.
-
-    Built in the pipeline's bounded decode pool: the heatmaps decode the film once more (the pipeline keeps no
-    pixels), and the pool bounds how many films are in memory at once.
-    """
-    created = datetime.now(timezone.utc)
+    """The objects a PACS receives for one scored instance (``service.dicom.objects.pacs_objects``), built in the
+    pipeline's bounded decode pool: the heatmaps decode the film once more (the pipeline keeps no pixels), and the
+    pool bounds how many films are in memory at once."""
 
     def build() -> list[bytes]:
-        heatmaps = heatmaps_for_upload(
-            data, header, result, resize=pipeline.spec.resize, max_pixels=pipeline.max_pixels, created=created
+        return pacs_objects(
+            data,
+            header,
+            result,
+            spec=pipeline.spec,
+            max_pixels=pipeline.max_pixels,
+            created=datetime.now(timezone.utc),
         )
-        rule = pipeline.spec.referral
-        page = build_summary(
-            header, result, guarantee=describe(rule) if rule else None, heatmaps=heatmaps, created=created
-        )
-        spots = hot_spots(result, (int(header.Rows), int(header.Columns)), pipeline.spec.resize)
-        sr = sr_answer(header, result, created, [page, *heatmaps], spots)
-        return [sr, sr_bytes(page), *(sr_bytes(image) for image in heatmaps)]
 
     return await asyncio.get_running_loop().run_in_executor(pipeline.decode_pool, build)
 

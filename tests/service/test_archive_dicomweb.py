@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
 
 from bench.pacs_archive import Film, load_into_orthanc, mixed_archive
 from service.archive import DistInfo, build_parser, run
@@ -37,6 +38,7 @@ from service.archive.dicomweb import (
 )
 from service.archive.report import summarise, write_report
 from tests.dicom.orthanc import orthanc
+from tests.service.live import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -325,3 +327,43 @@ def test_indexed_job_shards_with_one_killed_and_rerun_merge_to_what_one_run_scor
     assert len(_lines(out)) == len(merged) and merged.keys() == alone.keys()  # every film, once
     for path, confs in merged.items():  # batches of 1 against 3: the same numbers but for float summation order
         assert confs == pytest.approx(alone[path], abs=1e-5), path
+
+
+def test_results_go_to_a_pacs_through_an_outbox_that_keeps_them_while_it_is_down(
+    pacs: str, tiny_service_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--forward-results``: each scored film's SR, result page and heatmaps are made durable beside the output;
+    a results PACS that is down keeps them there, and the next run (nothing left to score) sends them."""
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setenv("CXR_DICOMWEB_FORWARD_URL", f"http://127.0.0.1:{free_port()}/dicom-web")  # nobody there
+    monkeypatch.setenv("CXR_DICOMWEB_RETRY_INITIAL_S", "0.2")
+    _score(pacs, out, tiny_service_checkpoint, "--forward-results", "--cams", "auto", "--forward-wait-s", "1")
+    lines = _lines(out)
+    scored = {line["path"].split("/")[2]: line["result"] for line in lines if line["ok"]}
+    waiting = sorted((tmp_path / "results.outbox").glob("*.dcm"))
+    heatmaps = sum(len(result["gradcam"]) for result in scored.values())
+    assert scored and heatmaps and len(waiting) == 2 * len(scored) + heatmaps  # SR + page per film, one per map
+
+    (tmp_path / "results-pacs").mkdir()
+    with orthanc(tmp_path / "results-pacs") as target:
+        monkeypatch.setenv("CXR_DICOMWEB_FORWARD_URL", target)
+        _score(pacs, out, tiny_service_checkpoint, "--forward-results", "--forward-wait-s", "60")
+        assert _lines(out) == lines  # nothing scored again
+        assert list((tmp_path / "results.outbox").glob("*.dcm")) == []
+        client = DICOMwebClient(target)
+        stored = client.search_for_instances()
+        by_modality = Counter(item["00080060"]["Value"][0] for item in stored)
+        assert by_modality == {"SR": len(scored), "OT": len(scored) + heatmaps}
+        for item in stored:
+            if item["00080060"]["Value"][0] != "SR":
+                continue
+            uids = [item[tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018")]
+            sr = client.retrieve_instance(*uids)
+            (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
+            referenced = {
+                s.ReferencedSOPInstanceUID
+                for series in evidence.ReferencedSeriesSequence
+                for s in series.ReferencedSOPSequence
+            }
+            film = referenced & set(scored)
+            assert len(film) == 1 and evidence.StudyInstanceUID == uids[0]

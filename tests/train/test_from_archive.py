@@ -232,6 +232,9 @@ def test_what_the_audit_refuses(table: Path, tmp_path: Path) -> None:
     with pytest.raises(AuditInputError, match="several models"):
         films_from_archive(write_parquet(mixed)[0], read_site_labels(nobody))
     assert train_main(["audit", "--results", str(table), "--labels", str(nobody), "--out", str(tmp_path / "o")]) == 2
+    assert train_main(["calibrate", "--checkpoint", str(tmp_path), "--from-archive", str(table)]) == 2  # no labels
+    refit = ["calibrate", "--checkpoint", str(tmp_path), "--from-archive", str(table), "--labels", str(nobody)]
+    assert train_main(refit) == 2  # no film in common
 
 
 def test_the_exact_bound() -> None:
