@@ -176,7 +176,12 @@ def write_report(results: Path, out: Path, inventory: Path | None = None, *, sec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.archive.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m service.archive.report",
+        description=__doc__.split("\n")[0],
+        epilog="With the radiologists' labels: python -m train audit --results ... --labels ... (the same report with "
+        "the retrospective audit appended).",
+    )
     parser.add_argument("--results", type=Path, required=True, help="the run's results.parquet")
     parser.add_argument("--inventory", type=Path, help="a PACS run's inventory CSV (skipped instances by reason)")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.md and its plots")
