@@ -50,6 +50,7 @@ __all__ = [
     "fit_positive_threshold",
     "fit_referral",
     "positives_needed",
+    "stored_side_scores",
     "study_score_array",
     "tradeoff",
 ]
@@ -227,6 +228,19 @@ def fit_referral(
         calibration_notes=calibration_notes,
         served=served,
     )
+
+
+def stored_side_scores(
+    mean: FloatArray, low: FloatArray, high: FloatArray, score: str
+) -> tuple[FloatArray, FloatArray]:
+    """``(negative_side, positive_side)`` from what a record keeps of a film's samples (the MC mean and the 5th and
+    95th percentiles), as :func:`bayesnet.decision.side_scores` computes them from the samples: the mean on both
+    sides, or the 95th percentile to clear and the 5th to call positive."""
+    if score == "mean":
+        return mean, mean
+    if score == "interval":
+        return high, low
+    raise ValueError(f"unknown referral score {score!r}")
 
 
 def fit_referral_on_scores(

@@ -44,7 +44,13 @@ from bayesnet.labels import CHEXPERT_LABELS
 from bayesnet.spec import ReferralScore
 from train.calibrate import write_site_rule
 from train.chexpert_csv import annotated_labels, code_labels, read_csv_columns
-from train.conformal import ReferralFit, ReferralInputError, check_enough_positives, fit_referral_on_scores
+from train.conformal import (
+    ReferralFit,
+    ReferralInputError,
+    check_enough_positives,
+    fit_referral_on_scores,
+    stored_side_scores,
+)
 from train.metrics import FloatArray, bootstrap_auc
 
 __all__ = [
@@ -176,11 +182,7 @@ class ArchiveFilms:
 
     def side_scores(self, score: str) -> tuple[FloatArray, FloatArray]:
         """``(negative_side, positive_side)`` as the rule thresholds them (``bayesnet.decision.side_scores``)."""
-        if score == "mean":
-            return self.mean, self.mean
-        if score == "interval":
-            return self.high, self.low
-        raise ValueError(f"unknown referral score {score!r}")
+        return stored_side_scores(self.mean, self.low, self.high, score)
 
 
 def films_from_archive(results: Path, labels: SiteLabels) -> ArchiveFilms:
@@ -201,7 +203,7 @@ def films_from_archive(results: Path, labels: SiteLabels) -> ArchiveFilms:
     by_study = Counter(r["study_instance_uid"] for r in scored if r["study_instance_uid"])
     matched: list[tuple[dict[str, Any], dict[str, bool]]] = []
     used: set[tuple[str, str]] = set()
-    ambiguous = 0
+    ambiguous: set[str] = set()
     for r in scored:
         verdicts: dict[str, bool] = {}
         for kind in ("path", "request_id", "sop_instance_uid", "study_instance_uid"):
@@ -209,7 +211,7 @@ def films_from_archive(results: Path, labels: SiteLabels) -> ArchiveFilms:
             if value is None or (kind, value) not in labels.verdicts:
                 continue
             if kind == "study_instance_uid" and by_study[value] > 1:
-                ambiguous += 1  # a study verdict cannot say which of its films it judged
+                ambiguous.add(value)  # a study verdict cannot say which of its films it judged
                 continue
             used.add((kind, value))
             verdicts.update(labels.verdicts[(kind, value)])
@@ -220,8 +222,8 @@ def films_from_archive(results: Path, labels: SiteLabels) -> ArchiveFilms:
         "films_failed": len(rows) - len(scored),
         "films_with_verdicts": len(matched),
         "verdict_keys": len(labels.verdicts),
-        "verdict_keys_unmatched": len(set(labels.verdicts) - used),
-        "films_ambiguous_study": ambiguous,
+        "verdict_keys_unmatched": len(set(labels.verdicts) - used - {("study_instance_uid", uid) for uid in ambiguous}),
+        "study_verdicts_ambiguous": len(ambiguous),
     }
     if not matched:
         raise AuditInputError(
@@ -452,8 +454,9 @@ def audit_markdown(result: Mapping[str, Any], labels_source: str, plots: Sequenc
         f"have a verdict; {matching['verdict_keys_unmatched']} of the {matching['verdict_keys']} labelled keys name "
         "no scored film"
         + (
-            f"; {matching['films_ambiguous_study']} study verdicts were left out (their study has several scored films)"
-            if matching["films_ambiguous_study"]
+            f"; the verdicts of {matching['study_verdicts_ambiguous']} studies were left out (each names a study of "
+            "several scored films, not which film)"
+            if matching["study_verdicts_ambiguous"]
             else ""
         )
         + f". Model {result['model']} ({result['model_sha256'][:12]}). Upper bounds are exact (Clopper-Pearson), "

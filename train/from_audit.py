@@ -24,7 +24,7 @@ from bayesnet.spec import ReferralScore
 from service.audit.models import AuditEvent, AuditFinding, AuditOutcome
 from service.audit.store import AuditStore
 from train.calibrate import write_site_rule
-from train.conformal import check_enough_positives, fit_referral_on_scores
+from train.conformal import check_enough_positives, fit_referral_on_scores, stored_side_scores
 
 FloatArray = NDArray[np.float64]
 
@@ -45,11 +45,7 @@ class TrailFilms:
 
     def side_scores(self, score: str) -> tuple[FloatArray, FloatArray]:
         """``(negative_side, positive_side)`` as the rule thresholds them (``bayesnet.decision.side_scores``)."""
-        if score == "mean":
-            return self.mean, self.mean
-        if score == "interval":
-            return self.high, self.low
-        raise ValueError(f"unknown referral score {score!r}")
+        return stored_side_scores(self.mean, self.low, self.high, score)
 
 
 def films_from_trail(

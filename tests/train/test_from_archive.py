@@ -172,7 +172,7 @@ def test_outcomes_csv_and_ndjson_match_by_sop_uid_and_request_id(table: Path, tm
         "films_with_verdicts": 2,
         "verdict_keys": 3,
         "verdict_keys_unmatched": 1,
-        "films_ambiguous_study": 0,
+        "study_verdicts_ambiguous": 0,
     }
     effusion, cardio = CHEXPERT_LABELS.index("Pleural Effusion"), CHEXPERT_LABELS.index("Cardiomegaly")
     order = np.argsort(films.keys)
@@ -198,7 +198,8 @@ def test_fhir_and_hl7_by_study_uid_and_an_ambiguous_study_is_left_out(table: Pat
     fhir.write_text(json.dumps(bundle))
     films = films_from_archive(table, read_site_labels(fhir))
     assert films.keys == [f"{STUDY}.3/{STUDY}.3.1/{STUDY}.3.1.1"]
-    assert films.matching["films_ambiguous_study"] == 2  # study 2's two films: the verdict names neither
+    assert films.matching["study_verdicts_ambiguous"] == 1  # study 2 holds two films: the verdict names neither
+    assert films.matching["verdict_keys_unmatched"] == 0
 
     hl7 = tmp_path / "results.hl7"
     hl7.write_bytes(
