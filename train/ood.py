@@ -41,6 +41,7 @@ from bayesnet import BayesianEfficientNet, ModelSpec, decode_image, load_checkpo
 from bayesnet.imaging.decoded import ADULT_AGE_YEARS
 from bayesnet.ood import HELLINGER_PREFIX, OODGate, save_ood_gate
 from bayesnet.spec import OODSpec
+from train.card import counts_text, with_ood_section
 
 log = logging.getLogger("train.ood")
 
@@ -569,10 +570,6 @@ def _sum_counts(counts: Iterable[Sequence[int]]) -> list[int]:
     return [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
 
 
-def _fraction(counts: Sequence[int]) -> str:
-    return f"{counts[0]}/{counts[1]}"
-
-
 def evaluate(
     recipe: GateRecipe,
     ref: Reference,
@@ -679,9 +676,9 @@ def compare_recipes(
                 "crops": recipe.crops,
                 "kind": recipe.kind,
                 "dims": recipe.dims,
-                "held_out_flagged": _fraction(result["held_out_flagged_total"]),
-                "new_source_flagged": _fraction(flagged_new) if result["new_source"] else "n/a",
-                "non_chest_caught": _fraction(caught),
+                "held_out_flagged": counts_text(result["held_out_flagged_total"]),
+                "new_source_flagged": counts_text(flagged_new) if result["new_source"] else "n/a",
+                "non_chest_caught": counts_text(caught),
                 "auroc": result["auroc"],
                 "outliers_flagged": caught[0] / caught[1] if caught[1] else math.nan,
             }
@@ -699,24 +696,24 @@ def fold_table(report: dict[str, Any]) -> str:
     lines = [" | ".join(header)]
     for row in validation["folds"]:
         cells = [str(row["fold"]), str(row["n_fit"]), f"{row['threshold']:.4f}"]
-        cells += [_fraction(row["held_out_flagged"][s]) for s in sources]
-        cells += [_fraction(row["non_chest_caught"][k]) for k in kinds]
-        cells.append(_fraction(row["other_chest_accepted"]))
+        cells += [counts_text(row["held_out_flagged"][s]) for s in sources]
+        cells += [counts_text(row["non_chest_caught"][k]) for k in kinds]
+        cells.append(counts_text(row["other_chest_accepted"]))
         lines.append(" | ".join(cells))
-    total = ["total", "", ""] + [_fraction(validation["held_out_flagged"][s]) for s in sources]
-    total += [_fraction(validation["non_chest_caught"][k]) for k in kinds]
-    total.append(_fraction(validation["other_chest_accepted"]))
+    total = ["total", "", ""] + [counts_text(validation["held_out_flagged"][s]) for s in sources]
+    total += [counts_text(validation["non_chest_caught"][k]) for k in kinds]
+    total.append(counts_text(validation["other_chest_accepted"]))
     lines.append(" | ".join(total))
     lines.append(
-        f"held-out chest films flagged: {_fraction(validation['held_out_flagged_total'])}; non-chest caught: "
-        f"{_fraction(validation['non_chest_caught_total'])}; mean fold AUROC {validation['auroc']:.4f}"
+        f"held-out chest films flagged: {counts_text(validation['held_out_flagged_total'])}; non-chest caught: "
+        f"{counts_text(validation['non_chest_caught_total'])}; mean fold AUROC {validation['auroc']:.4f}"
     )
     flagged = [name for row in validation["folds"] for name in row["flagged_films"]]
     lines.append(f"held-out chest films flagged: {', '.join(flagged) or 'none'}")
     for row in validation["new_source"]:
         lines.append(
-            f"{row['held_out']} left out (a new site): {_fraction(row['flagged'])} of its films flagged (worst "
-            f"{row['worst_over_threshold']:.2f} x threshold), non-chest caught {_fraction(row['non_chest_caught'])}"
+            f"{row['held_out']} left out (a new site): {counts_text(row['flagged'])} of its films flagged (worst "
+            f"{row['worst_over_threshold']:.2f} x threshold), non-chest caught {counts_text(row['non_chest_caught'])}"
             + (f" (missed: {', '.join(row['non_chest_missed'])})" if row["non_chest_missed"] else "")
         )
     for variant in report.get("variants") or []:
@@ -809,7 +806,7 @@ def fit_ood(
         "outliers_flagged": float(np.mean(out_scores > threshold)),
         "lowest_outlier_over_threshold": float(out_scores.min() / threshold) if out_scores.size else math.nan,
         "flagged_by_kind": {
-            kind: _fraction(_count(np.array([flagged[p.name] for p in probes if p.kind == kind])))
+            kind: counts_text(_count(np.array([flagged[p.name] for p in probes if p.kind == kind])))
             for kind in PROBE_KINDS
             if kind in kinds
         },
@@ -843,78 +840,13 @@ def fit_ood(
             "sources": sources,
             "crops_per_film": recipe.crops,
             "threshold_margin": recipe.margin,
-            "held_out_flagged": _fraction(held_out),
+            "held_out_flagged": counts_text(held_out),
             "auroc": report["auroc"],
         },
     )
     save_ood_gate(target, gate, metadata={"ood": report})
     card = target / "MODEL_CARD.md"
     if card.is_file():
-        from train.card import with_ood_section  # train.card renders this module's report (card_section)
-
         card.write_text(with_ood_section(card.read_text(), report))
-    log.info("OOD gate written to %s: threshold %.4f, held-out flagged %s", target, threshold, _fraction(held_out))
+    log.info("OOD gate written to %s: threshold %.4f, held-out flagged %s", target, threshold, counts_text(held_out))
     return report
-
-
-def card_section(report: dict[str, Any]) -> str:
-    """The model card's out-of-distribution section from the report of :func:`fit_ood`."""
-    from train.card import OOD_HEADING
-
-    validation = report["validation"]
-    sources = ", ".join(f"{name} ({n})" for name, n in report["sources"].items())
-    per_source = ", ".join(f"{s} {_fraction(v)}" for s, v in validation["held_out_flagged"].items())
-    caught = ", ".join(f"{k} {_fraction(v)}" for k, v in validation["non_chest_caught"].items())
-    new_site = "; ".join(
-        f"with {row['held_out']} left out of the fit, {_fraction(row['flagged'])} of its films are flagged"
-        for row in validation["new_source"]
-    )
-    others = ", ".join(
-        f"{name} {v['score_over_threshold']:.2f} ({'accepted' if v['accepted'] else 'flagged'})"
-        for name, v in (report.get("other_chest") or {}).items()
-    )
-    rows = "\n".join(
-        f"| {v['feature_map']} | {v['kind']} | {v['dims']} | {v['crops']} | {v['held_out_flagged']} | "
-        f"{v['new_source_flagged']} | {v['non_chest_caught']} | {v['auroc']:.4f} |"
-        for v in report.get("variants") or []
-    )
-    variants = (
-        "\n\nRecipes validated the same way (flagged / caught summed over the folds):\n\n"
-        "| features | score | PCA dims | crops per film | held-out films flagged | flagged, source left out | "
-        "non-chest caught | AUROC |\n|---|---|---:|---:|---:|---:|---:|---:|\n" + rows
-        if rows
-        else ""
-    )
-    missed = ", ".join(report.get("missed") or []) or "none"
-    children = report.get("children_left_out")
-    paediatric = (
-        f"paediatric films ({children['n']} films of children in the sources were left out of the reference: too "
-        "few to say whether the gate tells them apart; Patient's Age in a DICOM header is what catches them)"
-        if children
-        else "paediatric films (none available; Patient's Age in a DICOM header is what catches them)"
-    )
-    crops = report["crops_per_film"]
-    crops_note = f", each also as {crops} random field-of-view crop(s)" if crops else ""
-    return f"""{OOD_HEADING}
-Score (`python -m train ood`, docs/ood.md), computed from the pooled trunk features every batch already has:
-{report["method"]}. Reference: {report["n_train"]} adult frontal chest films of {report["n_patients"]} patients
-({sources}){crops_note}. Threshold {report["threshold"]:.4f}: the {report["threshold_from"]}.
-Above it a response is marked `in_distribution: false`, or refused with 422 when the service runs with
-`CXR_OOD_ACTION=reject`.
-
-Validated in {len(validation["folds"])} folds grouped by patient (each fold's gate fitted and thresholded without
-the films it is tested on):
-- held-out chest films flagged: {_fraction(validation["held_out_flagged_total"])} ({per_source});
-- images that are not chest radiographs caught: {_fraction(validation["non_chest_caught_total"])} summed over the
-  folds ({caught}); mean AUROC {validation["auroc"]:.4f};
-- a site the gate never saw: {new_site or "n/a (one source)"}.
-
-The shipped gate (fitted on every film): {100 * report["outliers_flagged"]:.0f}% of {report["n_outliers"]} non-chest
-images flagged; missed: {missed}. Chest films never fitted, score / threshold: {others or "none available"}.{variants}
-
-What the gate does not detect: lateral views (none available here to test; the DICOM View Position and the
-declared view are what catch them), {paediatric}, and it is a guard against the wrong kind of image, not a
-quality check. Films from a new site are flagged more
-often than films from the sites above until the gate is refitted with some of that site's films (`--films`).
-
-"""
