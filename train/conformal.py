@@ -46,6 +46,7 @@ __all__ = [
     "check_enough_positives",
     "check_markdown",
     "check_referral",
+    "clopper_pearson",
     "fit_negative_threshold",
     "fit_positive_threshold",
     "fit_referral",
@@ -431,7 +432,7 @@ def tradeoff(
     return rows
 
 
-def _clopper_pearson(count: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
+def clopper_pearson(count: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
     """Exact binomial confidence interval of ``count / n`` (None, None when n = 0)."""
     from scipy.stats import beta
 
@@ -444,7 +445,7 @@ def _clopper_pearson(count: int, n: int, level: float = 0.95) -> tuple[float | N
 
 
 def _rate(count: int, n: int) -> dict[str, Any]:
-    lo, hi = _clopper_pearson(count, n)
+    lo, hi = clopper_pearson(count, n)
     return {"rate": count / n if n else None, "count": count, "of": n, "ci95": [lo, hi]}
 
 

@@ -36,7 +36,6 @@ from typing import Any, Final
 import numpy as np
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
-from scipy.stats import beta
 
 from bayesnet import ModelSpec
 from bayesnet.checkpoint import load_spec, read_checkpoint_document
@@ -48,6 +47,7 @@ from train.conformal import (
     ReferralFit,
     ReferralInputError,
     check_enough_positives,
+    clopper_pearson,
     fit_referral_on_scores,
     stored_side_scores,
 )
@@ -262,10 +262,9 @@ def films_from_archive(results: Path, labels: SiteLabels) -> ArchiveFilms:
 
 
 def exact_upper(count: int, n: int, confidence: float = BOUND_CONFIDENCE) -> float | None:
-    """The exact (Clopper-Pearson) one-sided upper bound on a rate of which ``count`` of ``n`` were seen."""
-    if n == 0:
-        return None
-    return 1.0 if count >= n else float(beta.ppf(confidence, count + 1, n - count))
+    """The exact (Clopper-Pearson) one-sided upper bound on a rate of which ``count`` of ``n`` were seen: the upper
+    end of the two-sided interval at level ``2 * confidence - 1``."""
+    return clopper_pearson(count, n, level=2.0 * confidence - 1.0)[1]
 
 
 def _rate(count: int, n: int) -> dict[str, Any]:
@@ -433,9 +432,12 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _rate_text(entry: Mapping[str, Any]) -> str:
+def _rate_text(entry: Mapping[str, Any], *, short: bool = False) -> str:
+    """``count/of = rate (upper bound u)``; ``short``: ``count/of, at most u``, for a table cell a phone can show."""
     if not entry["of"]:
         return "n/a (no film)"
+    if short:
+        return f"{entry['count']}/{entry['of']}, at most {_pct(entry['upper'])}"
     return f"{entry['count']}/{entry['of']} = {_pct(entry['rate'])} (upper bound {_pct(entry['upper'])})"
 
 
@@ -476,14 +478,14 @@ def audit_markdown(result: Mapping[str, Any], labels_source: str, plots: Sequenc
         "",
         "### Per finding",
         "",
-        "| finding | films | positives | AUROC (95% CI) | positives cleared (upper bound) |",
+        "| finding | films | positives | AUROC (95% CI) | positives cleared (95% upper bound) |",
         "|---|---:|---:|---|---|",
     ]
     for label, row in result["findings"].items():
         auroc = "n/a (one class)" if row["auroc"] is None else f"{row['auroc']:.3f}"
         if row["auroc_ci95"] is not None:
             auroc += f" ({row['auroc_ci95'][0]:.3f}-{row['auroc_ci95'][1]:.3f})"
-        missed = "-" if row["positives_cleared"] is None else _rate_text(row["positives_cleared"])
+        missed = "-" if row["positives_cleared"] is None else _rate_text(row["positives_cleared"], short=True)
         lines.append(f"| {label} | {row['n']} | {row['positives']} | {auroc} | {missed} |")
     lines += ["", *(f"![{name}]({name})" for name in plots), ""]
     fit = result.get("fit")

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from service.dicom.sr import DicomSourceError, checked_source
 from service.schemas import PredictionResponse
 from service.settings import DicomwebSettings
 
-__all__ = ["ForwardSummary", "ResultForwarder", "outbox_dir"]
+__all__ = ["ResultForwarder", "outbox_dir"]
 
 log = logging.getLogger("service.archive")
 
@@ -42,18 +41,6 @@ _FULL_POLL_S, _FULL_LOG_S = 0.5, 30.0
 def outbox_dir(target: Path) -> Path:
     """The outbox of the run writing ``target`` (``results.jsonl`` -> ``results.outbox``)."""
     return target.with_suffix(".outbox")
-
-
-@dataclass(frozen=True)
-class ForwardSummary:
-    films: int
-    objects: int
-    not_dicom: int
-    #: Films whose objects could not be built (logged with their key).
-    failed: int
-    forwarded: int
-    rejected: int
-    waiting: int
 
 
 class ResultForwarder:
@@ -70,7 +57,7 @@ class ResultForwarder:
             retry_initial_s=settings.retry_initial_s,
             retry_max_s=settings.retry_max_s,
         )
-        self.films = self.objects = self.not_dicom = self.failed = 0
+        self.films = self.not_dicom = self.failed = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._serve, name="archive-outbox", daemon=True)
         self._started = threading.Event()
@@ -91,20 +78,25 @@ class ResultForwarder:
         log.info("forwarding results to the PACS through %s (%d waiting from before)", self.outbox.directory, waiting)
         return self
 
-    def forward(self, data: bytes, result: PredictionResponse) -> None:
-        """Build the film's objects and make them durable in the outbox (blocking; waits while it is full)."""
+    def forward(self, key: str, data: bytes, result: PredictionResponse) -> None:
+        """Build the film's objects and make them durable in the outbox (blocking; waits while it is full). A film
+        whose objects cannot be built is logged and counted: it is scored, and the run goes on."""
         try:
             header, _ = checked_source(data)
         except DicomSourceError:
             self.not_dicom += 1
             return
-        objects = pacs_objects(
-            data, header, result, spec=self.spec, max_pixels=self.max_pixels, created=datetime.now(timezone.utc)
-        )
+        try:
+            objects = pacs_objects(
+                data, header, result, spec=self.spec, max_pixels=self.max_pixels, created=datetime.now(timezone.utc)
+            )
+        except Exception:  # a header highdicom cannot turn into an SR, say: this film's objects only
+            self.failed += 1
+            log.exception("the result objects of %s could not be built; not forwarded", key)
+            return
         for item in objects:
             self._write(item)
         self.films += 1
-        self.objects += len(objects)
 
     def _write(self, data: bytes) -> None:
         said = time.monotonic()
@@ -119,8 +111,9 @@ class ResultForwarder:
                 time.sleep(_FULL_POLL_S)
         self._loop.call_soon_threadsafe(self.outbox.notify)
 
-    def close(self, wait_s: float) -> ForwardSummary:
-        """Give the sender up to ``wait_s`` to empty the outbox, then stop it; what is left stays on disk."""
+    def close(self, wait_s: float) -> None:
+        """Give the sender up to ``wait_s`` to empty the outbox, stop it, and log what became of the results; what is
+        left stays on disk."""
         deadline = time.monotonic() + wait_s
         while self.outbox.pending() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -128,25 +121,16 @@ class ResultForwarder:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
-        summary = ForwardSummary(
-            films=self.films,
-            objects=self.objects,
-            not_dicom=self.not_dicom,
-            failed=self.failed,
-            forwarded=self.outbox.forwarded,
-            rejected=self.outbox.rejected,
-            waiting=len(self.outbox.pending()),
-        )
+        waiting = len(self.outbox.pending())
         log.info(
             "forwarded to the PACS: %d objects of %d films stored, %d refused (in %s), %d still waiting%s; %d films "
             "not DICOM (no SR), %d whose objects could not be built",
-            summary.forwarded,
-            summary.films,
-            summary.rejected,
+            self.outbox.forwarded,
+            self.films,
+            self.outbox.rejected,
             self.outbox.directory / "rejected",
-            summary.waiting,
-            " (the next run on this output sends them first)" if summary.waiting else "",
-            summary.not_dicom,
-            summary.failed,
+            waiting,
+            " (the next run on this output sends them first)" if waiting else "",
+            self.not_dicom,
+            self.failed,
         )
-        return summary

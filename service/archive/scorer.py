@@ -38,7 +38,7 @@ from service.runtime.decoding import decode_for_model
 from service.runtime.heatmaps import encode_heatmaps, for_population
 from service.runtime.predictor import InferenceRequest, InferenceResult, Predictor
 from service.runtime.responses import build_response, ood_result
-from service.schemas import ModelRef, PredictionResponse
+from service.schemas import ModelRef
 
 __all__ = ["ArchiveScorer", "ScoreSummary"]
 
@@ -169,19 +169,10 @@ class ArchiveScorer:
                 inference_s=inferred.inference_s,
                 total_s=time.perf_counter() - decoded.submitted_at,
             )
-            if self.forwarder is not None and decoded.data is not None:
-                self._forward(decoded, response)
+            if self.forwarder is not None and decoded.data is not None:  # before the line: at least once on resume
+                self.forwarder.forward(decoded.item.key, decoded.data, response)
             lines.append((result_line(decoded.item.key, response), True))
         return lines
-
-    def _forward(self, decoded: _Decoded, response: PredictionResponse) -> None:
-        """The film's result objects into the outbox before its line is written (at least once on a resume)."""
-        assert self.forwarder is not None and decoded.data is not None
-        try:
-            self.forwarder.forward(decoded.data, response)
-        except Exception:  # the film is scored; only its objects could not be built: said, counted, run goes on
-            self.forwarder.failed += 1
-            log.exception("the result objects of %s could not be built; not forwarded", decoded.item.key)
 
     def _rejection(self, decoded: _Decoded, result: InferenceResult) -> OutOfDistributionError | None:
         """With ``reject_ood``, the error recorded instead of a film's result when its OOD gate flags it."""
